@@ -1,0 +1,129 @@
+"""Torch reference implementations of the fused operators (the CPU path).
+
+Two forms of each operator:
+
+- ``grouped_*``: members given as lists; they may differ in every shape. Each
+  member's output is its own tensor. On CPU this is one loop of torch calls
+  inside a single operator call.
+- ``stacked_*``: members of identical shape, stacked along a new leading dim
+  R; one batched torch call (``baddbmm``, a grouped ``conv2d``, one
+  ``layer_norm``) does the work of R calls. Outputs stay stacked so that a chain
+  of fused groups passes one tensor along without unstacking.
+
+Epilogue operands follow kernels/epilogue.py: grouped ops take ``ext`` flat
+member-major, stacked ops take one stacked [R, ...] tensor per tensor step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import epilogue as ep
+
+
+def _stacked_scalars(scalars, steps, R: int, like: torch.Tensor) -> list[torch.Tensor]:
+    """Per-step [R, 1, ..., 1] tensors of member scalars, broadcastable to ``like``."""
+    _, ns = ep.counts(steps)
+    shape = (R,) + (1,) * (like.dim() - 1)
+    return [
+        torch.tensor(scalars[k::ns] if ns else [], dtype=like.dtype, device=like.device).reshape(shape)
+        for k in range(ns)
+    ]
+
+
+def _stacked_epilogue(y, epilogue, ext, scalars, inplace=True):
+    steps = ep.parse(epilogue)
+    if not steps:
+        return y
+    return ep.apply(y, steps, ext, _stacked_scalars(scalars, steps, y.shape[0], y), inplace)
+
+
+def _grouped_epilogue(ys, epilogue, ext, scalars, inplace=True):
+    steps = ep.parse(epilogue)
+    if not steps:
+        return ys
+    out = []
+    for i, y in enumerate(ys):
+        tensors, member_scalars = ep.member_operands(steps, ext, scalars, i)
+        out.append(ep.apply(y, steps, tensors, member_scalars, inplace))
+    return out
+
+
+# --- linear -----------------------------------------------------------------
+
+
+def grouped_linear(x, w, b, epilogue, ext, scalars):
+    """y_i = epilogue(x_i @ w_i^T + b_i); x_i [..., K_i], w_i [N_i, K_i]."""
+    ys = [F.linear(xi, wi, bi) for xi, wi, bi in zip(x, w, b)]
+    return _grouped_epilogue(ys, epilogue, ext, scalars)
+
+
+def stacked_linear(x, w, b, epilogue, ext, scalars):
+    """x [R, ..., K], w [R, N, K], b [R, N] or None -> [R, ..., N] with one baddbmm."""
+    R, K, N = x.shape[0], x.shape[-1], w.shape[1]
+    x3 = x.reshape(R, -1, K)
+    wt = w.transpose(1, 2)
+    y = torch.bmm(x3, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x3, wt)
+    y = y.view(*x.shape[:-1], N)
+    return _stacked_epilogue(y, epilogue, ext, scalars)
+
+
+# --- conv2d -----------------------------------------------------------------
+
+
+def grouped_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, scalars):
+    """Members may differ in every shape and conv parameter; 2 ints per member in
+    stride/padding/dilation, one in groups."""
+    ys = [
+        F.conv2d(xi, wi, bi, stride[2 * i:2 * i + 2], padding[2 * i:2 * i + 2],
+                 dilation[2 * i:2 * i + 2], groups[i])
+        for i, (xi, wi, bi) in enumerate(zip(x, w, b))
+    ]
+    return _grouped_epilogue(ys, epilogue, ext, scalars)
+
+
+def stacked_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, scalars):
+    """x [R, B, C, H, W], w [R, O, C/g, kh, kw] -> [R, B, O, Ho, Wo] as ONE conv2d
+    with R*g channel groups (members side by side in the channel dim)."""
+    R, B, C, H, W = x.shape
+    O = w.shape[1]
+    # [R, B, C, H, W] -> [B, R*C, H, W]: free when x is the previous stacked conv's output.
+    xb = x.transpose(0, 1).reshape(B, R * C, H, W)
+    y = F.conv2d(xb, w.reshape(R * O, *w.shape[2:]), None if b is None else b.reshape(R * O),
+                 stride, padding, dilation, groups * R)
+    y = y.view(B, R, O, *y.shape[2:]).transpose(0, 1)
+    return _stacked_epilogue(y, epilogue, ext, scalars)
+
+
+# --- layer_norm ---------------------------------------------------------------
+
+
+def grouped_layer_norm(x, w, b, eps, epilogue, ext, scalars):
+    """Layer norm over the last dim of each member (widths may differ)."""
+    ys = [F.layer_norm(xi, (xi.shape[-1],), wi, bi, e) for xi, wi, bi, e in zip(x, w, b, eps)]
+    return _grouped_epilogue(ys, epilogue, ext, scalars)
+
+
+def stacked_layer_norm(x, w, b, eps, epilogue, ext, scalars):
+    """x [R, ..., D], w/b [R, D] or None, one eps for all members."""
+    R, D = x.shape[0], x.shape[-1]
+    y = F.layer_norm(x, (D,), None, None, eps)
+    bshape = (R,) + (1,) * (x.dim() - 2) + (D,)
+    if w is not None:
+        y = y * w.view(bshape)
+    if b is not None:
+        y = y + b.view(bshape)
+    return _stacked_epilogue(y, epilogue, ext, scalars)
+
+
+# --- pointwise ----------------------------------------------------------------
+
+
+def grouped_pointwise(x, epilogue, ext, scalars):
+    """The epilogue chain alone, applied to each member."""
+    return _grouped_epilogue(list(x), epilogue, ext, scalars, inplace=False)
+
+
+def stacked_pointwise(x, epilogue, ext, scalars):
+    return _stacked_epilogue(x, epilogue, ext, scalars, inplace=False)

@@ -1,0 +1,1 @@
+"""The pass pipeline over the multi-tenant graph; the order is in pipeline.py."""

@@ -1,0 +1,279 @@
+"""lower: the executable program, an fx.GraphModule calling the stfuse:: ops.
+
+Each fused group becomes one call of a registered custom op; every other call
+node is emitted as it was traced. The program takes every active tenant's flat
+inputs (tenant order) and returns their flat outputs, so it can itself be
+traced, exported and compiled.
+
+Two forms per group (kernels/reference.py): ``stacked_*`` when the members
+have equal shapes (uniform_key) and the call runs them at one batch size, else
+``grouped_*``. A stacked group's output stays stacked, and the next group whose
+inputs are exactly those members' outputs takes it as is; a tenant's own op
+reading one member selects it (a view). Weights of uniform groups are packed
+once into one [R, ...] tensor; each tenant's parameter becomes a view of it,
+so packing copies nothing at run time and keeps one copy of the weights.
+
+Before/after (program text, two tenants)::
+
+    schedule [g0 = linear{a, b} + relu]      x = stack([a_x, b_x])
+                                        ->   y = stacked_linear(x, g0_w, g0_b, "relu", [], [])
+                                             a_out = select(y, 0, 0); b_out = select(y, 0, 1)
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.utils._pytree as pytree
+
+from stfuse.ir import Ref
+from stfuse.kernels.ops import op
+
+from . import optable
+from .match import uniform_key
+
+aten = torch.ops.aten
+
+# op class -> positions of (weight, bias) in the member's args
+PARAM_POS = {"linear": (1, 2), "conv2d": (1, 2), "layer_norm": (2, 3)}
+
+
+def _arg(args, i, default=None):
+    return args[i] if len(args) > i else default
+
+
+def _pair(v) -> list[int]:
+    v = [v] if isinstance(v, int) else list(v)
+    return v * 2 if len(v) == 1 else v
+
+
+def _uniform(g, members) -> bool:
+    if len({uniform_key(g, k) for k in members}) != 1:
+        return False
+    if g.nodes[members[0]]["op_class"] == "layer_norm":
+        return len({_arg(g.nodes[k]["args"], 4, 1e-5) for k in members}) == 1
+    return True
+
+
+def pack_weights(g):
+    """Pack the weights of uniform groups into one tensor each; returns a new graph."""
+    g = g.copy()
+    packed = {}
+    for gid, grp in g.graph["groups"].items():
+        pos = PARAM_POS.get(grp.op_class)
+        if pos is None or not _uniform(g, grp.members):
+            continue
+        entry = {}
+        for role, p in zip(("w", "b"), pos):
+            refs = [_arg(g.nodes[m]["args"], p) for m in grp.members]
+            if not all(isinstance(r, Ref) and g.nodes[r.key]["kind"] == "param" for r in refs):
+                continue
+            if len({r.key for r in refs}) != len(refs) or any(
+                    len(list(g.successors(r.key))) != 1 for r in refs):
+                continue  # a weight shared with another op keeps its own storage
+            stack = torch.stack([g.nodes[r.key]["value"] for r in refs])
+            for i, r in enumerate(refs):
+                g.nodes[r.key]["value"] = stack[i]
+            entry[role] = stack
+        if entry:
+            packed[gid] = entry
+    g.graph["packed"] = packed
+    return g
+
+
+class _Builder:
+    """Writes one program: the schedule restricted to ``active`` tenants."""
+
+    def __init__(self, g, active: tuple[str, ...], stacked: bool):
+        self.g, self.active, self.stacked = g, set(active), stacked
+        self.order = active
+        self.graph = torch.fx.Graph()
+        self.root = torch.nn.Module()
+        self.env: dict[str, object] = {}
+        self.lazy: dict[str, tuple] = {}  # member output -> (stacked node, index)
+        self.stacks: dict[tuple, torch.fx.Node] = {}  # member keys -> stacked node
+        self.names: set[str] = set()
+
+    # -- values ---------------------------------------------------------------
+
+    def unique(self, hint: str) -> str:
+        """A fresh Python identifier that reads like ``hint``."""
+        name = re.sub(r"\W", "_", hint)
+        if not name or name[0].isdigit():
+            name = "t" + name
+        base, i = name, 0
+        while name in self.names:
+            i += 1
+            name = f"{base}_{i}"
+        self.names.add(name)
+        return name
+
+    def _attr(self, hint: str, tensor: torch.Tensor) -> torch.fx.Node:
+        name = self.unique(hint)
+        self.root.register_buffer(name, tensor)
+        return self.graph.get_attr(name)
+
+    def value(self, k: str):
+        if k in self.env:
+            return self.env[k]
+        if k in self.lazy:
+            stacked, i = self.lazy.pop(k)
+            self.env[k] = self.graph.call_function(aten.select.int, (stacked, 0, i))
+            return self.env[k]
+        a = self.g.nodes[k]
+        if a["kind"] != "param":
+            raise RuntimeError(f"lower: {k} is read before it is computed")
+        self.env[k] = self._attr(k, a["value"])
+        return self.env[k]
+
+    def map(self, obj):
+        return pytree.tree_map(lambda v: self.value(v.key) if isinstance(v, Ref) else v, obj)
+
+    def stack(self, keys: list) -> torch.fx.Node | None:
+        if all(k is None for k in keys):
+            return None
+        keys = tuple(keys)
+        if keys not in self.stacks:
+            self.stacks[keys] = self.graph.call_function(aten.stack.default, ([self.value(k) for k in keys],))
+        return self.stacks[keys]
+
+    # -- stages ---------------------------------------------------------------
+
+    def call(self, k: str) -> None:
+        a = self.g.nodes[k]
+        args, kwargs = self.map(a["args"]), self.map(a["kwargs"])
+        if isinstance(a["target"], torch.nn.Module):
+            name = self.unique(f"mod_{k}")
+            self.root.add_module(name, a["target"])
+            self.env[k] = self.graph.call_module(name, args, kwargs)
+        else:
+            self.env[k] = self.graph.call_function(a["target"], args, kwargs)
+
+    def group(self, grp) -> None:
+        g = self.g
+        idx = [i for i, m in enumerate(grp.members) if g.nodes[m]["tenant"] in self.active]
+        if not idx:
+            return
+        members = [grp.members[i] for i in idx]
+        outs = [grp.outputs()[i] for i in idx]
+        operands = [grp.operands[i] if grp.operands else () for i in idx]
+        ext = [[v.key for v in ops if isinstance(v, Ref)] for ops in operands]
+        scalars = [float(v) for ops in operands for v in ops if not isinstance(v, Ref)]
+        stacked = self.stacked and len(members) >= 2 and _uniform(g, members)
+        inputs = _member_inputs(g, grp.op_class, members)
+        if stacked:
+            exts = [self.stack([e[j] for e in ext]) for j in range(len(ext[0]))]
+            args = self._stacked_args(grp, idx, inputs)
+            y = self.graph.call_function(op(f"stacked_{grp.op_class}"),
+                                         (*args, grp.epilogue, exts, scalars))
+            self.stacks[tuple(outs)] = y
+            for j, k in enumerate(outs):
+                self.lazy[k] = (y, j)
+        else:
+            flat_ext = [self.value(k) for e in ext for k in e]
+            args = self._grouped_args(grp.op_class, inputs)
+            ys = self.graph.call_function(op(f"grouped_{grp.op_class}"),
+                                          (*args, grp.epilogue, flat_ext, scalars))
+            for j, k in enumerate(outs):
+                self.env[k] = self.graph.call_function(operator.getitem, (ys, j))
+
+    def _tensors(self, keys):
+        return [None if k is None else self.value(k) for k in keys]
+
+    def _grouped_args(self, cls, inputs):
+        x, w, b = (self._tensors(inputs[r]) for r in ("x", "w", "b"))
+        if cls == "linear":
+            return x, w, b
+        if cls == "conv2d":
+            return (x, w, b, *inputs["conv"])
+        if cls == "layer_norm":
+            return x, w, b, inputs["eps"]
+        return (x,)
+
+    def _packed(self, grp, idx, role, keys):
+        """The stacked weight of the active members: a view of the packed tensor where
+        the members are a contiguous run, else stacked at run time."""
+        packed = self.g.graph.get("packed", {}).get(grp.id, {}).get(role)
+        if packed is not None and idx == list(range(idx[0], idx[-1] + 1)):
+            return self._attr(f"{grp.id}_{role}", packed[idx[0]:idx[-1] + 1])
+        return self.stack(keys)
+
+    def _stacked_args(self, grp, idx, inputs):
+        x = self.stack(inputs["x"])
+        if grp.op_class == "pointwise":
+            return (x,)
+        w = self._packed(grp, idx, "w", inputs["w"])
+        b = self._packed(grp, idx, "b", inputs["b"])
+        if grp.op_class == "linear":
+            return x, w, b
+        if grp.op_class == "conv2d":
+            stride, padding, dilation, groups = inputs["conv"]
+            return x, w, b, stride[:2], padding[:2], dilation[:2], groups[0]
+        return x, w, b, inputs["eps"][0]
+
+    def output(self) -> list[int]:
+        flat, counts = [], []
+        for t in self.order:
+            out_node = f"{t}:" + next(a["name"] for k, a in self.g.nodes(data=True)
+                                       if a["tenant"] == t and a["kind"] == "output")
+            leaves = self.map(self.g.nodes[out_node]["args"][0])
+            leaves = list(leaves) if isinstance(leaves, (tuple, list)) else [leaves]
+            flat.extend(leaves)
+            counts.append(len(leaves))
+        self.graph.output(tuple(flat))
+        return counts
+
+
+def _member_inputs(g, cls: str, members) -> dict:
+    """Per role, the members' input keys (None for an absent bias/affine)."""
+    def key_of(v):
+        return v.key if isinstance(v, Ref) else None
+
+    rows = [g.nodes[m]["args"] for m in members]
+    if cls == "pointwise":
+        return {"x": [optable.pointwise_step(g, m)[0].key for m in members]}
+    xw = {"x": [key_of(r[0]) for r in rows]}
+    wp, bp = PARAM_POS[cls]
+    xw["w"] = [key_of(_arg(r, wp)) for r in rows]
+    xw["b"] = [key_of(_arg(r, bp)) for r in rows]
+    if cls == "conv2d":
+        stride, padding, dilation, groups = [], [], [], []
+        for r in rows:
+            stride += _pair(_arg(r, 3, 1))
+            padding += _pair(_arg(r, 4, 0))
+            dilation += _pair(_arg(r, 5, 1))
+            groups.append(_arg(r, 6, 1))
+        xw["conv"] = (stride, padding, dilation, groups)
+    if cls == "layer_norm":
+        xw["eps"] = [float(_arg(r, 4, 1e-5)) for r in rows]
+    return xw
+
+
+def lower_program(g, active: tuple[str, ...], stacked: bool):
+    """(GraphModule, output counts per tenant) running ``active`` tenants.
+
+    ``stacked`` says all active tenants with a dynamic batch share one batch size
+    in this call, so uniform groups may run in stacked form.
+    """
+    b = _Builder(g, active, stacked)
+    for t in active:
+        for k, a in sorted(((k, a) for k, a in g.nodes(data=True)
+                            if a["tenant"] == t and a["kind"] == "input"), key=lambda x: x[1]["index"]):
+            b.env[k] = b.graph.placeholder(b.unique(f"{t}_{a['name']}"))
+    for stage in g.graph["schedule"]:
+        if stage.group is not None:
+            b.group(g.graph["groups"][stage.group])
+        elif g.nodes[stage.node]["tenant"] in b.active:
+            b.call(stage.node)
+    counts = b.output()
+    b.graph.eliminate_dead_code()
+    return torch.fx.GraphModule(b.root, b.graph), counts
+
+
+def lower(g):
+    """Pack weights and build the program for all tenants; returns a new graph."""
+    g = pack_weights(g)
+    g.graph["program"] = lower_program(g, tuple(g.graph["tenants"]), stacked=True)
+    return g

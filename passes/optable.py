@@ -1,0 +1,129 @@
+"""The op table: which ATen ops belong to which op class, and what they cost.
+
+Rules are rows, not if-chains: ``OP_CLASS`` maps an overload to its class,
+``UNARY_STEPS`` / ``BINARY_STEPS`` map pointwise overloads to epilogue steps,
+``FLOPS`` maps a class to its FLOP count. Every pass asks this module.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+
+from stfuse.ir import Ref
+from stfuse.kernels.epilogue import Step
+
+aten = torch.ops.aten
+
+OP_CLASS = {
+    aten.linear.default: "linear",
+    aten.conv2d.default: "conv2d",
+    aten.layer_norm.default: "layer_norm",
+}
+
+# Ops that launch no kernel: metadata, views and shape arithmetic.
+VIEW_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.permute.default, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
+    aten.squeeze.default, aten.expand.default, aten.slice.Tensor, aten.select.int,
+    aten.flatten.using_ints, aten.split.Tensor, aten.split_with_sizes.default,
+    aten.unbind.int, aten.chunk.default, aten.sym_size.int, aten.alias.default,
+    aten.detach.default, aten._assert_tensor_metadata.default, aten.narrow.default,
+    operator.getitem,
+}
+
+UNARY_STEPS = {
+    aten.relu.default: "relu",
+    aten.silu.default: "silu",
+    aten.sigmoid.default: "sigmoid",
+    aten.tanh.default: "tanh",
+}
+
+# overload -> (step when the full-size operand comes first, step when it comes second)
+BINARY_STEPS = {
+    aten.add.Tensor: ("add", "add"),
+    aten.sub.Tensor: ("sub", "rsub"),
+    aten.mul.Tensor: ("mul", "mul"),
+    aten.div.Tensor: ("div", "rdiv"),
+}
+
+FUSABLE = ("linear", "conv2d", "layer_norm", "pointwise")
+
+
+def _is_float(t) -> bool:
+    return isinstance(t, torch.dtype) and t.is_floating_point
+
+
+def pointwise_step(g, k):
+    """``(main Ref, Step, operand)`` if node k is a fusable pointwise op, else None.
+
+    The main operand is the input with the output's shape; the operand is a Ref
+    (tensor step), a float (scalar step) or None (unary step).
+    """
+    a = g.nodes[k]
+    target, args, kwargs = a["target"], a["args"], a["kwargs"]
+    out_shape, out_dtype = a["shape"], a["dtype"]
+    if out_shape is None or not _is_float(out_dtype) or not args or not isinstance(args[0], Ref):
+        return None
+
+    def full(v):  # a tensor input with exactly the output's shape and dtype
+        return (isinstance(v, Ref) and g.nodes[v.key]["shape"] == out_shape
+                and g.nodes[v.key]["dtype"] == out_dtype)
+
+    if target in UNARY_STEPS and not kwargs and len(args) == 1 and full(args[0]):
+        return args[0], Step(UNARY_STEPS[target]), None
+    if target is aten.gelu.default and full(args[0]) and len(args) == 1:
+        approx = kwargs.get("approximate", "none")
+        return args[0], Step("gelu" if approx == "none" else "gelu_tanh"), None
+    if target is aten.pow.Tensor_Scalar and full(args[0]) and isinstance(args[1], (int, float)):
+        return args[0], Step("pow", "scalar"), float(args[1])
+    if target in BINARY_STEPS and len(args) == 2 and kwargs.get("alpha", 1) == 1:
+        lhs, rhs = args
+        first, second = BINARY_STEPS[target]
+        if full(lhs) and isinstance(rhs, (int, float)) and not isinstance(rhs, bool):
+            return lhs, Step(first, "scalar"), float(rhs)
+        if full(lhs) and _same_dtype_tensor(g, rhs, out_dtype):
+            return lhs, Step(first, "tensor"), rhs
+        if full(rhs) and _same_dtype_tensor(g, lhs, out_dtype):
+            return rhs, Step(second, "tensor"), lhs
+    return None
+
+
+def _same_dtype_tensor(g, v, dtype) -> bool:
+    return isinstance(v, Ref) and g.nodes[v.key]["dtype"] == dtype and g.nodes[v.key]["shape"] is not None
+
+
+def classify(g, k) -> str:
+    a = g.nodes[k]
+    if a["kind"] != "call":
+        return a["kind"]
+    target = a["target"]
+    if target in VIEW_OPS:
+        return "view"
+    cls = OP_CLASS.get(target)
+    if cls == "layer_norm" and len(a["args"][1]) != 1:
+        return "other"  # normalisation over more than the last dim stays unfused
+    if cls is not None:
+        return cls if a["shape"] is not None and _is_float(a["dtype"]) else "other"
+    return "pointwise" if pointwise_step(g, k) is not None else "other"
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape is not None else 0
+
+
+def flops(g, k, op_class: str) -> int:
+    a = g.nodes[k]
+    out = _numel(a["shape"])
+    if op_class == "linear":
+        return 2 * out * g.nodes[a["args"][1].key]["shape"][1]
+    if op_class == "conv2d":
+        w = g.nodes[a["args"][1].key]["shape"]
+        return 2 * out * w[1] * w[2] * w[3]
+    if op_class == "layer_norm":
+        return 8 * out
+    if op_class == "pointwise":
+        return out
+    return 0

@@ -1,0 +1,70 @@
+"""stfuse.compile: trace tenants, run the pass pipeline, return a FusedProgram."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from . import ir
+from .errors import StfuseError, TraceError
+from .frontend import trace_tenant
+from .program import FusedProgram
+
+
+def _named(models, example_inputs) -> tuple[dict, dict]:
+    if isinstance(models, Mapping):
+        names = list(models)
+        if example_inputs is None or not isinstance(example_inputs, Mapping):
+            raise StfuseError("named tenants need example_inputs as a dict {name: args}")
+        missing = [n for n in names if n not in example_inputs]
+        extra = [n for n in example_inputs if n not in models]
+        if missing or extra:
+            raise StfuseError(f"example_inputs must name exactly the tenants {names}: "
+                              f"missing {missing}, unknown {extra}")
+        return dict(models), {n: example_inputs[n] for n in names}
+    if isinstance(models, torch.nn.Module) or not isinstance(models, Sequence):
+        raise StfuseError("stfuse.compile takes a list or dict of models, "
+                          f"got {type(models).__name__}")
+    if example_inputs is None or isinstance(example_inputs, Mapping) or not isinstance(
+            example_inputs, Sequence):
+        raise StfuseError("a list of models needs example_inputs as a list, one entry per model")
+    if len(example_inputs) != len(models):
+        raise StfuseError(f"got {len(models)} models but {len(example_inputs)} example inputs")
+    names = [str(i) for i in range(len(models))]
+    return dict(zip(names, models)), dict(zip(names, example_inputs))
+
+
+def _check_names(names) -> None:
+    for n in names:
+        if not isinstance(n, str) or not n or ":" in n:
+            raise StfuseError(f"tenant names must be non-empty strings without ':', got {n!r}")
+
+
+def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
+            example_inputs: Sequence[Any] | Mapping[str, Any] | None = None) -> FusedProgram:
+    """Compile tenant models into one fused program.
+
+    ``models``: a list (tenants named "0", "1", ...) or a dict {name: model}.
+    ``example_inputs``: per tenant a Tensor or a tuple of positional args, in
+    the same list/dict form. Models are traced in eval mode.
+    """
+    from stfuse.passes import pipeline
+
+    models, examples = _named(models, example_inputs)
+    if not models:
+        raise StfuseError("stfuse.compile needs at least one model")
+    _check_names(models)
+    tenants = {}
+    for name, model in models.items():
+        args = examples[name]
+        args = args if isinstance(args, tuple) else (args,)
+        tenants[name] = trace_tenant(name, model, args)
+    devices = {n: tg.device for n, tg in tenants.items()}
+    if len(set(devices.values())) > 1:
+        raise StfuseError(f"all tenants must be on one device, got {devices}")
+    graph, history = pipeline.run(ir.build(tenants))
+    return FusedProgram(graph, history)
+
+
+__all__ = ["compile", "TraceError"]

@@ -1,0 +1,204 @@
+"""Frontend: trace each tenant model into a TenantGraph.
+
+``torch.export`` gives the ATen-level FX graph (parameters and buffers lifted to
+placeholders, dim 0 of every batched input symbolic). Where export fails the
+tenant falls back to ``torch.fx.symbolic_trace`` plus shape propagation, and
+runs as one opaque call (correct, never fused). Where both fail, TraceError
+names the tenant and both reasons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export import Dim
+
+from .errors import TraceError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One flat user input of a tenant."""
+
+    name: str  # placeholder name in the tenant graph
+    shape: tuple[int, ...]  # at the example batch
+    dtype: torch.dtype
+    device: torch.device
+    batched: bool  # dim 0 is this tenant's batch dim
+
+    def describe(self) -> str:
+        dims = ["B" if (i == 0 and self.batched) else str(d) for i, d in enumerate(self.shape)]
+        return f"Tensor[{', '.join(dims)}] {str(self.dtype).removeprefix('torch.')} on {self.device}"
+
+
+@dataclass
+class TenantGraph:
+    """A traced tenant: its graph, lifted tensors and input/output specs."""
+
+    name: str
+    gm: torch.fx.GraphModule
+    method: str  # "export" or "fx"
+    tensors: dict[str, torch.Tensor]  # placeholder name -> parameter / buffer / constant
+    inputs: list[InputSpec]  # flat user inputs, in call order
+    in_spec: Any  # pytree spec of the positional args tuple
+    out_spec: Any  # pytree spec of the model's output
+    batch: int  # example batch size
+    dynamic: bool  # batch size may change between calls
+    device: torch.device
+    meta: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Trace in inference mode (dropout off, BatchNorm on running stats), then restore."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
+def _tensor_leaves(args) -> list[torch.Tensor]:
+    return [a for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
+
+
+def example_batch(args) -> int:
+    tensors = [t for t in _tensor_leaves(args) if t.dim() > 0]
+    return tensors[0].shape[0] if tensors else 1
+
+
+def _batched_mask(args, batch: int) -> list[bool]:
+    return [isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch
+            for a in pytree.tree_leaves(args)]
+
+
+def with_batch(args, batch: int, old: int):
+    """``args`` with every batched tensor resized along dim 0 to ``batch`` (rows repeat cyclically)."""
+    def resize(a):
+        if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == old:
+            idx = torch.arange(batch, device=a.device) % old
+            return a.index_select(0, idx)
+        return a
+    return pytree.tree_map(resize, args)
+
+
+def _device_of(model: torch.nn.Module, args) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()) + _tensor_leaves(args):
+        return t.device
+    return torch.device("cpu")
+
+
+def _export(model, args, batch):
+    """Export with dim 0 of batched inputs dynamic; returns (ExportedProgram, dynamic)."""
+    # A batch of 1 would be specialised by export (0/1 specialisation): trace at 2.
+    trace_batch = max(batch, 2)
+    targs = with_batch(args, trace_batch, batch) if trace_batch != batch else args
+    mask = iter(_batched_mask(targs, trace_batch))
+    dyn = pytree.tree_map(lambda a: {0: Dim.AUTO} if next(mask) else None, targs)
+    try:
+        ep = torch.export.export(model, targs, dynamic_shapes=dyn, strict=False)
+        dynamic = _batch_is_symbolic(ep)
+        if dynamic or trace_batch == batch:
+            return ep, dynamic
+    except Exception:  # noqa: BLE001 - any failure: retry without dynamic shapes
+        pass
+    return torch.export.export(model, args, strict=False), False
+
+
+def _batch_is_symbolic(ep) -> bool:
+    user = set(ep.graph_signature.user_inputs)
+    dims = [n.meta["val"].shape[0] for n in ep.graph.nodes
+            if n.op == "placeholder" and n.name in user
+            and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0]
+    return bool(dims) and any(isinstance(d, torch.SymInt) for d in dims)
+
+
+def _from_export(name, model, args, batch, device) -> TenantGraph:
+    ep, dynamic = _export(model, args, batch)
+    sig = ep.graph_signature
+    if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
+        raise TraceError(f"tenant {name!r}: the model mutates buffers or inputs during forward, "
+                         "which an inference program cannot replay")
+    state = dict(ep.state_dict)
+    state.update(ep.constants)
+    lifted = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
+              **sig.inputs_to_lifted_tensor_constants}
+    tensors = {ph: state[target].detach() for ph, target in lifted.items()}
+    flat_args, in_spec = pytree.tree_flatten(args)
+    mask = _batched_mask(args, batch)
+    user = sig.user_inputs
+    if len(user) != len(flat_args):
+        raise TraceError(f"tenant {name!r}: only tensor inputs are supported "
+                         f"(got {len(flat_args)} leaves, export kept {len(user)})")
+    inputs = []
+    for ph, a, batched in zip(user, flat_args, mask):
+        if not isinstance(a, torch.Tensor):
+            raise TraceError(f"tenant {name!r}: input {ph!r} is a {type(a).__name__}; "
+                             "only tensor inputs are supported")
+        inputs.append(InputSpec(ph, tuple(a.shape), a.dtype, a.device, batched and dynamic))
+    gm = ep.graph_module
+    return TenantGraph(name, gm, "export", tensors, inputs, in_spec, ep.call_spec.out_spec,
+                       batch, dynamic, device)
+
+
+def _from_fx(name, model, args, batch, device) -> TenantGraph:
+    """Fallback: one opaque node that calls the fx-traced module."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    traced = torch.fx.symbolic_trace(model)
+    flat_args, in_spec = pytree.tree_flatten(args)
+    with torch.no_grad():
+        ShapeProp(traced).propagate(*args)
+        out = traced(*args)
+    flat_out, out_spec = pytree.tree_flatten(out)
+    g = torch.fx.Graph()
+    phs = [g.placeholder(f"arg{i}") for i in range(len(flat_args))]
+    root = torch.nn.Module()
+    root.tenant = traced
+    call = g.call_module("tenant", tuple(pytree.tree_unflatten(phs, in_spec)))
+    flat_call = g.call_function(_flatten_output, (call,))
+    g.output(tuple(g.call_function(_getitem, (flat_call, i)) for i in range(len(flat_out))))
+    gm = torch.fx.GraphModule(root, g)
+    inputs = [InputSpec(f"arg{i}", tuple(a.shape), a.dtype, a.device, False)
+              for i, a in enumerate(flat_args)]
+    return TenantGraph(name, gm, "fx", {}, inputs, in_spec, out_spec, batch, False, device)
+
+
+def _flatten_output(out):
+    return pytree.tree_leaves(out)
+
+
+def _getitem(seq, i):
+    return seq[i]
+
+
+def trace_tenant(name: str, model: torch.nn.Module, args: tuple) -> TenantGraph:
+    """Trace one tenant at its example inputs (a tuple of positional args)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"tenant {name!r}: expected a torch.nn.Module, got {type(model).__name__}")
+    device = _device_of(model, args)
+    batch = example_batch(args)
+    with eval_mode(model), torch.no_grad():
+        try:
+            return _from_export(name, model, args, batch, device)
+        except TraceError:
+            raise
+        except Exception as export_err:  # noqa: BLE001 - reported with the fallback's reason
+            try:
+                return _from_fx(name, model, args, batch, device)
+            except Exception as fx_err:  # noqa: BLE001
+                raise TraceError(
+                    f"tenant {name!r} cannot be traced: torch.export failed with "
+                    f"{type(export_err).__name__}: {_first_line(export_err)}; torch.fx.symbolic_trace "
+                    f"failed with {type(fx_err).__name__}: {_first_line(fx_err)}") from export_err
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "(no message)"

@@ -1,0 +1,269 @@
+"""The multi-tenant IR: one networkx.DiGraph over every tenant's nodes.
+
+Node key: ``"<tenant>:<fx node name>"``. Edges run from producer to consumer
+(plus ordering edges, ``order_only=True``, that keep in-place ops after the
+earlier readers of the tensor they overwrite).
+
+Node schema (every node carries every key; ``verify`` checks it):
+
+=========  ===============================================================
+tenant     tenant name
+name       node name, unique within the tenant
+kind       "input" (a user input), "param" (parameter / buffer / constant),
+           "call" (an operator), "output" (the tenant's flat outputs)
+target     the operator (an OpOverload, a Python callable, or an nn.Module
+           for an opaque fallback tenant); None unless kind == "call"
+args       positional args; references to other nodes are ``Ref(key)``
+kwargs     keyword args, same convention
+pos        position in the tenant's original order (new nodes take the
+           position of the node they replace); ties sort by name
+value      the tensor of a "param" node, else None
+index      flat input index of an "input" node, else None
+op_class   "linear", "conv2d", "layer_norm", "pointwise", "view" (no
+           kernel launch) or "other" for calls; the kind otherwise. Set by
+           annotate, None before.
+shape      output shape at the tenant's example batch, or None if unknown
+sig        (shape at batch 2, shape at batch 3): members whose sigs agree
+           have equal shapes at every common batch size
+dtype      output dtype or None
+flops      floating point operations at the example batch (int)
+bytes      bytes read + written at the example batch (int)
+group      fusion group id, or None
+=========  ===============================================================
+
+Graph attributes: ``tenants`` (name -> TenantGraph, in order), ``groups``
+(id -> Group), ``schedule`` (list of Stage, after schedule), ``program``
+(after lower).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import StfuseError
+
+KINDS = ("input", "param", "call", "output")
+OP_CLASSES = ("linear", "conv2d", "layer_norm", "pointwise", "view", "other")
+SCHEMA = ("tenant", "name", "kind", "target", "args", "kwargs", "pos", "value", "index",
+          "op_class", "shape", "sig", "dtype", "flops", "bytes", "group")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to another node's output inside ``args``/``kwargs``."""
+
+    key: str
+
+    def __repr__(self) -> str:
+        return f"%{self.key}"
+
+
+@dataclass(frozen=True)
+class Group:
+    """A horizontally fused operator: one member node per tenant, in tenant order.
+
+    ``folded[i]`` are the pointwise nodes of member i folded into the epilogue,
+    ``epilogue`` the steps they compute (kernels/epilogue.py) and ``operands[i]``
+    member i's epilogue operands: ``Ref`` for tensor steps, floats for scalar steps.
+    """
+
+    id: str
+    op_class: str
+    members: tuple[str, ...]
+    epilogue: str = ""
+    folded: tuple[tuple[str, ...], ...] = ()
+    operands: tuple[tuple[Any, ...], ...] = ()
+
+    def nodes(self) -> list[str]:
+        """Every node the group computes: members and their folded epilogue nodes."""
+        out = list(self.members)
+        for f in self.folded:
+            out.extend(f)
+        return out
+
+    def outputs(self) -> tuple[str, ...]:
+        """Per member, the node whose value the group produces (last folded, else the member)."""
+        if not self.folded:
+            return self.members
+        return tuple(f[-1] if f else m for m, f in zip(self.members, self.folded))
+
+
+def key(tenant: str, name: str) -> str:
+    return f"{tenant}:{name}"
+
+
+def refs(obj) -> list[str]:
+    """Keys of every Ref inside a pytree of args."""
+    return [leaf.key for leaf in pytree.tree_leaves(obj) if isinstance(leaf, Ref)]
+
+
+def node_attrs(**kw) -> dict:
+    """A node's attribute dict with every schema key (defaults None / empty)."""
+    attrs = dict.fromkeys(SCHEMA)
+    attrs.update(args=(), kwargs={}, flops=0, bytes=0)
+    attrs.update(kw)
+    return attrs
+
+
+def _to_refs(tenant: str, obj):
+    return pytree.tree_map(
+        lambda a: Ref(key(tenant, a.name)) if isinstance(a, torch.fx.Node) else a, obj)
+
+
+def _mutated_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return []
+    out = []
+    for arg, value in zip(schema.arguments, node.args):
+        if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
+            out.append(value)
+    return out
+
+
+def build(tenants: dict) -> nx.DiGraph:
+    """The multi-tenant graph of ``tenants`` (name -> TenantGraph)."""
+    g = nx.DiGraph(tenants=dict(tenants), groups={})
+    for tname, tg in tenants.items():
+        user = {spec.name: i for i, spec in enumerate(tg.inputs)}
+        order = {n: i for i, n in enumerate(tg.gm.graph.nodes)}
+        for n in tg.gm.graph.nodes:
+            k = key(tname, n.name)
+            if n.op == "placeholder":
+                if n.name in user:
+                    g.add_node(k, **node_attrs(tenant=tname, name=n.name, kind="input",
+                                               pos=order[n], index=user[n.name]))
+                else:
+                    g.add_node(k, **node_attrs(tenant=tname, name=n.name, kind="param",
+                                               pos=order[n], value=tg.tensors[n.name]))
+            elif n.op in ("call_function", "call_module"):
+                target = tg.gm.get_submodule(n.target) if n.op == "call_module" else n.target
+                g.add_node(k, **node_attrs(tenant=tname, name=n.name, kind="call", target=target,
+                                           args=_to_refs(tname, n.args),
+                                           kwargs=_to_refs(tname, n.kwargs), pos=order[n]))
+            elif n.op == "output":
+                g.add_node(k, **node_attrs(tenant=tname, name=n.name, kind="output",
+                                           args=_to_refs(tname, n.args), pos=order[n]))
+            else:
+                raise StfuseError(f"tenant {tname!r}: unsupported fx node {n.op} {n.name}")
+            for src in refs((g.nodes[k]["args"], g.nodes[k]["kwargs"])):
+                g.add_edge(src, k)
+        # In-place ops: keep every other reader of the overwritten tensor on its side.
+        for n in tg.gm.graph.nodes:
+            for m in _mutated_args(n) if n.op == "call_function" else ():
+                for u in m.users:
+                    if u is not n:
+                        a, b = (u, n) if order[u] < order[n] else (n, u)
+                        g.add_edge(key(tname, a.name), key(tname, b.name), order_only=True)
+    return g
+
+
+def rewire(g: nx.DiGraph, k: str) -> None:
+    """Recompute ``k``'s data edges from its args (for a graph being built by a pass)."""
+    for src in [s for s in g.predecessors(k) if not g.edges[s, k].get("order_only")]:
+        g.remove_edge(src, k)
+    for src in refs((g.nodes[k]["args"], g.nodes[k]["kwargs"])):
+        g.add_edge(src, k)
+
+
+def users(g: nx.DiGraph, k: str) -> list[str]:
+    """Data consumers of ``k`` (not ordering edges), sorted by position."""
+    out = [u for u in g.successors(k) if not g.edges[k, u].get("order_only")]
+    return sorted(out, key=lambda u: (g.nodes[u]["pos"], u))
+
+
+def tenant_order(g: nx.DiGraph, tenant: str) -> list[str]:
+    """The tenant's nodes in original order."""
+    nodes = [k for k, a in g.nodes(data=True) if a["tenant"] == tenant]
+    return sorted(nodes, key=lambda k: (g.nodes[k]["pos"], k))
+
+
+GROUP_PREFIX = "::group:"  # no node key starts with ':' (tenant names are non-empty)
+
+
+def quotient(g: nx.DiGraph, groups: dict | None = None) -> nx.DiGraph:
+    """The graph with every group (default: g's own) contracted to one node ``"::group:<id>"``."""
+    owner = {}
+    for gid, grp in (g.graph["groups"] if groups is None else groups).items():
+        for k in grp.nodes():
+            owner[k] = GROUP_PREFIX + gid
+    q = nx.DiGraph()
+    q.add_nodes_from(owner.get(k, k) for k in g.nodes)
+    for a, b in g.edges:
+        qa, qb = owner.get(a, a), owner.get(b, b)
+        if qa != qb:
+            q.add_edge(qa, qb)
+    return q
+
+
+def verify(g: nx.DiGraph) -> None:
+    """Check the node schema, edges, acyclicity, groups and schedule; raise StfuseError."""
+    tenants = g.graph.get("tenants")
+    if not isinstance(tenants, dict):
+        raise StfuseError("ir.verify: graph has no 'tenants' attribute")
+    for k, a in g.nodes(data=True):
+        missing = [f for f in SCHEMA if f not in a]
+        if missing:
+            raise StfuseError(f"ir.verify: node {k} lacks {missing}")
+        if a["tenant"] not in tenants or key(a["tenant"], a["name"]) != k:
+            raise StfuseError(f"ir.verify: node {k} has tenant/name {a['tenant']}/{a['name']}")
+        if a["kind"] not in KINDS:
+            raise StfuseError(f"ir.verify: node {k} has kind {a['kind']!r}")
+        if (a["kind"] == "call") != (a["target"] is not None):
+            raise StfuseError(f"ir.verify: node {k} of kind {a['kind']} has target {a['target']}")
+        if (a["kind"] == "param") != isinstance(a["value"], torch.Tensor):
+            raise StfuseError(f"ir.verify: node {k}: only param nodes carry a tensor value")
+        if a["op_class"] is not None and a["op_class"] not in OP_CLASSES + KINDS:
+            raise StfuseError(f"ir.verify: node {k} has op_class {a['op_class']!r}")
+        for src in refs((a["args"], a["kwargs"])):
+            if not g.has_edge(src, k):
+                raise StfuseError(f"ir.verify: node {k} reads {src} without an edge")
+            if g.nodes[src]["tenant"] != a["tenant"]:
+                raise StfuseError(f"ir.verify: node {k} reads {src} of another tenant")
+    if not nx.is_directed_acyclic_graph(g):
+        raise StfuseError(f"ir.verify: cycle {nx.find_cycle(g)}")
+    seen = set()
+    for gid, grp in g.graph["groups"].items():
+        if gid != grp.id or len(grp.members) < 1:
+            raise StfuseError(f"ir.verify: malformed group {gid}")
+        member_tenants = [g.nodes[m]["tenant"] for m in grp.members]
+        if len(set(member_tenants)) != len(member_tenants):
+            raise StfuseError(f"ir.verify: group {gid} has two members of one tenant")
+        for k in grp.nodes():
+            if k not in g or k in seen:
+                raise StfuseError(f"ir.verify: group {gid} node {k} missing or in two groups")
+            seen.add(k)
+        for m in grp.members:
+            if g.nodes[m]["group"] != gid or g.nodes[m]["op_class"] != grp.op_class:
+                raise StfuseError(f"ir.verify: member {m} does not agree with group {gid}")
+    if g.graph["groups"] and not nx.is_directed_acyclic_graph(quotient(g)):
+        raise StfuseError("ir.verify: fusion groups create a cycle between tenants")
+    if "schedule" in g.graph:
+        _verify_schedule(g)
+
+
+def _verify_schedule(g: nx.DiGraph) -> None:
+    done = set()
+    for stage in g.graph["schedule"]:
+        nodes = g.graph["groups"][stage.group].nodes() if stage.group else [stage.node]
+        for k in nodes:
+            for src in g.predecessors(k):
+                if src not in done and src not in nodes and g.nodes[src]["kind"] == "call":
+                    raise StfuseError(f"ir.verify: schedule runs {k} before its input {src}")
+        done.update(nodes)
+    calls = {k for k, a in g.nodes(data=True) if a["kind"] == "call"}
+    if calls - done:
+        raise StfuseError(f"ir.verify: schedule misses {sorted(calls - done)[:5]}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the schedule: a fused group, or one unfused call node."""
+
+    group: str | None = None
+    node: str | None = None
