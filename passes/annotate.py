@@ -33,8 +33,12 @@ def _propagate(g, tenant: str, tg, batch: int | None) -> dict:
     """Fake value of every node of ``tenant`` at ``batch`` (None: the example shapes)."""
     vals: dict[str, object] = {}
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    order = ir.tenant_order(g, tenant)
+    # Leaves first: parameters made by normalize sit at their reader's position.
+    order = [k for k in order if g.nodes[k]["kind"] != "call"] + [
+        k for k in order if g.nodes[k]["kind"] == "call"]
     with mode:
-        for k in ir.tenant_order(g, tenant):
+        for k in order:
             a = g.nodes[k]
             if a["kind"] == "input":
                 spec = tg.inputs[a["index"]]

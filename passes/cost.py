@@ -6,7 +6,8 @@ The model, per device (constants measured on the machines named below):
     separate  = sum_i (launch + work_i)
     fused     = launch + sum_i work_i + extra
     extra     = stacked inputs' bytes / bandwidth    when members have equal shapes
-                (the CPU path copies them into one batch; Triton reads them in place)
+                (the CPU path copies activations into one batch unless they arrive
+                stacked from the previous group; Triton reads them in place)
               = R * member                            otherwise (per-member setup)
 
 A group whose members differ in shape may instead split into its equal-shape
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stfuse import config
+from stfuse import config, ir
 from stfuse.ir import Group
 
 from .match import uniform_key
@@ -61,16 +62,26 @@ def device_model(g) -> DeviceModel:
     return DEVICES["cuda" if "cuda" in devices else "cpu"]
 
 
-def _input_bytes(g, k) -> int:
-    a = g.nodes[k]
-    return a["bytes"] - (0 if a["shape"] is None else _out_bytes(a))
+def _activation_bytes(g, k) -> int:
+    """Bytes of k's computed (non-parameter) tensor inputs: what stacking copies."""
+    srcs = {r for r in ir.refs(g.nodes[k]["args"]) if g.nodes[r]["kind"] != "param"}
+    return sum(_nbytes(g.nodes[r]) for r in srcs)
 
 
-def _out_bytes(a) -> int:
+def _nbytes(a) -> int:
+    if a["shape"] is None or a["dtype"] is None:
+        return 0
     n = 1
     for d in a["shape"]:
         n *= d
     return n * a["dtype"].itemsize
+
+
+def _arrives_stacked(g, members) -> bool:
+    """The members' first inputs all come from one group: a stacked tensor, no copy."""
+    srcs = [ir.refs(g.nodes[k]["args"][:1]) for k in members]
+    gids = {g.nodes[s[0]]["group"] if s else None for s in srcs}
+    return len(gids) == 1 and None not in gids
 
 
 def _work(g, members, dev: DeviceModel) -> float:
@@ -83,8 +94,8 @@ def estimate(g, members, dev: DeviceModel) -> tuple[float, float]:
     R = len(members)
     work = _work(g, members, dev)
     if len({uniform_key(g, k) for k in members}) == 1:
-        stacked = sum(_input_bytes(g, k) for k in members)
-        extra = stacked / (dev.gbps * 1e3) if dev.stacks_inputs else 0.0
+        copied = 0 if _arrives_stacked(g, members) else sum(_activation_bytes(g, k) for k in members)
+        extra = copied / (dev.gbps * 1e3) if dev.stacks_inputs else 0.0
     else:
         extra = R * dev.member_us
     return dev.launch_us + work + extra, R * dev.launch_us + work

@@ -185,9 +185,22 @@ class Scheduler:
         """The next decision. `flush` (set while closing) forbids waiting."""
         raise NotImplementedError
 
-    def _edf(self, queues: Mapping[str, Sequence[Pending]], tenants: Iterable[str]) -> list[str]:
-        """Tenants ordered by the deadline of their oldest request, then arrival, then tenant order."""
-        return sorted(tenants, key=lambda t: (queues[t][0].deadline, queues[t][0].arrival, self._order[t]))
+    def _by_urgency(self, queues: Mapping[str, Sequence[Pending]], tenants: Iterable[str],
+                    now: float) -> list[str]:
+        """Earliest deadline first over the tenants' oldest requests, late ones after on-time ones.
+
+        A head is late when even alone it cannot finish by its deadline. Ranking
+        late heads last is what keeps a light tenant on time beside an
+        overloaded one (whose backlog is all late); plain EDF would serve the
+        backlog first and make both miss. Late heads still run whenever no
+        on-time work is waiting, and in space-time they join fused launches.
+        """
+        def key(t):
+            head = queues[t][0]
+            late = now + self.profile.estimate({t: head.rows}) > head.deadline
+            return (late, head.deadline, head.arrival, self._order[t])
+
+        return sorted(tenants, key=key)
 
     def _busy(self, queues: Mapping[str, Sequence[Pending]]) -> list[str]:
         return [t for t in self.tenants if queues.get(t)]
@@ -226,7 +239,7 @@ class BatchScheduler(Scheduler):
     """Exclusive dynamic batching: one tenant per launch with up to max_batch rows.
 
     A tenant is ready when its queue fills a batch or its oldest request has
-    waited one slice; among ready tenants the earliest deadline goes first.
+    waited one slice; among ready tenants the most urgent goes first.
     """
 
     name = "batch"
@@ -240,7 +253,7 @@ class BatchScheduler(Scheduler):
                  or _rows(queues[t], len(queues[t])) >= self.max_batch]
         if not ready:
             return Wait(min(queues[t][0].arrival for t in busy) + self.slice_s)
-        t = self._edf(queues, ready)[0]
+        t = self._by_urgency(queues, ready, now)[0]
         return Launch({t: _fit(queues[t], self.max_batch)})
 
 
@@ -250,10 +263,10 @@ class SpaceTimeScheduler(Scheduler):
     1. Hold: while some tenant has no work, no batch is full, the oldest
        request has waited less than a slice and the most urgent tenant can
        still start later and meet its deadline, wait for fusion partners.
-    2. Head: the earliest-deadline tenant takes the largest batch (up to
+    2. Head: the most urgent tenant (Scheduler._by_urgency) takes the largest batch (up to
        max_batch rows) that still meets its oldest request's deadline; if even
        one request would miss, it is late and takes a full batch to catch up.
-    3. Grow: in deadline order, each other tenant joins when fusing it costs
+    3. Grow: in order of urgency, each other tenant joins when fusing it costs
        no more than running it after the group (else it waits for a later
        slice), with the largest batch that keeps every on-time member on time.
     """
@@ -266,7 +279,7 @@ class SpaceTimeScheduler(Scheduler):
             return None
         prof = self.profile
         caps = {t: _fit(queues[t], self.max_batch) for t in busy}
-        order = self._edf(queues, busy)
+        order = self._by_urgency(queues, busy, now)
         head = order[0]
         if not flush:
             hold = self._hold_until(queues, busy, caps, head, now)
@@ -432,7 +445,7 @@ class StatsRecorder:
 
 @dataclass
 class SimRequest:
-    """A request in `simulate`; start and finish are filled in by the simulation."""
+    """A request in `simulate`; id (arrival order), start, finish and launch are filled in by it."""
 
     tenant: str
     arrival: float
@@ -452,17 +465,19 @@ class SimResult:
 
 
 def simulate(scheduler: Scheduler, requests: Iterable[SimRequest], device: LatencyProfile,
-             *, slo_s: Mapping[str, float] | None = None) -> SimResult:
+             *, slo_s: Mapping[str, float] | None = None, max_queue: int | None = None) -> SimResult:
     """Run a policy on a fake clock against a device whose latencies come from `device`.
 
     Discrete events: arrivals and launch completions. The scheduler is asked
     for a decision whenever the device is idle; a Wait advances the clock to
     its time or to the next arrival, whichever is first. Every request ends
-    with start/finish set; a decision that takes more than is queued raises.
+    with start/finish set, except arrivals that found their tenant's queue
+    holding `max_queue` requests (rejected, as Runtime.submit does). A
+    decision that takes more than is queued, or waits for the past, raises.
     """
     reqs = sorted(requests, key=lambda r: (r.arrival, r.id))
     for i, r in enumerate(reqs):
-        r.id = r.id or i
+        r.id = i
     slo = dict(slo_s) if slo_s is not None else {
         t: max((r.deadline - r.arrival for r in reqs if r.tenant == t), default=math.inf)
         for t in scheduler.tenants}
@@ -475,16 +490,19 @@ def simulate(scheduler: Scheduler, requests: Iterable[SimRequest], device: Laten
     while True:
         while arrivals and arrivals[0][0] <= now:
             r = heapq.heappop(arrivals)[2]
-            queues[r.tenant].append(r)
-        decision = scheduler.decide(queues, now, flush=not arrivals)
+            if max_queue is not None and len(queues[r.tenant]) >= max_queue:
+                stats.count(r.tenant, "rejected")
+            else:
+                queues[r.tenant].append(r)
+        decision = scheduler.decide(queues, now)
         if decision is None:
             if not arrivals:
                 break
             now = arrivals[0][0]
             continue
         if isinstance(decision, Wait):
-            if decision.until <= now and not arrivals:
-                raise StfuseError(f"{scheduler.name}: waits at {now} with no arrival to come")
+            if decision.until <= now:
+                raise StfuseError(f"{scheduler.name}: at {now} waits until {decision.until}")
             now = min(decision.until, arrivals[0][0]) if arrivals else decision.until
             continue
         taken = {}
