@@ -116,8 +116,17 @@ def _cuda_kernel(name: str, ref: Callable) -> Callable:
     return kernel
 
 
-_lib = torch.library.Library("stfuse", "DEF")
-for _name, _op in OPS.items():
+def _registered() -> bool:
+    try:
+        torch.ops.stfuse.grouped_linear  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# Defined once per process, even if this file is imported under a second name.
+_lib = torch.library.Library("stfuse", "FRAGMENT")
+for _name, _op in ({} if _registered() else OPS).items():
     _lib.define(_name + _op.schema)
     _lib.impl(_name, _op.reference, "CPU")
     _lib.impl(_name, _cuda_kernel(_name, _op.reference), "CUDA")

@@ -183,14 +183,15 @@ class _Builder:
         return [None if k is None else self.value(k) for k in keys]
 
     def _grouped_args(self, cls, inputs):
-        x, w, b = (self._tensors(inputs[r]) for r in ("x", "w", "b"))
+        x = self._tensors(inputs["x"])
+        if cls == "pointwise":
+            return (x,)
+        w, b = self._tensors(inputs["w"]), self._tensors(inputs["b"])
         if cls == "linear":
             return x, w, b
         if cls == "conv2d":
             return (x, w, b, *inputs["conv"])
-        if cls == "layer_norm":
-            return x, w, b, inputs["eps"]
-        return (x,)
+        return x, w, b, inputs["eps"]
 
     def _packed(self, grp, idx, role, keys):
         """The stacked weight of the active members: a view of the packed tensor where

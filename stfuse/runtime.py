@@ -216,7 +216,7 @@ class Runtime:
                 profile = (measure_profile(fused, examples, max_batch, profile_reps) if examples
                            else LatencyProfile({}, {}))
             self._scheduler = make_scheduler(policy, self.tenants, slice_s=slice_ms / 1e3,
-                                             max_batch=max_batch, profile=profile)
+                                             max_batch=max_batch, profile=profile, slo_s=self._slo_s)
         self.policy = self._scheduler.name
         self._specs = {t: _Spec(a) for t, a in examples.items()}
         self._check = getattr(fused, "check_inputs", None)

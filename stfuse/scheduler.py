@@ -167,7 +167,7 @@ class Scheduler:
     name = "base"
 
     def __init__(self, tenants: Sequence[str], *, slice_s: float = 0.002, max_batch: int = 32,
-                 profile: LatencyProfile | None = None):
+                 profile: LatencyProfile | None = None, slo_s: Mapping[str, float] | None = None):
         if not tenants:
             raise StfuseError("scheduler: no tenants")
         if max_batch < 1:
@@ -178,6 +178,7 @@ class Scheduler:
         self.slice_s = slice_s
         self.max_batch = max_batch
         self.profile = profile if profile is not None else LatencyProfile({}, {})
+        self.slo_s = dict(slo_s or {})
         self._order = {t: i for i, t in enumerate(self.tenants)}
 
     def decide(self, queues: Mapping[str, Sequence[Pending]], now: float,
@@ -263,12 +264,18 @@ class SpaceTimeScheduler(Scheduler):
     1. Hold: while some tenant has no work, no batch is full, the oldest
        request has waited less than a slice and the most urgent tenant can
        still start later and meet its deadline, wait for fusion partners.
-    2. Head: the most urgent tenant (Scheduler._by_urgency) takes the largest batch (up to
-       max_batch rows) that still meets its oldest request's deadline; if even
-       one request would miss, it is late and takes a full batch to catch up.
+    2. Head: the most urgent tenant (Scheduler._by_urgency) takes the largest
+       batch (up to max_batch rows) that meets its oldest request's deadline;
+       if even one request would miss, it is late and takes as many as it may.
     3. Grow: in order of urgency, each other tenant joins when fusing it costs
        no more than running it after the group (else it waits for a later
        slice), with the largest batch that keeps every on-time member on time.
+    4. Reserve: beyond the head's first request, a launch never grows past
+       min over tenants u of (slo_s[u] - u's latency alone for one row): a
+       request of any tenant arriving just after the launch starts can still
+       wait for it and meet its SLO. Tenants whose SLO is out of reach even
+       alone, or unknown, reserve nothing. Without this, one tenant's big
+       batch blocks the device while a tight-SLO tenant's request waits.
     """
 
     name = "space-time"
@@ -292,6 +299,8 @@ class SpaceTimeScheduler(Scheduler):
         def deadline(t):
             return queues[t][0].deadline
 
+        reserve = [self.slo_s[u] - prof.solo(u, 1) for u in self.tenants if u in self.slo_s]
+        budget = min((r for r in reserve if r > 0), default=math.inf)
         take: dict[str, int] = {}
         protected: list[str] = []  # members that must stay on time
         for t in order:
@@ -303,8 +312,10 @@ class SpaceTimeScheduler(Scheduler):
             on_time = now + prof.estimate(rows_of({**take, t: 1})) <= deadline(t)
             guard = protected + [t] if on_time else protected
 
-            def feasible(k, t=t, guard=guard):
+            def feasible(k, t=t, guard=guard, first=not take):
                 latency = prof.estimate(rows_of({**take, t: k}))
+                if latency > budget and not (first and k == 1):
+                    return False
                 return all(now + latency <= deadline(m) for m in guard)
 
             if not feasible(1):

@@ -71,7 +71,12 @@ class Encoder(nn.Module):
 
 
 def hf_model(family: str, seed: int = 0) -> tuple[nn.Module, tuple]:
-    """(model, example args) of a small transformers model with random weights."""
+    """(model in eval mode, example args) of a small transformers model with random weights."""
+    model, args = _hf_model(family, seed)
+    return model.eval(), args
+
+
+def _hf_model(family: str, seed: int):
     import transformers as T
 
     torch.manual_seed(seed)

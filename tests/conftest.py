@@ -1,0 +1,40 @@
+"""Shared test setup: Triton runs in its interpreter on CPU-only machines."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before any Triton kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+
+from stfuse.tolerances import TOLERANCES, assert_close  # noqa: E402,F401
+
+
+def float64_reference(model, args):
+    """The model's output computed in float64 on a copy (the reference for every check)."""
+    ref = copy.deepcopy(model).double().eval()
+    args = tuple(a.double() if a.is_floating_point() else a for a in args)
+    with torch.no_grad():
+        return ref(*args)
+
+
+def check_tenants(fused, models, args):
+    """Every tenant's fused output within tolerance of its float64 eager reference."""
+    outs = fused(*[a[0] if len(a) == 1 else a for a in args])
+    for name, m, a, out in zip(fused.tenants, models, args, outs):
+        assert_close(out, float64_reference(m, a), msg=f"tenant {name}")
+    return outs
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
