@@ -90,6 +90,10 @@ class FusedProgram:
         self._programs: dict[tuple, tuple] = {}
         gm, counts = graph.graph["program"]
         self._programs[(tuple(self._tenants), True)] = (gm, counts)
+        # Tenants called with one tensor and returning one tensor skip pytree work
+        # (a few us per call, which is the whole budget of a batch-1 MLP).
+        self._single_in = {n: tg.in_spec == pytree.tree_flatten((None,))[1] for n, tg in self._tenants.items()}
+        self._single_out = {n: tg.out_spec.is_leaf() for n, tg in self._tenants.items()}
 
     @property
     def tenants(self) -> list[str]:
@@ -123,10 +127,13 @@ class FusedProgram:
                 batches.add(batch)
         gm, counts = self._program(active, stacked=len(batches) <= 1)
         with torch.no_grad():
-            out = gm(*flat)
+            out = gm.forward(*flat)
         result, i = {}, 0
         for name, n in zip(active, counts):
-            result[name] = pytree.tree_unflatten(list(out[i:i + n]), self._tenants[name].out_spec)
+            if self._single_out[name]:
+                result[name] = out[i]
+            else:
+                result[name] = pytree.tree_unflatten(list(out[i:i + n]), self._tenants[name].out_spec)
             i += n
         return result
 
@@ -143,8 +150,11 @@ class FusedProgram:
         if name not in self._tenants:
             raise InputError(f"unknown tenant {name!r}; tenants are {self.tenants}")
         tg = self._tenants[name]
-        args = args if isinstance(args, tuple) else (args,)
-        leaves, spec = pytree.tree_flatten(args)
+        if isinstance(args, torch.Tensor) and self._single_in[name]:
+            leaves, spec = [args], tg.in_spec
+        else:
+            args = args if isinstance(args, tuple) else (args,)
+            leaves, spec = pytree.tree_flatten(args)
         if spec != tg.in_spec:
             raise InputError(f"tenant {name!r}: expected {tg.in_spec.num_leaves} input(s) "
                              f"{[s.describe() for s in tg.inputs]}, got {len(leaves)}: "
