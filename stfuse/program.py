@@ -87,62 +87,78 @@ class FusedProgram:
         self.graph = graph
         self._tenants: dict[str, TenantGraph] = graph.graph["tenants"]
         self.plan = Plan(graph, history)
+        self._canonical = graph.graph["program"]
+        self._names = tuple(self._tenants)
+        # On CPU the programs that run call the ops' CPU kernels directly (lower.py).
+        self._direct = all(tg.device.type == "cpu" for tg in self._tenants.values())
         self._programs: dict[tuple, tuple] = {}
-        gm, counts = graph.graph["program"]
-        self._programs[(tuple(self._tenants), True)] = (gm, counts)
-        # Tenants called with one tensor and returning one tensor skip pytree work
-        # (a few us per call, which is the whole budget of a batch-1 MLP).
-        self._single_in = {n: tg.in_spec == pytree.tree_flatten((None,))[1] for n, tg in self._tenants.items()}
+        if not self._direct:
+            self._programs[(self._names, True)] = self._canonical
+        # One-tensor tenants are checked without pytree work, and one-tensor outputs
+        # skip unflattening: a few us per call, the whole budget of a batch-1 MLP.
+        self._fast_in = {n: self._fast_spec(tg) for n, tg in self._tenants.items()}
         self._single_out = {n: tg.out_spec.is_leaf() for n, tg in self._tenants.items()}
+
+    @staticmethod
+    def _fast_spec(tg):
+        if tg.in_spec != pytree.tree_flatten((None,))[1] or not tg.inputs[0].batched:
+            return None
+        s = tg.inputs[0]
+        return s.dtype, s.device, torch.Size(s.shape[1:]), len(s.shape)
 
     @property
     def tenants(self) -> list[str]:
-        return list(self._tenants)
+        return list(self._names)
 
     @property
     def program(self) -> torch.fx.GraphModule:
-        """The fx program running every tenant at one batch size."""
-        return self._programs[(tuple(self._tenants), True)][0]
+        """The fx program running every tenant at one batch size, calling stfuse:: ops."""
+        return self._canonical[0]
 
     def __call__(self, *args):
-        if len(args) != len(self._tenants):
-            raise InputError(f"expected {len(self._tenants)} arguments, one per tenant "
+        if len(args) != len(self._names):
+            raise InputError(f"expected {len(self._names)} arguments, one per tenant "
                              f"{self.tenants}, got {len(args)}")
-        outs = self.run(dict(zip(self._tenants, args)))
-        return [outs[t] for t in self._tenants]
+        return self._execute(self._names, args)
 
     def run(self, inputs: dict) -> dict:
         """Run any subset of tenants: {name: Tensor or tuple of args} -> {name: output}."""
         if not isinstance(inputs, dict) or not inputs:
             raise InputError("run() takes a non-empty dict {tenant name: args}")
-        active = tuple(t for t in self._tenants if t in inputs)
-        flat, batches = [], set()
         for name in inputs:
             if name not in self._tenants:
                 raise InputError(f"unknown tenant {name!r}; tenants are {self.tenants}")
-        for name in active:
-            leaves, batch = self.check_inputs(name, inputs[name])
+        active = tuple(t for t in self._names if t in inputs)
+        return dict(zip(active, self._execute(active, [inputs[t] for t in active])))
+
+    def _execute(self, active: tuple, args) -> list:
+        flat, batch0, stacked = [], None, True
+        for name, a in zip(active, args):
+            leaves, batch = self.check_inputs(name, a)
             flat.extend(leaves)
             if self._tenants[name].dynamic:
-                batches.add(batch)
-        gm, counts = self._program(active, stacked=len(batches) <= 1)
+                if batch0 is None:
+                    batch0 = batch
+                elif batch != batch0:
+                    stacked = False
+        gm, counts = self._programs.get((active, stacked)) or self._program(active, stacked)
         with torch.no_grad():
             out = gm.forward(*flat)
-        result, i = {}, 0
+        results, i = [], 0
         for name, n in zip(active, counts):
             if self._single_out[name]:
-                result[name] = out[i]
+                results.append(out[i])
             else:
-                result[name] = pytree.tree_unflatten(list(out[i:i + n]), self._tenants[name].out_spec)
+                results.append(pytree.tree_unflatten(list(out[i:i + n]), self._tenants[name].out_spec))
             i += n
-        return result
+        return results
 
     def _program(self, active: tuple, stacked: bool):
         key = (active, stacked)
         if key not in self._programs:
             from stfuse.passes.lower import lower_program
 
-            self._programs[key] = lower_program(self.graph, active, stacked)
+            self._programs[key] = lower_program(self.graph, active, stacked, direct=self._direct)
         return self._programs[key]
 
     def check_inputs(self, name: str, args: Any) -> tuple[list, int]:
@@ -150,7 +166,14 @@ class FusedProgram:
         if name not in self._tenants:
             raise InputError(f"unknown tenant {name!r}; tenants are {self.tenants}")
         tg = self._tenants[name]
-        if isinstance(args, torch.Tensor) and self._single_in[name]:
+        fast = self._fast_in[name]
+        if type(args) is torch.Tensor and fast is not None:
+            dtype, device, rest, ndim = fast
+            if (args.dtype is dtype and args.dim() == ndim and args.shape[1:] == rest
+                    and args.shape[0] >= 1 and args.device == device):
+                return [args], args.shape[0]
+            leaves, spec = [args], tg.in_spec  # the checks below say what is wrong
+        elif isinstance(args, torch.Tensor) and len(tg.inputs) == 1:
             leaves, spec = [args], tg.in_spec
         else:
             args = args if isinstance(args, tuple) else (args,)
