@@ -20,8 +20,6 @@ import argparse
 import copy
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -29,20 +27,10 @@ from torch.func import functional_call, stack_module_state
 
 import stfuse
 from stfuse import zoo
+from stfuse.demo import median_us
 from stfuse.tolerances import assert_close
 
 OUT = Path(__file__).parent / "out"
-
-
-def median_us(fn, repeat: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
 
 
 def make(kind: str, n: int, batch: int):

@@ -98,6 +98,7 @@ class FusedProgram:
         # skip unflattening: a few us per call, the whole budget of a batch-1 MLP.
         self._fast_in = {n: self._fast_spec(tg) for n, tg in self._tenants.items()}
         self._single_out = {n: tg.out_spec.is_leaf() for n, tg in self._tenants.items()}
+        self._dynamic = {n for n, tg in self._tenants.items() if tg.dynamic}
 
     @staticmethod
     def _fast_spec(tg):
@@ -132,15 +133,13 @@ class FusedProgram:
         return dict(zip(active, self._execute(active, [inputs[t] for t in active])))
 
     def _execute(self, active: tuple, args) -> list:
-        flat, batch0, stacked = [], None, True
+        flat, batches = [], set()
         for name, a in zip(active, args):
             leaves, batch = self.check_inputs(name, a)
-            flat.extend(leaves)
-            if self._tenants[name].dynamic:
-                if batch0 is None:
-                    batch0 = batch
-                elif batch != batch0:
-                    stacked = False
+            flat += leaves
+            if name in self._dynamic:
+                batches.add(batch)
+        stacked = len(batches) <= 1
         gm, counts = self._programs.get((active, stacked)) or self._program(active, stacked)
         with torch.no_grad():
             out = gm.forward(*flat)
