@@ -1,0 +1,273 @@
+"""Grouped conv2d in Triton as implicit GEMM: members of any shape, stride, padding, dilation and groups.
+
+Member i is ``epilogue(conv2d(x_i, w_i, b_i, ...))``. For each of its channel
+groups g the conv is a GEMM with rows (image, output pixel), columns the
+group's output channels and reduction (input channel, kernel row, kernel
+column), read straight from x with the padding as masked loads: no im2col
+buffer. Each program computes one BLOCK_M x BLOCK_N tile of one (member,
+channel group); the table holds every member's sizes, conv parameters,
+addresses and strides, so x and w are read in place, whatever their strides.
+
+Depthwise convs (one output channel per group) use 1/BLOCK_N of each tile;
+they are correct but not fast here.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import codegen
+from . import epilogue as ep
+from .triton_common import (TL_DTYPE, Launch, cdiv, check, check_lengths, check_operands, choose_config,
+                            dot_precision, expand_operands, interpreting, launch_options, next_pow2,
+                            operand_columns, try_view)
+
+CONV = codegen.KernelTemplate(
+    kind="conv",
+    kernel="_grouped_conv2d_kernel",
+    columns=("tile0", "B", "C", "H", "W", "O", "KH", "KW", "HO", "WO", "SH", "SW", "PH", "PW", "DH", "DW",
+             "x", "sxb", "sxc", "sxh", "sxw", "w", "swo", "swc", "swh", "sww", "b", "sb", "y", "syb", "syo"),
+    source='''
+    @triton.jit
+    def _grouped_conv2d_kernel(
+        table_ptr,  # int64 [members, $NCOLS]: one conv per row; C and O are per channel group
+        tile_ptr,  # int64 [tiles]: the table row of the member that owns each tile
+        float_ptr,  # float64 [members, $NFLOAT]: the members' epilogue scalars
+        DTYPE: tl.constexpr,  # element type of x, w, b, y and the epilogue tensors
+        INPUT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 ("ieee" or "tf32"), None otherwise
+        BLOCK_M: tl.constexpr,  # output pixels (over all images) per tile
+        BLOCK_N: tl.constexpr,  # output channels per tile
+        BLOCK_K: tl.constexpr,  # reduction step over (input channel, kernel row, kernel column)
+    ):
+        pid = tl.program_id(0)
+        member = tl.load(tile_ptr + pid)
+        prob = table_ptr + member * $NCOLS
+        B = tl.load(prob + $B).to(tl.int32)
+        C = tl.load(prob + $C).to(tl.int32)
+        H = tl.load(prob + $H).to(tl.int32)
+        W = tl.load(prob + $W).to(tl.int32)
+        O = tl.load(prob + $O).to(tl.int32)
+        KH = tl.load(prob + $KH).to(tl.int32)
+        KW = tl.load(prob + $KW).to(tl.int32)
+        WO = tl.load(prob + $WO).to(tl.int32)
+        P = tl.load(prob + $HO).to(tl.int32) * WO
+        M = B * P
+        KG = C * KH * KW
+
+        # this program's channel group and tile, row-major over tiles within a group
+        local = (pid - tl.load(prob + $tile0)).to(tl.int32)
+        tiles_n = tl.cdiv(O, BLOCK_N)
+        per_group = tl.cdiv(M, BLOCK_M) * tiles_n
+        grp = local // per_group
+        rest = local % per_group
+        offs_m = (rest // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = (rest % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < O
+
+        # each row's image and output pixel, and where its receptive field starts
+        img = offs_m // P
+        pix = offs_m % P
+        ih0 = (pix // WO) * tl.load(prob + $SH).to(tl.int32) - tl.load(prob + $PH).to(tl.int32)
+        iw0 = (pix % WO) * tl.load(prob + $SW).to(tl.int32) - tl.load(prob + $PW).to(tl.int32)
+        DH = tl.load(prob + $DH).to(tl.int32)
+        DW = tl.load(prob + $DW).to(tl.int32)
+        oc = grp * O + offs_n
+
+        sxc = tl.load(prob + $sxc)
+        sxh = tl.load(prob + $sxh)
+        sxw = tl.load(prob + $sxw)
+        swc = tl.load(prob + $swc)
+        swh = tl.load(prob + $swh)
+        sww = tl.load(prob + $sww)
+        x_ptr = tl.load(prob + $x).to(tl.pointer_type(DTYPE))
+        w_ptr = tl.load(prob + $w).to(tl.pointer_type(DTYPE))
+        x_rows = x_ptr + img * tl.load(prob + $sxb) + (grp * C) * sxc
+        w_cols = w_ptr + oc * tl.load(prob + $swo)
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, KG, BLOCK_K):
+            offs_k = k + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < KG
+            # reduction index -> (input channel, kernel row, kernel column), the weight's dim order
+            c = offs_k // (KH * KW)
+            r = (offs_k // KW) % KH
+            s = offs_k % KW
+            ih = ih0[:, None] + (r * DH)[None, :]
+            iw = iw0[:, None] + (s * DW)[None, :]
+            a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_rows[:, None] + c[None, :] * sxc + ih * sxh + iw * sxw, mask=a_mask, other=0.0)
+            b = tl.load(w_cols[None, :] + (c * swc + r * swh + s * sww)[:, None],
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+        y = acc
+        b_addr = tl.load(prob + $b)
+        if b_addr != 0:
+            bias_ptr = b_addr.to(tl.pointer_type(DTYPE))
+            bias = tl.load(bias_ptr + oc * tl.load(prob + $sb), mask=n_mask, other=0.0)
+            y = y + bias.to(tl.float32)[None, :]
+
+        mask = m_mask[:, None] & n_mask[None, :]
+        ep_outer = img[:, None]
+        ep_inner = pix[:, None]
+        ep_col = oc[None, :]
+        #@epilogue
+
+        y_ptr = tl.load(prob + $y).to(tl.pointer_type(DTYPE))
+        y_offs = img[:, None] * tl.load(prob + $syb) + oc[None, :] * tl.load(prob + $syo) + pix[:, None]
+        tl.store(y_ptr + y_offs, y.to(DTYPE), mask=mask)
+    ''',
+)
+
+
+def conv_configs(dtype: torch.dtype) -> list[triton.Config]:
+    """Tile shapes to time on the GPU (the first one alone under the interpreter)."""
+    if interpreting():
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), num_warps=1, num_stages=1)]
+    bk = 32 if dtype == torch.float32 else 64
+    return [
+        triton.Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=bk), num_warps=4, num_stages=3),
+        triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk), num_warps=4, num_stages=3),
+        triton.Config(dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=bk), num_warps=4, num_stages=3),
+        triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk), num_warps=4, num_stages=3),
+    ]
+
+
+def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+class _Member:
+    """One conv of a launch; ``y`` is its fresh [B, O, Ho, Wo] output with (Ho, Wo) contiguous."""
+
+    __slots__ = ("x", "w", "b", "y", "params", "groups", "operands", "floats")
+
+    def __init__(self, x, w, b, y, params, groups, operands, floats):
+        self.x, self.w, self.b, self.y = x, w, b, y
+        self.params, self.groups = params, groups  # params: (sh, sw, ph, pw, dh, dw)
+        self.operands, self.floats = operands, floats
+
+
+def _check_member(op: str, i, x, w, b, groups: int, hw) -> None:
+    check(x.dim() == 4 and w.dim() == 4, op, f"member {i}: x {tuple(x.shape)} and w {tuple(w.shape)} are not 4-d")
+    check(groups > 0 and x.shape[1] == w.shape[1] * groups and w.shape[0] % groups == 0, op,
+          f"member {i}: x {tuple(x.shape)} and w {tuple(w.shape)} do not match groups={groups}")
+    check(b is None or tuple(b.shape) == (w.shape[0],), op, f"member {i}: bias is not [{w.shape[0]}]")
+    check(min(hw) > 0, op, f"member {i}: output size {tuple(hw)} is too small")
+
+
+def _pixel_views(operands: list[torch.Tensor]) -> tuple[list[bool], list[torch.Tensor]]:
+    """[B, O, Ho*Wo] views of operands expanded to a [B, O, Ho, Wo] output; copies where (Ho, Wo) won't merge."""
+    views = [try_view(t, (t.shape[0], t.shape[1], t.shape[2] * t.shape[3])) for t in operands]
+    fits = [v is not None for v in views]
+    views = [v if v is not None else t.contiguous().flatten(2) for v, t in zip(views, operands)]
+    return fits, views
+
+
+def _add_member(launch: Launch, m: _Member, cfg: triton.Config) -> None:
+    B, _, H, W = m.x.shape
+    O, C, KH, KW = m.w.shape
+    _, _, HO, WO = m.y.shape
+    og = O // m.groups
+    tiles = m.groups * cdiv(B * HO * WO, cfg.kwargs["BLOCK_M"]) * cdiv(og, cfg.kwargs["BLOCK_N"])
+    if tiles == 0:
+        return
+    _, views = _pixel_views(m.operands)
+    launch.keep.extend(views)
+    sh, sw, ph, pw, dh, dw = m.params
+    launch.add(
+        tiles, m.floats,
+        B=B, C=C, H=H, W=W, O=og, KH=KH, KW=KW, HO=HO, WO=WO, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
+        x=m.x.data_ptr(), sxb=m.x.stride(0), sxc=m.x.stride(1), sxh=m.x.stride(2), sxw=m.x.stride(3),
+        w=m.w.data_ptr(), swo=m.w.stride(0), swc=m.w.stride(1), swh=m.w.stride(2), sww=m.w.stride(3),
+        b=0 if m.b is None else m.b.data_ptr(), sb=0 if m.b is None else m.b.stride(0),
+        y=m.y.data_ptr(), syb=m.y.stride(0), syo=m.y.stride(1),
+        **operand_columns(views, col_dim=1),
+    )
+
+
+def _run(members: list[_Member], epilogue: str, uniform: int | None = None, floats=None) -> None:
+    """Launch the grouped conv over ``members`` (``uniform``: as in triton_gemm._run)."""
+    if not members:
+        return
+    steps = ep.parse(epilogue)
+    dtype, device = members[0].x.dtype, members[0].x.device
+    kernel = codegen.load_kernel(CONV, epilogue)
+    precision = dot_precision(dtype, torch.backends.cudnn.allow_tf32)
+
+    def run(cfg: triton.Config) -> None:
+        launch = Launch(CONV, steps)
+        for m in members:
+            _add_member(launch, m, cfg)
+        if uniform is not None:
+            launch.extend_uniform(uniform, floats)
+        if launch.total == 0:
+            return
+        table, tiles, float_table = launch.tables(device)
+        kernel[(launch.total,)](
+            table, tiles, float_table,
+            DTYPE=TL_DTYPE[dtype], INPUT_PRECISION=precision, **launch_options(cfg),
+        )
+
+    sizes = [max(m.y.shape[0] * m.y.shape[2] * m.y.shape[3] for m in members),
+             max(m.w.shape[0] // m.groups for m in members),
+             max(m.w[0].numel() for m in members), uniform or len(members)]
+    key = ("conv", epilogue, dtype, *map(next_pow2, sizes))
+    run(choose_config(key, conv_configs(dtype), run))
+
+
+def grouped_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, scalars):
+    """Members may differ in every shape and conv parameter; 2 ints per member in
+    stride/padding/dilation, one in groups. One launch."""
+    op = "grouped_conv2d"
+    n = check_lengths(op, x=x, w=w, b=b, groups=groups)
+    check(len(stride) == len(padding) == len(dilation) == 2 * n, op,
+          f"stride, padding and dilation need 2 ints per member, got {len(stride)}, {len(padding)}, {len(dilation)}")
+    check_operands(op, epilogue, ext, scalars, n, stacked=False)
+    steps = ep.parse(epilogue)
+    members, ys = [], []
+    for i, (xi, wi, bi) in enumerate(zip(x, w, b)):
+        params = (*stride[2 * i:2 * i + 2], *padding[2 * i:2 * i + 2], *dilation[2 * i:2 * i + 2])
+        sh, sw, ph, pw, dh, dw = params
+        hw = (_conv_out(xi.shape[2], wi.shape[2], sh, ph, dh), _conv_out(xi.shape[3], wi.shape[3], sw, pw, dw))
+        _check_member(op, i, xi, wi, bi, groups[i], hw)
+        y = xi.new_empty(xi.shape[0], wi.shape[0], *hw)
+        tensors, member_scalars = ep.member_operands(steps, ext, scalars, i)
+        members.append(_Member(xi, wi, bi, y, params, groups[i],
+                               expand_operands(tensors, y.shape, y.dtype), member_scalars))
+        ys.append(y)
+    _run(members, epilogue)
+    return ys
+
+
+def stacked_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, scalars):
+    """x [R, B, C, H, W], w [R, O, C/g, kh, kw] -> [R, B, O, Ho, Wo]; members are views, one launch.
+
+    The output has the reference's layout (a [B, R, O, Ho, Wo] buffer seen
+    through transpose(0, 1)), so that consumers see the same strides on
+    either path.
+    """
+    op = "stacked_conv2d"
+    check(x.dim() == 5 and w.dim() == 5 and x.shape[0] == w.shape[0], op,
+          f"x {tuple(x.shape)} and w {tuple(w.shape)} are not stacks of one length")
+    check_operands(op, epilogue, ext, scalars, x.shape[0], stacked=True)
+    R, B, _, H, W = x.shape
+    O, KH, KW = w.shape[1], w.shape[3], w.shape[4]
+    params = (*stride, *padding, *dilation)
+    hw = (_conv_out(H, KH, stride[0], padding[0], dilation[0]), _conv_out(W, KW, stride[1], padding[1], dilation[1]))
+    _check_member(op, "of the stack", x[0], w[0], None if b is None else b[0], groups, hw)
+    check(b is None or tuple(b.shape) == (R, O), op, f"bias is not [{R}, {O}]")
+    y = x.new_empty(B, R, O, *hw).transpose(0, 1)
+    operands = expand_operands(ext, y.shape, y.dtype)
+    if R > 0:
+        # copy an operand whole rather than per member, to keep member addresses affine in r
+        fits, _ = _pixel_views([o[0] for o in operands])
+        operands = [o if fit else o.contiguous() for o, fit in zip(operands, fits)]
+    members = [
+        _Member(x[r], w[r], None if b is None else b[r], y[r], params, groups, [o[r] for o in operands], ())
+        for r in range(min(R, 2))
+    ]
+    _run(members, epilogue, uniform=R, floats=[float(s) for s in scalars])
+    return y

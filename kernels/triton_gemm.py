@@ -1,0 +1,224 @@
+"""Grouped GEMM in Triton: ``y_i = epilogue(x_i @ w_i^T + b_i)`` for members of any M, N, K in one launch.
+
+Every member's sizes, addresses and strides sit in a per-call problem table
+(kernels/triton_common.py), so members may differ in every shape and use
+their own weights, and any subset of members with any batch sizes runs
+through the same compiled kernel. Each program computes one BLOCK_M x
+BLOCK_N tile of one member's output: it reads its member from the tile table
+(one load), walks K in BLOCK_K steps with fp32 accumulation, adds the bias,
+runs the epilogue chain and stores in the input dtype.
+
+``stacked_linear`` is the same kernel over views of the stacked tensors (no
+copies of weights), with a uniform table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from . import codegen
+from . import epilogue as ep
+from .triton_common import (TL_DTYPE, Launch, as_rows, cdiv, check, check_lengths, check_operands, choose_config,
+                            dot_precision, expand_operands, interpreting, launch_options, next_pow2,
+                            operand_columns, rows_layout, stack_rows_operands)
+
+GEMM = codegen.KernelTemplate(
+    kind="gemm",
+    kernel="_grouped_gemm_kernel",
+    columns=("tile0", "M", "N", "K", "x", "sxm", "sxk", "w", "swn", "swk", "b", "sb", "y", "sym", "inner"),
+    source='''
+    @triton.jit
+    def _grouped_gemm_kernel(
+        table_ptr,  # int64 [members, $NCOLS]: one problem per row (columns listed above)
+        tile_ptr,  # int64 [tiles]: the table row of the member that owns each tile
+        float_ptr,  # float64 [members, $NFLOAT]: the members' epilogue scalars
+        DTYPE: tl.constexpr,  # element type of x, w, b, y and the epilogue tensors
+        K_CONTIGUOUS: tl.constexpr,  # every member's x and w have unit stride along K
+        INPUT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 ("ieee" or "tf32"), None otherwise
+        BLOCK_M: tl.constexpr,  # output rows per tile
+        BLOCK_N: tl.constexpr,  # output columns per tile
+        BLOCK_K: tl.constexpr,  # reduction step
+    ):
+        pid = tl.program_id(0)
+        member = tl.load(tile_ptr + pid)
+        prob = table_ptr + member * $NCOLS
+        M = tl.load(prob + $M).to(tl.int32)
+        N = tl.load(prob + $N).to(tl.int32)
+        K = tl.load(prob + $K).to(tl.int32)
+
+        # this program's tile of the member's output, row-major over tiles
+        local = (pid - tl.load(prob + $tile0)).to(tl.int32)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        offs_m = (local // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = (local % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+
+        if K_CONTIGUOUS:
+            sxk = 1
+            swk = 1
+        else:
+            sxk = tl.load(prob + $sxk)
+            swk = tl.load(prob + $swk)
+        x_ptr = tl.load(prob + $x).to(tl.pointer_type(DTYPE))
+        w_ptr = tl.load(prob + $w).to(tl.pointer_type(DTYPE))
+        x_ptrs = x_ptr + offs_m[:, None] * tl.load(prob + $sxm) + offs_k[None, :] * sxk
+        w_ptrs = w_ptr + offs_k[:, None] * swk + offs_n[None, :] * tl.load(prob + $swn)
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            k_mask = offs_k < K - k
+            a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_K * sxk
+            w_ptrs += BLOCK_K * swk
+
+        y = acc
+        b_addr = tl.load(prob + $b)
+        if b_addr != 0:
+            bias_ptr = b_addr.to(tl.pointer_type(DTYPE))
+            bias = tl.load(bias_ptr + offs_n * tl.load(prob + $sb), mask=n_mask, other=0.0)
+            y = y + bias.to(tl.float32)[None, :]
+
+        mask = m_mask[:, None] & n_mask[None, :]
+        inner = tl.load(prob + $inner).to(tl.int32)
+        ep_outer = (offs_m // inner)[:, None]
+        ep_inner = (offs_m % inner)[:, None]
+        ep_col = offs_n[None, :]
+        #@epilogue
+
+        y_ptr = tl.load(prob + $y).to(tl.pointer_type(DTYPE))
+        tl.store(y_ptr + offs_m[:, None] * tl.load(prob + $sym) + offs_n[None, :], y.to(DTYPE), mask=mask)
+    ''',
+)
+
+
+def gemm_configs(dtype: torch.dtype) -> list[triton.Config]:
+    """Tile shapes to time on the GPU (the first one alone under the interpreter)."""
+    if interpreting():
+        # The interpreter runs every program in numpy: 16 is the smallest tl.dot
+        # tile on GPUs, and keeps the tests' odd shapes at a few programs each.
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), num_warps=1, num_stages=1)]
+    bk = 32 if dtype == torch.float32 else 64
+    return [
+        triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk), num_warps=8, num_stages=3),
+        triton.Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=bk), num_warps=4, num_stages=4),
+        triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk), num_warps=4, num_stages=4),
+        triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk), num_warps=4, num_stages=4),
+        triton.Config(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=bk), num_warps=4, num_stages=4),
+    ]
+
+
+class _Member:
+    """One GEMM of a launch: x2 [M, K], w [N, K], b [N] or None, y2 [M, N] (a fresh output)."""
+
+    __slots__ = ("x2", "w", "b", "y2", "y_shape", "operands", "floats")
+
+    def __init__(self, x2, w, b, y2, y_shape, operands, floats):
+        self.x2, self.w, self.b, self.y2 = x2, w, b, y2
+        self.y_shape, self.operands, self.floats = y_shape, operands, floats
+
+
+def _add_member(launch: Launch, m: _Member, cfg: triton.Config) -> None:
+    (M, K), N = m.x2.shape, m.w.shape[0]
+    tiles = cdiv(M, cfg.kwargs["BLOCK_M"]) * cdiv(N, cfg.kwargs["BLOCK_N"])
+    if tiles == 0:
+        return
+    inner, views = rows_layout(m.y_shape, m.operands)
+    launch.keep.extend(views)
+    launch.add(
+        tiles, m.floats,
+        M=M, N=N, K=K,
+        x=m.x2.data_ptr(), sxm=m.x2.stride(0), sxk=m.x2.stride(1),
+        w=m.w.data_ptr(), swn=m.w.stride(0), swk=m.w.stride(1),
+        b=0 if m.b is None else m.b.data_ptr(), sb=0 if m.b is None else m.b.stride(0),
+        y=m.y2.data_ptr(), sym=m.y2.stride(0),
+        inner=inner, **operand_columns(views),
+    )
+
+
+def _k_contiguous(members: list[_Member]) -> bool:
+    return all((m.x2.shape[1] <= 1 or (m.x2.stride(1) == 1 and m.w.stride(1) == 1)) for m in members)
+
+
+def _run(members: list[_Member], epilogue: str, uniform: int | None = None, floats=None) -> None:
+    """Launch the grouped GEMM over ``members``.
+
+    ``uniform=R``: ``members`` are the first two (or one) of R equal-shape views
+    of stacked tensors and ``floats`` all R members' scalars.
+    """
+    if not members:
+        return
+    steps = ep.parse(epilogue)
+    dtype, device = members[0].x2.dtype, members[0].x2.device
+    kernel = codegen.load_kernel(GEMM, epilogue)
+    k_contiguous = _k_contiguous(members)
+    precision = dot_precision(dtype, torch.get_float32_matmul_precision() != "highest")
+
+    def run(cfg: triton.Config) -> None:
+        launch = Launch(GEMM, steps)
+        for m in members:
+            _add_member(launch, m, cfg)
+        if uniform is not None:
+            launch.extend_uniform(uniform, floats)
+        if launch.total == 0:
+            return
+        table, tiles, float_table = launch.tables(device)
+        kernel[(launch.total,)](
+            table, tiles, float_table,
+            DTYPE=TL_DTYPE[dtype], K_CONTIGUOUS=k_contiguous, INPUT_PRECISION=precision,
+            **launch_options(cfg),
+        )
+
+    sizes = [max(m.x2.shape[0] for m in members), max(m.w.shape[0] for m in members),
+             max(m.x2.shape[1] for m in members), uniform or len(members)]
+    key = ("gemm", epilogue, dtype, k_contiguous, *map(next_pow2, sizes))
+    run(choose_config(key, gemm_configs(dtype), run))
+
+
+def grouped_linear(x, w, b, epilogue, ext, scalars):
+    """y_i = epilogue(x_i @ w_i^T + b_i); x_i [..., K_i], w_i [N_i, K_i], one launch."""
+    op = "grouped_linear"
+    check_operands(op, epilogue, ext, scalars, check_lengths(op, x=x, w=w, b=b), stacked=False)
+    for i, (xi, wi, bi) in enumerate(zip(x, w, b)):
+        check(xi.dim() >= 1 and wi.dim() == 2 and xi.shape[-1] == wi.shape[1], op,
+              f"member {i}: x {tuple(xi.shape)} does not match w {tuple(wi.shape)}")
+        check(bi is None or tuple(bi.shape) == (wi.shape[0],), op, f"member {i}: bias is not [{wi.shape[0]}]")
+
+    steps = ep.parse(epilogue)
+    members, ys = [], []
+    for i, (xi, wi, bi) in enumerate(zip(x, w, b)):
+        y = xi.new_empty(*xi.shape[:-1], wi.shape[0])
+        tensors, member_scalars = ep.member_operands(steps, ext, scalars, i)
+        members.append(_Member(as_rows(xi), wi, bi, as_rows(y), y.shape,
+                               expand_operands(tensors, y.shape, y.dtype), member_scalars))
+        ys.append(y)
+    _run(members, epilogue)
+    return ys
+
+
+def stacked_linear(x, w, b, epilogue, ext, scalars):
+    """x [R, ..., K], w [R, N, K], b [R, N] or None -> [R, ..., N]; members are views, one launch."""
+    op = "stacked_linear"
+    check(x.dim() >= 2 and w.dim() == 3 and x.shape[0] == w.shape[0] and x.shape[-1] == w.shape[2], op,
+          f"x {tuple(x.shape)} does not match w {tuple(w.shape)}")
+    check(b is None or tuple(b.shape) == tuple(w.shape[:2]), op, f"bias is not {list(w.shape[:2])}")
+    check_operands(op, epilogue, ext, scalars, x.shape[0], stacked=True)
+
+    R, K, N = x.shape[0], x.shape[-1], w.shape[1]
+    y = x.new_empty(*x.shape[:-1], N)
+    rows = math.prod(x.shape[1:-1])
+    x3, y3 = x.reshape(R, rows, K), y.view(R, rows, N)
+    operands = stack_rows_operands(expand_operands(ext, y.shape, y.dtype), y.shape[1:])
+    members = [
+        _Member(x3[r], w[r], None if b is None else b[r], y3[r], y.shape[1:],
+                [o[r] for o in operands], ())
+        for r in range(min(R, 2))
+    ]
+    _run(members, epilogue, uniform=R, floats=[float(s) for s in scalars])
+    return y
