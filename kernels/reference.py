@@ -125,9 +125,13 @@ def stacked_layer_norm(x, w, b, eps, epilogue, ext, scalars):
 
 
 def grouped_pointwise(x, epilogue, ext, scalars):
-    """The epilogue chain alone, applied to each member."""
+    """The epilogue chain alone, applied to each member (never returning an input)."""
+    if not epilogue:
+        return [xi.clone() for xi in x]
     return _grouped_epilogue(list(x), epilogue, ext, scalars, inplace=False)
 
 
 def stacked_pointwise(x, epilogue, ext, scalars):
+    if not epilogue:
+        return x.clone()
     return _stacked_epilogue(x, epilogue, ext, scalars, inplace=False)

@@ -58,6 +58,16 @@ class Plan:
             "flops": sum(g.nodes[k]["flops"] for k in calls),
         }
 
+    def kernels(self) -> dict[str, str]:
+        """The generated Triton source of every group's kernel, by group id (CUDA path).
+
+        Rendering needs no GPU; it needs Triton importable only to compile, not to print.
+        """
+        from stfuse.kernels import codegen
+
+        return {gid: codegen.source_for(f"grouped_{grp.op_class}", grp.epilogue)
+                for gid, grp in self.groups.items()}
+
     def summary(self) -> str:
         """A table of groups (tenants, op, shapes, epilogue) and the totals."""
         g = self.graph

@@ -1,12 +1,15 @@
 """Shared test setup: Triton runs in its interpreter on CPU-only machines."""
 
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     # Must be set before any Triton kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Generated kernels go to a fresh cache, not the user's ~/.cache/stfuse.
+os.environ.setdefault("STFUSE_CACHE_DIR", tempfile.mkdtemp(prefix="stfuse-test-cache-"))
 
 import copy  # noqa: E402
 

@@ -138,3 +138,13 @@ class Untraceable(torch.nn.Module):
 def test_untraceable_model_names_tenant_and_reason():
     with pytest.raises(TraceError, match="tenant 'bad' cannot be traced: torch.export failed"):
         stfuse.compile({"bad": Untraceable()}, {"bad": torch.randn(2, 3)})
+
+
+def test_plan_kernels_print_generated_triton_source(pair):
+    pytest.importorskip("triton")
+    _, fused = pair
+    sources = fused.plan.kernels()
+    assert set(sources) == set(fused.plan.groups)
+    assert all("@triton.jit" in src for src in sources.values())
+    # the group's epilogue is in its kernel: relu after the first linear
+    assert any("tl.maximum" in src for src in sources.values())
