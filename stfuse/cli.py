@@ -1,17 +1,270 @@
-"""The ``stfuse`` command line."""
+"""The ``stfuse`` command line: demo, compile, inspect, run.
+
+    stfuse demo                                   compile bundled tenants, check and time them
+    stfuse compile [NAME=]MODULE:FACTORY ... -o OUT
+    stfuse inspect OUT [--kernels] [--draw plan.png]
+    stfuse run OUT [--batch N] [--tenants a,b] [--repeat N]
+
+A factory is a function of no arguments returning ``(model, example_inputs)``,
+or ``({name: model}, {name: example_inputs})`` for several tenants at once
+(``stfuse.demo:tenants`` is a bundled one). MODULE is a dotted module name
+(importable from the current directory) or a path to a ``.py`` file.
+Exit status: 0 on success, 1 for an stfuse error (message on stderr), 2 for
+bad usage.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import statistics
 import sys
+import time
+from pathlib import Path
+
+from .errors import StfuseError
+
+
+class _Progress:
+    """One line per long step on stderr, with its time."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet, self.start = quiet, time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.start:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stfuse", description="Multi-tenant inference compiler")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="compile bundled tenants, check them against eager, time them")
+    parser = argparse.ArgumentParser(prog="stfuse", description="Multi-tenant inference compiler: "
+                                     "fuse operators across PyTorch models, save and run the result.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser("demo", help="compile bundled tenants, check them against eager, time them",
+                          description="Compile four bundled tenants, check them against eager, time them.")
     demo.add_argument("--repeat", type=int, default=50, help="timed repetitions (default 50)")
+
+    comp = sub.add_parser("compile", help="compile models from factories into an artifact",
+                          description="Compile the tenants that factories return and save an artifact. "
+                          "A factory takes no arguments and returns (model, example_inputs), or "
+                          "({name: model}, {name: example_inputs}); e.g. stfuse.demo:tenants.")
+    comp.add_argument("factories", nargs="+", metavar="[NAME=]MODULE:FACTORY",
+                      help="MODULE is a dotted module name or a path to a .py file; NAME names the tenant "
+                           "(default: the factory's name)")
+    comp.add_argument("-o", "--output", required=True, type=Path, help="artifact directory to write")
+    comp.add_argument("--subset", action="append", default=[], metavar="A,B",
+                      help="also save a fused program for this subset of tenants (repeatable)")
+    comp.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+    insp = sub.add_parser("inspect", help="show an artifact: tenants, groups, launches, FLOPs",
+                          description="Check an artifact's files and show its tenants, fused groups, "
+                          "launches before/after and FLOPs.")
+    insp.add_argument("artifact", type=Path)
+    insp.add_argument("--kernels", action="store_true", help="print the generated Triton kernel sources")
+    insp.add_argument("--draw", type=Path, metavar="PATH",
+                      help="draw the plan (png, svg or pdf; needs matplotlib)")
+
+    run = sub.add_parser("run", help="run an artifact on random inputs of its recorded specs",
+                         description="Load an artifact and run it on random inputs of the recorded "
+                         "shapes and dtypes; prints each tenant's outputs and the time per call.")
+    run.add_argument("artifact", type=Path)
+    run.add_argument("--batch", type=int, default=None, help="batch size (default: each tenant's example)")
+    run.add_argument("--tenants", default=None, metavar="A,B", help="run only these tenants")
+    run.add_argument("--repeat", type=int, default=10, help="timed calls (default 10)")
+    run.add_argument("--device", default=None, help="device to run on (default: the saved one)")
+    run.add_argument("--seed", type=int, default=0, help="random seed for the inputs (default 0)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return parser
+
+
+# ------------------------------------------------------------------------- compile
+
+def _import(module: str):
+    if module.endswith(".py") or "/" in module:
+        path = Path(module)
+        if not path.is_file():
+            raise StfuseError(f"no such file {module}")
+        spec = importlib.util.spec_from_file_location(f"stfuse_factory_{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # as `python -m` would
+    return importlib.import_module(module)
+
+
+def load_factories(specs: list[str]) -> tuple[dict, dict]:
+    """({name: model}, {name: example_inputs}) from ``[NAME=]MODULE:FACTORY`` specs."""
+    models, inputs = {}, {}
+    for spec in specs:
+        name, _, target = spec.rpartition("=") if "=" in spec.split(":")[0] else ("", "", spec)
+        module, _, attr = target.rpartition(":")
+        if not module or not attr:
+            raise StfuseError(f"{spec!r}: expected [NAME=]MODULE:FACTORY")
+        try:
+            factory = getattr(_import(module), attr)
+        except (ImportError, AttributeError, SyntaxError) as err:
+            raise StfuseError(f"{spec!r}: cannot load the factory: {type(err).__name__}: {err}") from err
+        result = factory()
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise StfuseError(f"{spec!r}: a factory returns (model, example_inputs) or "
+                              f"({{name: model}}, {{name: inputs}}), got {type(result).__name__}")
+        got = result[0] if isinstance(result[0], dict) else {name or attr: result[0]}
+        args = result[1] if isinstance(result[0], dict) else {name or attr: result[1]}
+        for n in got:
+            if n in models:
+                raise StfuseError(f"tenant name {n!r} is used twice; name tenants as NAME=MODULE:FACTORY")
+        models.update(got)
+        inputs.update({n: args[n] for n in got} if isinstance(args, dict) else {})
+        if set(got) - set(inputs):
+            raise StfuseError(f"{spec!r}: no example inputs for {sorted(set(got) - set(inputs))}")
+    return models, inputs
+
+
+def _compile(args) -> int:
+    from .api import compile as stfuse_compile
+    from .artifact import save
+
+    say = _Progress(args.quiet)
+    say(f"loading {len(args.factories)} factor{'y' if len(args.factories) == 1 else 'ies'}")
+    models, inputs = load_factories(args.factories)
+    say(f"compiling {len(models)} tenants: {', '.join(models)}")
+    fused = stfuse_compile(models, inputs)
+    subsets = [tuple(s.split(",")) for s in args.subset]
+    save(fused, args.output, subsets=subsets, progress=say,
+         example_inputs={n: a if isinstance(a, tuple) else (a,) for n, a in inputs.items()})
+    print(fused.plan.summary())
+    size = sum(f.stat().st_size for f in args.output.rglob("*") if f.is_file())
+    print(f"\nsaved {args.output} ({size / 1e6:.2f} MB)")
+    return 0
+
+
+# ------------------------------------------------------------------------- inspect
+
+def _flops(n: float) -> str:
+    for unit, scale in (("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+def _inspect(args) -> int:
+    import json
+
+    from .artifact import PLAN, read
+    from .frontend import InputSpec
+    from .program import Plan
+
+    manifest, data = read(args.artifact)
+    plan = Plan.from_record(json.loads(data[PLAN]))
+    v = manifest["versions"]
+    print(f"artifact  {args.artifact}  (format {manifest['format_version']}; saved with stfuse "
+          f"{v['stfuse']}, torch {v['torch']}, triton {v['triton'] or '-'})")
+    print(f"files     {len(manifest['files'])}, sha256 verified")
+    print(f"tenants   {len(manifest['tenants'])}")
+    for t in manifest["tenants"]:
+        ins = ", ".join(InputSpec(i["name"], tuple(i["shape"]), i["dtype"], t["device"], i["batched"])
+                        .describe() for i in t["inputs"])
+        out_type = json.loads(t["out_spec"])[1].get("type") or "Tensor"
+        print(f"  {t['name']:<12} in: {ins}   out: {out_type.rpartition('.')[2]}")
+    print("programs  " + ", ".join(f"{n} [{', '.join(p['tenants'])}]" for n, p in manifest["programs"].items()))
+    print()
+    print(plan.summary())
+    s = plan.stats
+    print(f"\nlaunches before {s['launches_before']}  after {s['launches_after']}")
+    print(f"FLOPs     {_flops(s['flops'])} per call at the example batch")
+    if args.kernels:
+        for op, epi, src in kernel_sources(manifest):
+            print(f"\n# ---- kernel {op} epilogue={epi or '-'}\n{src}")
+    if args.draw:
+        plan.draw(args.draw)
+        print(f"\ndrew {args.draw}")
+    return 0
+
+
+def kernel_sources(manifest: dict) -> list[tuple[str, str, str]]:
+    """(op, epilogue, generated Triton source or why it is unavailable) per distinct kernel,
+    rendered now by kernels/codegen and compared with the hash recorded at save."""
+    out = []
+    kernels = sorted({tuple(k) for p in manifest["programs"].values() for k in p["kernels"]})
+    for op, epi in kernels:
+        try:
+            from stfuse.kernels import codegen
+
+            src = codegen.source_for(op, epi)
+            saved = manifest.get("kernel_hashes", {}).get(f"{op}|{epi}")
+            note = ("same source as at save" if saved == codegen.source_hash(src) else
+                    "source hash differs from save (stfuse's templates changed)" if saved else
+                    "no hash recorded at save")
+            out.append((op, epi, f"# {note}\n{src}"))
+        except Exception as err:  # noqa: BLE001 - e.g. Triton not installed
+            out.append((op, epi, f"# source unavailable: {type(err).__name__}: {err}"))
+    return out
+
+
+# ----------------------------------------------------------------------------- run
+
+def _random_inputs(prog, batch: int | None, seed: int) -> dict:
+    import torch
+    import torch.utils._pytree as pytree
+
+    gen = torch.Generator().manual_seed(seed)
+    ranges = {t["name"]: [i.get("value_range") for i in t["inputs"]] for t in prog.manifest["tenants"]}
+    inputs = {}
+    for name, spec in prog._specs.items():
+        leaves = []
+        for s, rng in zip(spec.inputs, ranges[name]):
+            shape = ((batch or s.shape[0]), *s.shape[1:]) if s.batched else s.shape
+            if s.dtype.is_floating_point:
+                x = torch.randn(shape, generator=gen).to(s.dtype)
+            elif s.dtype == torch.bool:
+                x = torch.randint(0, 2, shape, generator=gen).bool()
+            else:  # integers: the example's range where it was recorded (token ids), else zeros
+                lo, hi = rng if rng else (0, 0)
+                x = torch.randint(lo, hi + 1, shape, generator=gen).to(s.dtype)
+            leaves.append(x.to(s.device))
+        inputs[name] = pytree.tree_unflatten(leaves, spec.in_spec)
+    return inputs
+
+
+def _describe_output(out) -> str:
+    import torch
+    import torch.utils._pytree as pytree
+
+    leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+    parts = [f"[{', '.join(map(str, x.shape))}] {str(x.dtype).removeprefix('torch.')}" for x in leaves]
+    finite = all(bool(torch.isfinite(x).all()) for x in leaves if x.is_floating_point())
+    return f"{type(out).__name__}: {'; '.join(parts)}{'' if finite else '  (NOT FINITE)'}"
+
+
+def _run(args) -> int:
+    import torch
+
+    from .artifact import load
+
+    say = _Progress(args.quiet)
+    say(f"loading {args.artifact}")
+    prog = load(args.artifact, device=args.device)
+    inputs = _random_inputs(prog, args.batch, args.seed)
+    if args.tenants:
+        wanted = args.tenants.split(",")
+        inputs = {t: inputs.get(t) for t in wanted}  # run() names unknown ones
+    say(f"running {', '.join(inputs)} on {prog.device}")
+    with torch.no_grad():
+        outs = prog.run(inputs)
+        times = []
+        for _ in range(max(args.repeat, 1)):
+            start = time.perf_counter()
+            prog.run(inputs)
+            if prog.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    for name, out in outs.items():
+        print(f"  {name:<12} {_describe_output(out)}")
+    print(f"ran {len(outs)} tenants: median {statistics.median(times) * 1e3:.3f} ms per call "
+          f"over {len(times)} calls")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(repeat=args.repeat)
-    return 2
+    commands = {"compile": _compile, "inspect": _inspect, "run": _run}
+    try:
+        return commands[args.command](args)
+    except StfuseError as err:
+        print(f"stfuse {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,383 @@
+"""Artifacts: save/load round trips (in a fresh process too), subsets, and every
+kind of broken or hostile artifact failing with its own clear error."""
+
+import hashlib
+import importlib.util
+import io
+import json
+import operator
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import torch
+
+import stfuse
+from stfuse import zoo
+from stfuse.artifact import ArtifactError, _check_graph
+from stfuse.errors import InputError, StfuseError
+from stfuse.program import ChainedPrograms
+from stfuse.tolerances import assert_close
+
+pytest.importorskip("safetensors")
+
+
+class TwoHeads(torch.nn.Module):
+    """Defined here so that the child process cannot import it; returns a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = zoo.mlp(16, 32, 8, depth=2)
+        self.head_a, self.head_b = torch.nn.Linear(8, 3), torch.nn.Linear(8, 5)
+
+    def forward(self, x, scale):
+        h = torch.relu(self.body(x)) * scale
+        return {"a": self.head_a(h), "b": [self.head_b(h)]}
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    """Two same-architecture MLPs (fused, packed weights) and a two-input dict-output tenant."""
+    torch.manual_seed(0)
+    models = {"m1": zoo.mlp(16, 32, 4), "m2": zoo.mlp(16, 32, 4), "heads": TwoHeads()}
+    examples = {"m1": (torch.randn(3, 16),), "m2": (torch.randn(3, 16),),
+                "heads": (torch.randn(3, 16), torch.rand(3, 1) + 0.5)}
+    fused = stfuse.compile(models, examples)
+    path = tmp_path_factory.mktemp("art") / "trio"
+    fused.save(path, subsets=[("m1", "heads")])
+    return fused, path
+
+
+def _args(batch=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 16, generator=g), torch.randn(batch, 16, generator=g),
+            (torch.randn(batch, 16, generator=g), torch.rand(batch, 1, generator=g) + 0.5))
+
+
+def _equal(a, b) -> bool:
+    la, sa = torch.utils._pytree.tree_flatten(a)
+    lb, sb = torch.utils._pytree.tree_flatten(b)
+    return sa == sb and all(torch.equal(x, y) for x, y in zip(la, lb))
+
+
+def test_layout_and_manifest(trio):
+    fused, path = trio
+    names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    assert {"manifest.json", "plan.json", "weights.safetensors", "programs/full.pt2",
+            "programs/full_mixed.pt2", "programs/tenant_0.pt2", "programs/subset_0.pt2"} <= set(names)
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["format"] == "stfuse-artifact" and m["format_version"] == 1
+    assert m["versions"]["torch"] == torch.__version__ and m["versions"]["stfuse"] == stfuse.__version__
+    assert [t["name"] for t in m["tenants"]] == fused.tenants
+    assert set(m["files"]) == set(names) - {"manifest.json"}
+    for name, meta in m["files"].items():
+        assert hashlib.sha256((path / name).read_bytes()).hexdigest() == meta["sha256"]
+    # The packed [2, ...] weights of the fused MLP groups are stored once: the members'
+    # views (in the per-tenant programs) point into the same storages.
+    stored = sum(s["numel"] for s in m["storages"].values())
+    assert stored <= sum(p.numel() for tg in fused._tenants.values() for p in tg.tensors.values())
+    with zipfile.ZipFile(path / "programs" / "full.pt2") as z:  # the archive holds no tensors
+        assert not [n for n in z.namelist() if "/data/weights/" in n and not n.endswith(".json")]
+
+
+def test_round_trip_same_process(trio):
+    fused, path = trio
+    prog = stfuse.load(path)
+    assert prog.tenants == fused.tenants
+    assert prog.plan.stats == fused.plan.stats
+    assert prog.plan.summary() == fused.plan.summary()
+    assert set(prog.plan.groups) == set(fused.plan.groups)
+    args = _args()
+    assert _equal(prog(*args), fused(*args))
+    # Another batch size per tenant in one call (the saved per-tenant-batch program).
+    mixed = (torch.randn(1, 16), torch.randn(6, 16), (torch.randn(2, 16), torch.ones(2, 1)))
+    assert _equal(prog(*mixed), fused(*mixed))
+
+
+@pytest.mark.parametrize("subset", [("m1",), ("heads",), ("m1", "heads"), ("m2", "heads"), ("m1", "m2")])
+def test_subsets(trio, subset):
+    """Single tenants and the subset saved at save time run their own programs: the
+    same kernels as the compiled program, so the same bits. Other subsets chain the
+    single-tenant programs (unfused), equal within the float32 tolerance."""
+    fused, path = trio
+    prog = stfuse.load(path)
+    inputs = {t: a for t, a in zip(fused.tenants, _args(batch=2, seed=3)) if t in subset}
+    out = prog.run(inputs)
+    assert list(out) == [t for t in fused.tenants if t in subset]
+    if len(subset) == 1 or subset == ("m1", "heads"):
+        assert _equal(out, fused.run(inputs))
+    else:
+        assert isinstance(prog._program(tuple(subset), True)[0], ChainedPrograms)
+        assert_close(out, fused.run(inputs))
+
+
+def test_loaded_inputs_are_checked(trio):
+    _, path = trio
+    prog = stfuse.load(path)
+    a = _args()
+    with pytest.raises(InputError, match="expected 3 arguments"):
+        prog(a[0])
+    with pytest.raises(InputError, match=r"tenant 'm1', argument 0 .*expected shape Tensor\[B, 16\]"):
+        prog(torch.randn(3, 15), a[1], a[2])
+    with pytest.raises(InputError, match="tenant 'm2', argument 0 .*expected dtype torch.float32"):
+        prog.run({"m2": torch.randn(3, 16, dtype=torch.float64)})
+    with pytest.raises(InputError, match="unknown tenant 'zz'"):
+        prog.run({"zz": a[0]})
+    with pytest.raises(InputError, match="tenant 'heads': expected 2 input"):
+        prog.run({"heads": a[0]})
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    import torch
+    import stfuse
+
+    def plain(out):  # a transformers ModelOutput as the tuple of its values
+        return tuple(out.values()) if hasattr(out, "to_tuple") else out
+
+    def equal(a, b):
+        la, sa = torch.utils._pytree.tree_flatten(plain(a))
+        lb, sb = torch.utils._pytree.tree_flatten(b)
+        return sa == sb and all(torch.equal(x, y) for x, y in zip(la, lb))
+
+    for name in sys.argv[1:]:
+        want = torch.load(f"{name}_io.pt", weights_only=True)
+        prog = stfuse.load(name)
+        got = prog(*want["args"])
+        assert all(equal(g, w) for g, w in zip(got, want["outs"])), name
+        alone = prog.run({prog.tenants[0]: want["args"][0]})
+        assert equal(alone[prog.tenants[0]], want["outs"][0]), name
+        print(name, "ok", [type(o).__name__ for o in got])
+    leaked = sorted(m for m in sys.modules if m.startswith(("test_", "conftest", "stfuse.zoo",
+                                                            "transformers.models")))
+    assert not leaked, leaked
+    print("modules ok")
+""")
+
+
+def test_round_trip_in_fresh_process(trio, tmp_path):
+    """A child that imports only torch and stfuse (no model classes, no tests, no
+    transformers model code) gets exactly the parent's outputs, HF ModelOutput included."""
+    fused, path = trio
+    shutil.copytree(path, tmp_path / "trio")
+    args = _args(batch=5)
+    torch.save({"args": args, "outs": fused(*args)}, tmp_path / "trio_io.pt")
+    names = ["trio"]
+    if importlib.util.find_spec("transformers") is not None:
+        m1, a1 = zoo.hf_model("bert", 0)
+        m2, a2 = zoo.hf_model("bert", 1)
+        bert = stfuse.compile({"x": m1, "y": m2}, {"x": a1, "y": a2})
+        bert.save(tmp_path / "bert")
+        ids = (torch.randint(0, 100, (3, 8)), torch.randint(0, 100, (3, 8)))
+        outs = bert(*ids)
+        assert type(outs[0]).__name__ == "BaseModelOutputWithPoolingAndCrossAttentions"
+        torch.save({"args": ids, "outs": [tuple(o.values()) for o in outs]}, tmp_path / "bert_io.pt")
+        names.append("bert")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    child = subprocess.run([sys.executable, "-c", CHILD, *names], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "trio ok ['Tensor', 'Tensor', 'dict']" in child.stdout
+    assert "modules ok" in child.stdout
+    if "bert" in names:
+        assert "bert ok ['BaseModelOutputWithPoolingAndCrossAttentions'" in child.stdout
+
+
+# ---------------------------------------------------------------------------- broken artifacts
+
+@pytest.fixture
+def copy(trio, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(trio[1], dst)
+    return dst
+
+
+def _rehash(path, name):
+    """Update the manifest's size and hash of ``name`` (what a deliberate attacker would do)."""
+    m = json.loads((path / "manifest.json").read_text())
+    data = (path / name).read_bytes()
+    m["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def _edit_manifest(path, fn):
+    m = json.loads((path / "manifest.json").read_text())
+    fn(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_flipped_byte_in_weights(copy):
+    blob = bytearray((copy / "weights.safetensors").read_bytes())
+    blob[-5] ^= 0x01
+    (copy / "weights.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="weights.safetensors does not match its sha256"):
+        stfuse.load(copy)
+
+
+def test_truncated_program(copy):
+    f = copy / "programs" / "full.pt2"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ArtifactError, match=r"programs/full.pt2 has \d+ bytes.*truncated"):
+        stfuse.load(copy)
+
+
+def test_removed_file(copy):
+    (copy / "programs" / "tenant_0.pt2").unlink()
+    with pytest.raises(ArtifactError, match="missing file programs/tenant_0.pt2"):
+        stfuse.load(copy)
+
+
+def test_future_format_version(copy):
+    _edit_manifest(copy, lambda m: m.update(format_version=99))
+    with pytest.raises(ArtifactError, match="format version 99 is newer than this stfuse reads"):
+        stfuse.load(copy)
+
+
+@pytest.mark.parametrize("kind", ["empty_dir", "file", "missing", "other_json"])
+def test_not_an_artifact(tmp_path, kind):
+    target = tmp_path / "x"
+    if kind == "empty_dir":
+        target.mkdir()
+    elif kind == "file":
+        target.write_text("hello")
+    elif kind == "other_json":
+        target.mkdir()
+        (target / "manifest.json").write_text('{"name": "some other tool"}')
+    pattern = "is not an stfuse manifest" if kind == "other_json" else "not an stfuse artifact"
+    with pytest.raises(ArtifactError, match=pattern):
+        stfuse.load(target)
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda files: files.pop("programs/full.pt2"), "manifest does not list 'programs/full.pt2'"),
+    (lambda files: files.update({"../escape": {"bytes": 0, "sha256": ""}}), "unsafe file name '../escape'"),
+])
+def test_unlisted_program_and_unsafe_name(copy, edit, pattern):
+    _edit_manifest(copy, lambda m: edit(m["files"]))
+    with pytest.raises(ArtifactError, match=pattern):
+        stfuse.load(copy)
+
+
+def _rewrite_pt2(path, fn):
+    """Rewrite programs/full.pt2 entry by entry through ``fn(name, bytes) -> bytes | None``,
+    optionally adding entries, and rehash it."""
+    f = path / "programs" / "full.pt2"
+    src = zipfile.ZipFile(io.BytesIO(f.read_bytes()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        prefix = src.namelist()[0].split("/")[0]
+        for name in src.namelist():
+            dst.writestr(name, fn(name, src.read(name)))
+        for name, data in fn(None, prefix) or []:
+            dst.writestr(name, data)
+    f.write_bytes(out.getvalue())
+    _rehash(path, "programs/full.pt2")
+
+
+def test_pickled_payload_in_program_is_refused(copy):
+    def add_pickle(name, data):
+        if name is None:
+            return [(f"{data}/data/constants/tensor_0", b"\x80\x02cos\nsystem\n.")]
+        return data
+    _rewrite_pt2(copy, add_pickle)
+    with pytest.raises(ArtifactError, match="unexpected entries.*pickled data or compiled code is refused"):
+        stfuse.load(copy)
+
+
+@pytest.mark.parametrize("field", ["guards_code", "expr_str"])
+def test_code_in_program_strings_is_refused(copy, tmp_path, field):
+    """torch exec's guards and sympify's symbolic expressions while loading: a rehashed
+    archive carrying code there is refused before torch sees it."""
+    marker = tmp_path / "pwned"
+    code = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+
+    def inject(name, data):
+        if name is None or not name.endswith("models/model.json"):
+            return None if name is None else data
+        model = json.loads(data)
+        if field == "guards_code":
+            model["guards_code"] = [code]
+        else:
+            text = json.dumps(model)
+            assert "expr_str" in text
+            model = json.loads(text.replace('"expr_str": "', '"expr_str": "' + code.replace('"', '\\"') + ' + ', 1))
+        return json.dumps(model).encode()
+    _rewrite_pt2(copy, inject)
+    with pytest.raises(ArtifactError, match="refused (guard|symbolic expression)"):
+        stfuse.load(copy)
+    assert not marker.exists()
+
+
+def test_graph_calling_python_is_refused():
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    g.output(g.call_function(os.system, (x,)))
+    with pytest.raises(ArtifactError, match="calls <built-in function system>"):
+        _check_graph(torch.fx.GraphModule(torch.nn.Module(), g), 1, "program p")
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    y = g.call_function(torch.ops.stfuse.grouped_pointwise.default, ([x], "relu,exec", [], []))
+    g.output(g.call_function(operator.getitem, (y, 0)))
+    with pytest.raises(ArtifactError, match="bad epilogue"):
+        _check_graph(torch.fx.GraphModule(torch.nn.Module(), g), 1, "program p")
+
+
+def test_weight_view_outside_its_storage(copy):
+    def grow(m):
+        t = next(iter(m["tensors"].values()))
+        t["shape"][0] *= 1000
+    _edit_manifest(copy, grow)
+    with pytest.raises(ArtifactError, match="does not fit its storage"):
+        stfuse.load(copy)
+
+
+@pytest.mark.parametrize("type_name, pattern", [
+    ("transformers.no_such_module.Output", "loading it needs transformers installed"),
+    ("mypackage.outputs.Output", "is not registered with torch.utils._pytree"),
+])
+def test_unknown_output_type(copy, type_name, pattern):
+    def retype(m):
+        m["tenants"][0]["out_spec"] = json.dumps(
+            [1, {"type": type_name, "context": "null", "children_spec": []}])
+    _edit_manifest(copy, retype)
+    with pytest.raises(ArtifactError, match=pattern):
+        stfuse.load(copy)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_cuda(trio):
+    with pytest.raises(ArtifactError, match="CUDA is not available"):
+        stfuse.load(trio[1], device="cuda")
+
+
+# ---------------------------------------------------------------------------- saving
+
+def test_save_replaces_an_artifact_but_nothing_else(trio, tmp_path):
+    fused, _ = trio
+    target = tmp_path / "a"
+    fused.save(target)
+    first = (target / "manifest.json").read_text()
+    fused.save(target)  # replaced whole: the result loads
+    assert stfuse.load(target).tenants == fused.tenants
+    assert json.loads(first)["files"].keys() == json.loads((target / "manifest.json").read_text())["files"].keys()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="not an stfuse artifact; refusing to overwrite"):
+        fused.save(tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+
+
+def test_save_rejects_bad_subsets_and_fx_tenants(tmp_path):
+    torch.manual_seed(0)
+    fused = stfuse.compile([zoo.mlp(8, 16, 2), zoo.mlp(8, 16, 2)], [torch.randn(2, 8), torch.randn(2, 8)])
+    with pytest.raises(StfuseError, match=r"subset \['0', 'z'\]"):
+        fused.save(tmp_path / "s", subsets=[("0", "z")])
+    fused._tenants["1"].method = "fx"  # as if torch.export had failed for it
+    with pytest.raises(ArtifactError, match="tenant '1' was traced with torch.fx"):
+        fused.save(tmp_path / "f")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "f").exists()
