@@ -78,10 +78,15 @@ def _nbytes(a) -> int:
 
 
 def _arrives_stacked(g, members) -> bool:
-    """The members' first inputs all come from one group: a stacked tensor, no copy."""
+    """The members' first inputs are distinct outputs of one group: a stacked tensor, no copy.
+
+    Members of one tenant may read one tensor (Q, K and V of one input): stacking
+    that tensor R times is a copy, however it was produced.
+    """
     srcs = [ir.refs(g.nodes[k]["args"][:1]) for k in members]
     gids = {g.nodes[s[0]]["group"] if s else None for s in srcs}
-    return len(gids) == 1 and None not in gids
+    firsts = [s[0] for s in srcs if s]
+    return len(gids) == 1 and None not in gids and len(set(firsts)) == len(firsts)
 
 
 def _work(g, members, dev: DeviceModel) -> float:

@@ -11,6 +11,7 @@ from stfuse.errors import PassError, StfuseError
 from .annotate import annotate
 from .cost import drop_unprofitable
 from .epilogue import fold_epilogues
+from .horizontal import group_siblings
 from .lower import lower
 from .match import match_groups
 from .normalize import normalize
@@ -21,6 +22,7 @@ PASSES = [
     annotate,           # shapes (and their batch dependence), dtypes, op classes, FLOPs, bytes
     match_groups,       # align tenants' fusable ops into cross-tenant groups (acyclic, deterministic)
     drop_unprofitable,  # cost model: keep groups whose one launch beats their members apart
+    group_siblings,     # a tenant's ungrouped independent same-class ops (QKV, branches, experts), where they pay
     fold_epilogues,     # fold bias / activation / residual / scale successors into each group
     schedule,           # one topological order of groups and unfused calls
     lower,              # pack weights; emit the fx program calling stfuse:: custom ops

@@ -2,11 +2,14 @@
 
 from . import kernels  # noqa: F401  (registers the stfuse:: custom ops)
 from .api import compile
+from .backend import Group, backend
 from .artifact import load
 from .errors import InputError, PassError, StfuseError, TraceError
 from .program import FusedProgram, Plan
+from .runtime import QueueFullError, Runtime, RuntimeClosedError
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "load", "FusedProgram", "Plan", "StfuseError", "TraceError", "InputError",
-           "PassError", "__version__"]
+__all__ = ["compile", "backend", "Group", "load", "Runtime", "FusedProgram", "Plan",
+           "StfuseError", "TraceError", "InputError", "PassError", "QueueFullError",
+           "RuntimeClosedError", "__version__"]

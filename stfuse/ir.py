@@ -65,7 +65,9 @@ class Ref:
 
 @dataclass(frozen=True)
 class Group:
-    """A horizontally fused operator: one member node per tenant, in tenant order.
+    """A horizontally fused operator over independent member nodes: one per tenant
+    (match_groups, in tenant order) or several of one tenant (group_siblings, in
+    that tenant's order); no member depends on another.
 
     ``folded[i]`` are the pointwise nodes of member i folded into the epilogue,
     ``epilogue`` the steps they compute (kernels/epilogue.py) and ``operands[i]``
@@ -231,9 +233,7 @@ def verify(g: nx.DiGraph) -> None:
     for gid, grp in g.graph["groups"].items():
         if gid != grp.id or len(grp.members) < 1:
             raise StfuseError(f"ir.verify: malformed group {gid}")
-        member_tenants = [g.nodes[m]["tenant"] for m in grp.members]
-        if len(set(member_tenants)) != len(member_tenants):
-            raise StfuseError(f"ir.verify: group {gid} has two members of one tenant")
+        _verify_independent(g, grp)
         for k in grp.nodes():
             if k not in g or k in seen:
                 raise StfuseError(f"ir.verify: group {gid} node {k} missing or in two groups")
@@ -242,9 +242,24 @@ def verify(g: nx.DiGraph) -> None:
             if g.nodes[m]["group"] != gid or g.nodes[m]["op_class"] != grp.op_class:
                 raise StfuseError(f"ir.verify: member {m} does not agree with group {gid}")
     if g.graph["groups"] and not nx.is_directed_acyclic_graph(quotient(g)):
-        raise StfuseError("ir.verify: fusion groups create a cycle between tenants")
+        raise StfuseError("ir.verify: fusion groups create a cycle")
     if "schedule" in g.graph:
         _verify_schedule(g)
+
+
+def _verify_independent(g: nx.DiGraph, grp: Group) -> None:
+    """No member (with its folded nodes) reads another member's: members may share a
+    tenant but must be independent. A longer path between two members leaves the group
+    and comes back, which the quotient's acyclicity check below catches."""
+    chain = {}
+    for i, m in enumerate(grp.members):
+        for k in (m, *(grp.folded[i] if grp.folded else ())):
+            chain[k] = i
+    for k, i in chain.items():
+        for u in g.successors(k) if k in g else ():
+            if chain.get(u, i) != i:
+                raise StfuseError(f"ir.verify: group {grp.id} member {u} depends on {k} "
+                                  "of another member")
 
 
 def _verify_schedule(g: nx.DiGraph) -> None:

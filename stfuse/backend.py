@@ -1,0 +1,685 @@
+"""The torch.compile backend "stfuse": the pass pipeline on Dynamo graphs.
+
+    model = torch.compile(model, backend="stfuse")          # registered by entry point
+    model = torch.compile(model, backend=stfuse.backend,    # or the callable itself
+                          options={"group": "tenants"})     # fused with other models
+
+Dynamo hands over one FX graph per compiled frame (several for a model with
+graph breaks, another one after a recompile). Each becomes a CompiledGraph:
+
+1. At compile time its placeholders are sorted once, by the Dynamo source they
+   came from: *state* (parameters, buffers, module attributes, globals), *data*
+   (the call's own tensors), *sizes* (SymInt inputs of dynamic shapes, each
+   read back from a dim of a data tensor) and other *scalars* (baked in as
+   constants, one specialisation per value).
+2. On a call, the state tensors seen at call time pick the specialisation.
+   Dynamo shares one compiled graph between modules of one class (their
+   parameters are graph inputs), so one CompiledGraph may serve several models;
+   keying on the module object would run the wrong weights. A new state, or data
+   the traced program does not accept (another non-batch shape), traces the
+   graph again as one stfuse tenant: a module whose parameters and buffers are
+   those state tensors, traced by the frontend with the call's data.
+3. Alone, the tenant's FusedProgram runs it, with intra-graph groups (Q/K/V,
+   parallel branches, experts: passes/horizontal.py). In a Group, tenants of
+   every graph compiled into the group form one multi-tenant program, and calls
+   go through the group's stfuse.runtime.Runtime, which fuses calls from
+   several threads that arrive within one slice; a lone call runs by itself
+   once the slice expires.
+4. Whatever stfuse cannot trace or run goes to the Dynamo graph itself, run
+   eagerly: never an error (unless ``strict``). So do calls while autograd
+   records (a parameter or input requires grad and grad mode is on): the fused
+   program is inference-only.
+
+Options (``torch.compile(..., options={...})``), documented in docs/backend.md:
+``group`` (a name or a Group), ``strict`` (raise instead of running eagerly),
+``verify`` (ir.verify after every pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from . import ir
+from .errors import InputError, StfuseError
+from .frontend import TenantGraph, trace_tenant
+from .program import FusedProgram
+
+log = logging.getLogger(__name__)
+
+OPTIONS = ("group", "strict", "verify")
+MAX_SPECIALIZATIONS = 8  # traced programs per compiled graph; further states/shapes run eagerly
+LIVE_SLICES, LIVE_S = 50, 1.0  # the "slice" policy waits only for tenants called this recently
+
+# One lock for everything that traces, compiles or changes membership (rare);
+# calls that find their program take no lock. The registries have their own lock,
+# which backend() takes while Dynamo compiles: never held while tracing.
+_LOCK = threading.RLock()
+_REGISTRY_LOCK = threading.Lock()
+_GRAPHS: list[weakref.ref] = []
+_GROUPS: dict[str, "Group"] = {}
+_names = itertools.count()
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class Options:
+    group: "Group | None" = None
+    strict: bool = False
+    verify: bool = False
+
+
+def parse_options(options: Mapping[str, Any] | None) -> Options:
+    """The backend's options from ``torch.compile(..., options=...)``; unknown keys raise."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise StfuseError(f"stfuse backend: unknown option(s) {unknown}; options are {list(OPTIONS)}")
+    group = options.get("group")
+    if isinstance(group, str):
+        group = Group.get(group)
+    elif group is not None and not isinstance(group, Group):
+        raise StfuseError("stfuse backend: option 'group' takes a group name or a stfuse.Group, "
+                          f"got {type(group).__name__}")
+    return Options(group, bool(options.get("strict", False)), bool(options.get("verify", False)))
+
+
+# --------------------------------------------------------------------------- the input layout
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one graph input comes from when the graph runs as a stfuse tenant.
+
+    kind "state": the i-th state tensor (a parameter or buffer of the tenant
+    module); "data": the i-th data tensor (a tenant input); "size": dim ``dim``
+    of data tensor i (a SymInt input); "scalar": the i-th scalar, a constant.
+    """
+
+    kind: str
+    index: int
+    dim: int | None = None
+
+
+def _is_state(node: torch.fx.Node, example) -> bool:
+    """A parameter, buffer or attribute of something (a module), or a global: not the call's own data."""
+    from torch._dynamo.source import AttrSource, GenericAttrSource, GlobalSource, NNModuleSource
+    from torch._guards import ChainedSource
+
+    if isinstance(example, torch.nn.Parameter):
+        return True
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    while isinstance(source, ChainedSource):
+        if isinstance(source, (AttrSource, GenericAttrSource, NNModuleSource)):
+            return True
+        source = source.base
+    return isinstance(source, GlobalSource)
+
+
+def _symbol(v):
+    node = getattr(v, "node", None)
+    return getattr(node, "expr", None)
+
+
+def input_layout(gm: torch.fx.GraphModule, example_inputs) -> list[Slot]:
+    """One Slot per placeholder of a Dynamo graph; raises StfuseError for inputs stfuse cannot take."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(phs) != len(example_inputs):
+        raise StfuseError(f"{len(phs)} placeholders but {len(example_inputs)} example inputs")
+    kinds = []
+    for n, ex in zip(phs, example_inputs):
+        if isinstance(ex, torch.Tensor):
+            kinds.append("state" if _is_state(n, ex) else "data")
+        elif isinstance(ex, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)):
+            kinds.append("scalar")
+        else:
+            raise StfuseError(f"graph input {n.name} is a {type(ex).__name__}")
+    # A SymInt input equal to a dim of a data tensor is read from that tensor.
+    dims = {}
+    data = [n for n, kind in zip(phs, kinds) if kind == "data"]
+    for j, n in enumerate(data):
+        value = n.meta.get("example_value")
+        for d, size in enumerate(value.shape if isinstance(value, torch.Tensor) else ()):
+            if _symbol(size) is not None:
+                dims.setdefault(str(_symbol(size)), (j, d))
+    slots, counts = [], {"state": 0, "data": 0, "scalar": 0}
+    for ex, kind in zip(example_inputs, kinds):
+        if kind == "scalar" and isinstance(ex, torch.SymInt) and str(_symbol(ex)) in dims:
+            j, d = dims[str(_symbol(ex))]
+            slots.append(Slot("size", j, d))
+            continue
+        slots.append(Slot(kind, counts[kind]))
+        counts[kind] += 1
+    return slots
+
+
+def tenant_module(gm: torch.fx.GraphModule, slots: list[Slot], state, scalars) -> torch.fx.GraphModule:
+    """A Dynamo graph as a module to trace as one tenant: state tensors become its
+    parameters and buffers, data tensors its inputs (one named argument each, so
+    torch.export can make dim 0 dynamic), sizes are read from the data, scalars are
+    constants."""
+    root = torch.nn.Module()
+    root.graph_module = gm
+    graph = torch.fx.Graph()
+    data = [graph.placeholder(f"data{i}") for i in range(sum(s.kind == "data" for s in slots))]
+    args = []
+    for s in slots:
+        if s.kind == "state":
+            t = state[s.index]
+            if isinstance(t, torch.nn.Parameter):
+                root.register_parameter(f"state{s.index}", t)
+            else:
+                root.register_buffer(f"state{s.index}", t)
+            args.append(graph.get_attr(f"state{s.index}"))
+        elif s.kind == "data":
+            args.append(data[s.index])
+        elif s.kind == "size":
+            args.append(graph.call_method("size", (data[s.index], s.dim)))
+        else:
+            args.append(scalars[s.index])
+    graph.output(graph.call_module("graph_module", tuple(args)))
+    return torch.fx.GraphModule(root, graph, class_name="TenantModule")
+
+
+def _accepts(tg: TenantGraph, data: tuple) -> bool:
+    """Whether the tenant's program takes these data tensors (the checks of FusedProgram.check_inputs)."""
+    if len(data) != len(tg.inputs):
+        return False
+    batch = None
+    for x, s in zip(data, tg.inputs):
+        if not isinstance(x, torch.Tensor) or x.dtype != s.dtype or x.device != s.device:
+            return False
+        if x.dim() != len(s.shape):
+            return False
+        if (tuple(x.shape[1:]) if s.batched else tuple(x.shape)) != (s.shape[1:] if s.batched else s.shape):
+            return False
+        if s.batched:
+            if x.shape[0] < 1 or (batch is not None and x.shape[0] != batch):
+                return False
+            batch = x.shape[0]
+    return True
+
+
+def _static_unless_sized(tg: TenantGraph, slots: list[Slot]) -> TenantGraph:
+    """A graph without SymInt inputs is static: Dynamo guards its shapes and often bakes
+    the batch size into it (``expand(2, 8)``), where export may still see a dynamic
+    batch. Its tenant is then static too (annotate takes the example shapes instead of
+    probing other batch sizes, and calls must match the example)."""
+    if any(s.kind == "size" for s in slots) or not tg.dynamic:
+        return tg
+    tg.dynamic = False
+    tg.inputs = [dataclasses.replace(spec, batched=False) for spec in tg.inputs]
+    return tg
+
+
+def _mutates_state(tg: TenantGraph) -> bool:
+    """Whether the traced graph writes in place to a parameter or buffer."""
+    user = {spec.name for spec in tg.inputs}
+    return any(m.op == "placeholder" and m.name not in user
+               for n in tg.gm.graph.nodes if n.op == "call_function"
+               for m in ir._mutated_args(n))  # the IR builder's own test for in-place ops
+
+
+def compile_tenants(tenants: dict[str, TenantGraph], verify: bool = False) -> FusedProgram:
+    """The FusedProgram of already traced tenants (the tail of stfuse.compile)."""
+    from stfuse.passes import pipeline
+
+    devices = {n: tg.device for n, tg in tenants.items()}
+    if len(set(devices.values())) > 1:
+        raise StfuseError(f"all tenants must be on one device, got {devices}")
+    graph, history = pipeline.run(ir.build(tenants), verify=verify)
+    return FusedProgram(graph, history)
+
+
+# --------------------------------------------------------------------------- members
+
+
+class Member:
+    """One specialisation of a compiled graph: its state tensors (by identity and
+    version), scalar constants, traced tenant, and (alone) its own program."""
+
+    def __init__(self, name: str, state, scalars, tg: TenantGraph, verify: bool):
+        self.name = name
+        self.refs = [weakref.ref(t) for t in state]
+        self.versions = [t._version for t in state]
+        self.scalars = scalars
+        self.tg = tg
+        self.verify = verify
+        self._program: FusedProgram | None = None
+        # A graph that updates its own state in place (BatchNorm's num_batches_tracked
+        # in training) bumps the versions on every call; those runs refresh them.
+        self.mutates_state = _mutates_state(tg)
+
+    def current(self, state) -> bool:
+        """Same tensors, unchanged in place since tracing (or since this member's last run)."""
+        return all(r() is t and t._version == v for r, t, v in zip(self.refs, state, self.versions))
+
+    def ran(self, state) -> None:
+        if self.mutates_state:
+            self.versions = [t._version for t in state]
+
+    @property
+    def program(self) -> FusedProgram:
+        """The tenant compiled alone (on first use)."""
+        if self._program is None:
+            with _LOCK:
+                if self._program is None:
+                    self._program = compile_tenants({self.name: self.tg}, self.verify)
+        return self._program
+
+    def run_alone(self, data: tuple):
+        return self.program(data)[0]  # one tenant: its args as one tuple
+
+
+class CompiledGraph:
+    """What the backend returns to Dynamo for one graph: a callable with the graph's signature."""
+
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs, options: Options):
+        self.gm = gm
+        self.options = options
+        self.index = next(_names)
+        self.members: dict[tuple, list[Member]] = {}
+        self.stats = {"calls": 0, "stfuse_calls": 0, "eager_calls": 0, "traces": 0}
+        self.eager_reason: str | None = None
+        self._warned: set[str] = set()
+        try:
+            self.slots = input_layout(gm, example_inputs)
+        except Exception as err:  # noqa: BLE001 - any graph stfuse cannot take runs eagerly
+            self.slots = []
+            self._give_up(err)
+        self._state = [i for i, s in enumerate(self.slots) if s.kind == "state"]
+        self._data = [i for i, s in enumerate(self.slots) if s.kind == "data"]
+        self._scalar = [i for i, s in enumerate(self.slots) if s.kind == "scalar"]
+
+    @property
+    def programs(self) -> list[FusedProgram]:
+        """Every program this graph runs in: its members' own, and their groups'."""
+        out = []
+        for ms in self.members.values():
+            for m in ms:
+                if m._program is not None:
+                    out.append(m._program)
+        group = self.options.group
+        if group is not None and group.program is not None:
+            out.append(group.program)
+        return out
+
+    def _give_up(self, err: BaseException) -> None:
+        if self.options.strict:
+            raise err if isinstance(err, StfuseError) else StfuseError(
+                f"stfuse backend: {type(err).__name__}: {err}") from err
+        self.eager_reason = f"{type(err).__name__}: {err}"
+        log.warning("stfuse backend: graph %d runs eagerly: %s", self.index, self.eager_reason)
+
+    def _eager(self, args, why: str | None = None):
+        self.stats["eager_calls"] += 1
+        if why is not None and why not in self._warned:
+            self._warned.add(why)
+            log.warning("stfuse backend: graph %d runs eagerly %s", self.index, why)
+        return self.gm(*args)
+
+    def __call__(self, *args):
+        self.stats["calls"] += 1
+        if self.eager_reason is not None:
+            return self._eager(args)
+        if torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return self._eager(args, "while autograd records; call it under torch.no_grad() "
+                                     "or torch.inference_mode() to run the fused program")
+        state = [args[i] for i in self._state]
+        data = tuple(args[i] for i in self._data)
+        scalars = tuple(args[i] for i in self._scalar)
+        try:
+            member = self._member(state, data, scalars)
+        except Exception as err:  # noqa: BLE001 - untraceable: the graph runs as it is
+            self._give_up(err)
+            self._leave_group()
+            return self._eager(args)
+        if member is None:
+            return self._eager(args, f"beyond {MAX_SPECIALIZATIONS} traced specialisations")
+        try:
+            group = self.options.group
+            out = group.call(member, data) if group is not None else member.run_alone(data)
+        except Exception as err:  # noqa: BLE001 - a failing program: run the graph itself
+            if self.options.strict:
+                raise
+            self._give_up(err)
+            self._leave_group()
+            return self._eager(args)
+        member.ran(state)
+        self.stats["stfuse_calls"] += 1
+        return out
+
+    def _leave_group(self) -> None:
+        group = self.options.group
+        if group is not None:
+            for ms in self.members.values():
+                for m in ms:
+                    group.remove(m)
+
+    def _member(self, state, data, scalars) -> Member | None:
+        key = (tuple(id(t) for t in state), scalars)
+        for m in tuple(self.members.get(key, ())):
+            if m.current(state) and _accepts(m.tg, data):
+                return m
+        with _LOCK:
+            ms = self.members.setdefault(key, [])
+            stale = [m for m in ms if not m.current(state)]
+            for m in stale:  # the same tensor ids now mean other (or updated) tensors
+                ms.remove(m)
+                if self.options.group is not None:
+                    self.options.group.remove(m)
+            for m in ms:
+                if _accepts(m.tg, data):
+                    return m
+            if sum(len(v) for v in self.members.values()) >= MAX_SPECIALIZATIONS:
+                return None
+            name = f"graph{self.index}_{self.stats['traces']}"
+            module = tenant_module(self.gm, self.slots, state, scalars)
+            tg = _static_unless_sized(trace_tenant(name, module, data), self.slots)
+            self.stats["traces"] += 1
+            m = Member(name, state, scalars, tg, self.options.verify)
+            m.program  # noqa: B018 - compiled now, so a graph the passes reject never joins a group
+            ms.append(m)
+            if self.options.group is not None:
+                self.options.group.add(m)
+            return m
+
+
+# --------------------------------------------------------------------------- groups
+
+
+class _Counted:
+    """The group's program as the runtime sees it, counting launches and fused launches."""
+
+    def __init__(self, fused: FusedProgram, group: "Group"):
+        self.fused, self.group = fused, group
+        self.tenants = fused.tenants
+        self.check_inputs = fused.check_inputs
+
+    def run(self, inputs: dict) -> dict:
+        out = self.fused.run(inputs)
+        with self.group._stats_lock:
+            self.group._stats["launches"] += 1
+            self.group._stats["fused_launches"] += len(inputs) > 1
+        return out
+
+
+def _one_request_each(inner):
+    """``inner``'s decisions with at most one request per tenant in a launch.
+
+    The runtime would otherwise concatenate a tenant's queued requests along dim
+    0, which is right only for models whose rows are independent; a Dynamo graph
+    promises no such thing.
+    """
+    from stfuse.scheduler import Launch, Scheduler
+
+    class OneRequestEach(Scheduler):
+        name = inner.name
+
+        def __init__(self):
+            super().__init__(inner.tenants, slice_s=inner.slice_s, max_batch=inner.max_batch,
+                             profile=inner.profile, slo_s=inner.slo_s)
+
+        def decide(self, queues, now, flush=False):
+            d = inner.decide(queues, now, flush)
+            return Launch({t: 1 for t in d.take}, d.mode) if isinstance(d, Launch) else d
+
+    return OneRequestEach()
+
+
+def _slice_policy(tenants: list[str], slice_s: float):
+    """The group's default policy: every call arriving within one slice joins one launch.
+
+    Launch when every *live* tenant has a call queued, or when the oldest queued
+    call has waited one slice; take the oldest call of every tenant with work. A
+    tenant is live when it had a call within the last LIVE_SLICES slices (at
+    least LIVE_S seconds): a group keeps tenants that no longer get calls (the
+    static graph of a model Dynamo has since recompiled with a dynamic batch),
+    and waiting for those would hold every call a full slice. Unlike
+    "space-time" it does not weigh the launch against a latency profile, so calls
+    that share a slice are always fused.
+    """
+    from stfuse.scheduler import Launch, Scheduler, Wait
+
+    horizon = max(LIVE_S, LIVE_SLICES * slice_s)
+
+    class SliceScheduler(Scheduler):
+        name = "slice"
+
+        def __init__(self):
+            super().__init__(tenants, slice_s=slice_s)
+            self.seen: dict[str, float] = {}  # tenant -> arrival of its latest call seen
+
+        def decide(self, queues, now, flush=False):
+            busy = self._busy(queues)
+            if not busy:
+                return None
+            for t in busy:
+                self.seen[t] = max(self.seen.get(t, -math.inf), queues[t][-1].arrival)
+            live = {t for t, at in self.seen.items() if now - at <= horizon}
+            if not flush and not live <= set(busy):
+                until = min(queues[t][0].arrival for t in busy) + self.slice_s
+                if until > now:
+                    return Wait(until)
+            return Launch({t: 1 for t in busy})
+
+    return SliceScheduler()
+
+
+def _warm(fused: FusedProgram) -> None:
+    """Run every tenant together and each alone once, on zeros of the example shapes.
+
+    FusedProgram lowers a subset's program on its first call; without this the
+    first launches are slow outliers (tens of ms), which a policy that learns
+    from launch times (space-time) would take for the cost of fusing.
+    """
+    inputs = {n: tuple(torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in tg.inputs)
+              for n, tg in fused.graph.graph["tenants"].items()}
+    try:
+        fused.run(inputs)
+        for n, args in inputs.items():
+            fused.run({n: args})
+    except Exception as err:  # noqa: BLE001 - best effort: zeros may not suit every model
+        log.info("stfuse group warm-up skipped: %s: %s", type(err).__name__, err)
+
+
+class Group:
+    """Models compiled into one group are fused with each other.
+
+        group = stfuse.Group("tenants", slice_ms=2.0)
+        a = torch.compile(model_a, backend="stfuse", options={"group": group})
+        b = torch.compile(model_b, backend="stfuse", options={"group": "tenants"})  # by name
+
+    Every graph specialisation compiled into the group is a tenant of one
+    multi-tenant FusedProgram (rebuilt when a tenant joins or leaves). Calls go
+    through a stfuse.runtime.Runtime with ``policy`` (default "space-time"):
+    calls from several threads arriving within ``slice_ms`` of each other run as
+    one fused launch; a lone call runs by itself once the slice expires. While
+    the group has one tenant, its calls run at once. ``slo_ms`` (one latency target
+    for every tenant) is passed to the runtime and its policy.
+
+    Creating a Group registers it under its name (replacing an earlier one for
+    graphs compiled afterwards); ``options={"group": name}`` uses the group of
+    that name, or creates one with default settings.
+    """
+
+    def __init__(self, name: str, slice_ms: float = 2.0, *, policy: str = "slice",
+                 slo_ms: float | None = None):
+        if not isinstance(name, str) or not name:
+            raise StfuseError(f"a group needs a non-empty name, got {name!r}")
+        if slice_ms < 0:
+            raise StfuseError(f"group {name!r}: slice_ms must be >= 0, got {slice_ms}")
+        from stfuse.scheduler import POLICIES
+
+        if policy != "slice" and policy not in POLICIES:
+            raise StfuseError(f"group {name!r}: unknown policy {policy!r}; expected 'slice' "
+                              f"or one of {POLICIES}")
+        self.name, self.slice_ms, self.policy, self.slo_ms = name, float(slice_ms), policy, slo_ms
+        self.members: dict[str, Member] = {}
+        self.program: FusedProgram | None = None
+        self.error: str | None = None  # why the last build failed (members then run alone)
+        self._runtime = None
+        self._built_for: tuple[str, ...] = ()
+        self._stats_lock = threading.Lock()
+        self._stats = {"calls": 0, "launches": 0, "fused_launches": 0, "direct_calls": 0, "builds": 0}
+        with _REGISTRY_LOCK:
+            _GROUPS[name] = self
+
+    @classmethod
+    def get(cls, name: str) -> "Group":
+        """The group registered under ``name``, created with default settings if there is none."""
+        with _REGISTRY_LOCK:
+            group = _GROUPS.get(name)
+        return group if group is not None else cls(name)
+
+    @property
+    def tenants(self) -> list[str]:
+        return list(self.members)
+
+    def add(self, member: Member) -> None:
+        with _LOCK:
+            self.members[member.name] = member
+
+    def remove(self, member: Member) -> None:
+        with _LOCK:
+            self.members.pop(member.name, None)
+
+    def stats(self) -> dict:
+        """Calls, launches, fused launches (one launch serving two or more tenants),
+        direct calls (run without the runtime), builds, tenants, the last build error,
+        and the runtime's own stats (latencies, SLO misses) under "runtime"."""
+        with self._stats_lock:
+            out = dict(self._stats)
+        out.update(name=self.name, tenants=self.tenants, error=self.error)
+        rt = self._runtime
+        out["runtime"] = rt.stats() if rt is not None else None
+        return out
+
+    def close(self) -> None:
+        """Stop the runtime (finishing queued calls); the next call builds it again."""
+        with _LOCK:
+            rt, self._runtime, self.program, self._built_for = self._runtime, None, None, ()
+        if rt is not None:
+            rt.close()
+
+    def _current(self):
+        """(runtime, program) for the current members, rebuilt if they changed; (None, None)
+        while fewer than two members or after a failed build."""
+        names = tuple(self.members)
+        if names == self._built_for:
+            return self._runtime, self.program
+        with _LOCK:
+            names = tuple(self.members)
+            if names != self._built_for:
+                self._rebuild(names)
+            return self._runtime, self.program
+
+    def _rebuild(self, names: tuple[str, ...]) -> None:
+        from stfuse.runtime import DEFAULT_SLO_MS, Runtime
+        from stfuse.scheduler import LatencyProfile, make_scheduler
+
+        old, self._runtime, self.program, self.error = self._runtime, None, None, None
+        if old is not None:
+            old.close()
+        # Set last, so that a caller checking without the lock never sees a half-built group.
+        if len(names) < 2:
+            self._built_for = names
+            return
+        try:
+            fused = compile_tenants({n: self.members[n].tg for n in names},
+                                    any(self.members[n].verify for n in names))
+            _warm(fused)
+            slo = self.slo_ms if self.slo_ms is not None else DEFAULT_SLO_MS
+            big = 2**31 - 1  # one request per tenant per launch (below): rows are never capped
+            if self.policy == "slice":
+                policy = _slice_policy(list(names), self.slice_ms / 1e3)
+            else:
+                policy = _one_request_each(make_scheduler(
+                    self.policy, list(names), slice_s=self.slice_ms / 1e3, max_batch=big,
+                    profile=LatencyProfile({}, {}), slo_s={n: slo / 1e3 for n in names}))
+            self._runtime = Runtime(_Counted(fused, self), policy, slice_ms=self.slice_ms,
+                                    slo_ms=slo, max_batch=big)
+            self.program = fused
+            for n in names:  # calls now run in the group's program: free the members' own
+                self.members[n]._program = None
+            with self._stats_lock:
+                self._stats["builds"] += 1
+        except Exception as err:  # noqa: BLE001 - members keep running alone
+            self.error = f"{type(err).__name__}: {err}"
+            log.warning("stfuse group %r: members run alone: %s", self.name, self.error)
+        self._built_for = names
+
+    def call(self, member: Member, data: tuple):
+        """Run one member's call, fused with whatever other members' calls share its slice."""
+        from stfuse.runtime import RuntimeClosedError
+
+        with self._stats_lock:
+            self._stats["calls"] += 1
+        for _ in range(3):  # a rebuild may close the runtime between lookup and submit
+            rt, fused = self._current()
+            if fused is None or member.name not in fused.tenants:
+                return member.run_alone(data)
+            try:
+                future = rt.submit(member.name, data)
+            except RuntimeClosedError:
+                continue
+            except InputError:
+                # Inputs the runtime does not batch (no common dim 0, 0-d tensors): run
+                # this call by itself through the group's program.
+                with self._stats_lock:
+                    self._stats["direct_calls"] += 1
+                return _Counted(fused, self).run({member.name: data})[member.name]
+            return future.result()
+        return member.run_alone(data)
+
+    def __repr__(self) -> str:
+        return f"Group({self.name!r}, slice_ms={self.slice_ms}, tenants={self.tenants})"
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+def backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None,
+            mode: str | None = None, **kwargs):
+    """The Dynamo backend: ``torch.compile(model, backend="stfuse", options={...})``.
+
+    Dynamo calls it as ``backend(gm, example_inputs, options=...)`` (and ``mode=``
+    when torch.compile names one; stfuse ignores the mode). Options may also come as
+    keyword arguments. Returns a CompiledGraph, callable like ``gm``.
+    """
+    opts = parse_options({**dict(options or {}), **kwargs})
+    cg = CompiledGraph(gm, example_inputs, opts)
+    with _REGISTRY_LOCK:
+        _GRAPHS[:] = [r for r in _GRAPHS if r() is not None]
+        _GRAPHS.append(weakref.ref(cg))
+    return cg
+
+
+def graphs() -> list[CompiledGraph]:
+    """Live compiled graphs, oldest first (for inspection: ``graphs()[-1].programs[0].plan``)."""
+    return [cg for cg in (r() for r in _GRAPHS) if cg is not None]
+
+
+def reset() -> None:
+    """Forget compiled graphs and close and unregister every group."""
+    with _REGISTRY_LOCK:
+        groups = list(_GROUPS.values())
+        _GROUPS.clear()
+        _GRAPHS.clear()
+    for grp in groups:
+        grp.close()
+
+
+__all__ = ["backend", "Group", "CompiledGraph", "graphs", "reset", "OPTIONS", "MAX_SPECIALIZATIONS"]

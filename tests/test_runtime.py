@@ -1,0 +1,655 @@
+"""The runtime on real threads: results, fault isolation, cancellation, close, back-pressure.
+
+Most tests drive a FakeProgram (the FusedProgram contract, running each model
+eagerly and recording every call) with a gate that holds the device busy, so
+that what gets queued, fused and batched is decided by the test rather than
+by thread timing. The real-execution tests also run on `stfuse.compile`.
+No assertion depends on how long anything takes; waits are bounded only so
+that a bug fails the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import wait
+
+import pytest
+import torch
+import torch.nn as nn
+
+import stfuse
+from stfuse import zoo
+from stfuse.errors import InputError, StfuseError
+from stfuse.runtime import QueueFullError, Runtime, RuntimeClosedError, measure_profile
+from stfuse.scheduler import POLICIES, LatencyProfile, Scheduler
+from stfuse.tolerances import assert_close
+
+from conftest import float64_reference
+
+TIMEOUT = 60  # seconds; only a guard against hangs
+
+
+# ------------------------------------------------------------------ tenants and a fake program
+
+
+class Pair(nn.Module):
+    """Two inputs, dict output: the runtime must concatenate and split every leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.g = nn.Linear(6, 3), nn.Linear(2, 3)
+
+    def forward(self, x, y):
+        a = self.f(x)
+        return {"sum": a + self.g(y), "x": a}
+
+
+class Twin(nn.Module):
+    """Tuple output."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, y.relu().sum(-1)
+
+
+class Picky(nn.Module):
+    """Raises on any input containing 666: a tenant that fails on some requests."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if (x == 666).any():
+            raise ValueError("picky tenant refuses 666")
+        return self.lin(x)
+
+
+class Scalar(nn.Module):
+    """Output with a 0-d leaf, which a batch cannot be split into."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, y.sum()
+
+
+def fake_models(seed=0):
+    torch.manual_seed(seed)
+    models = {"mlp": zoo.mlp(8, 16, 4), "cnn": zoo.cnn(4, 5), "pair": Pair(), "twin": Twin()}
+    return {k: m.eval() for k, m in models.items()}
+
+
+def make_args(name, rows, rng=None):
+    shapes = {"mlp": [(8,)], "picky": [(8,)], "scalar": [(8,)], "cnn": [(3, 6, 6)],
+              "pair": [(6,), (2,)], "twin": [(5,)], "m0": [(16,)], "m1": [(16,)],
+              "c0": [(3, 8, 8)], "c1": [(3, 8, 8)]}[name]
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 30)) if rng else None
+    return tuple(torch.randn(rows, *s, generator=gen) for s in shapes)
+
+
+class FakeProgram:
+    """The FusedProgram contract (tenants, run, __call__), eager per model, recording each call.
+
+    hold() makes the next calls block inside run() until release(): the
+    device is busy, so the test can queue exactly what it wants.
+    """
+
+    def __init__(self, models):
+        self.models = models
+        self.calls: list[dict[str, int]] = []  # {tenant: rows} per run() call, in order
+        self.entered = threading.Event()
+        self.barrier: threading.Barrier | None = None
+        self.held: str | None = None
+        self._gate = threading.Event()
+        self._gate.set()
+        self._lock = threading.Lock()
+
+    @property
+    def tenants(self):
+        return list(self.models)
+
+    def hold(self, tenant=None):
+        """Block the next calls (only those including `tenant`, if given) until release()."""
+        self.held = tenant
+        self.entered.clear()
+        self._gate.clear()
+
+    def release(self):
+        self._gate.set()
+
+    def run(self, inputs):
+        if not isinstance(inputs, dict) or not inputs or set(inputs) - set(self.models):
+            raise InputError(f"bad run() inputs {list(inputs)}")
+        with self._lock:
+            self.calls.append({t: a[0].shape[0] for t, a in inputs.items()})
+        if self.barrier is not None:
+            self.barrier.wait()
+        if self.held is None or self.held in inputs:
+            self.entered.set()
+            assert self._gate.wait(TIMEOUT), "test gate never released"
+        with torch.no_grad():
+            return {t: self.models[t](*a) for t, a in inputs.items()}
+
+    def __call__(self, *args):
+        return list(self.run(dict(zip(self.models, args))).values())
+
+    def rows_run(self, tenant):
+        return sum(c.get(tenant, 0) for c in self.calls)
+
+
+def cheap_fusion(tenants):
+    """A profile where fusing is clearly worth it (so space-time fuses whatever is queued)."""
+    return LatencyProfile({t: 1e-3 for t in tenants}, {t: 1e-5 for t in tenants},
+                          {frozenset(tenants): 1.2e-3})
+
+
+def runtime(prog, policy="space-time", **kw):
+    kw.setdefault("profile", cheap_fusion(prog.tenants))
+    kw.setdefault("slice_ms", 1.0)
+    return Runtime(prog, policy, **kw)
+
+
+def settle(futures):
+    done, pending = wait(futures, timeout=TIMEOUT)
+    assert not pending, f"{len(pending)} futures never resolved"
+    return done
+
+
+def busy(rt, prog, tenant="mlp"):
+    """Put one request in flight and block the device on it; returns its future."""
+    prog.hold(None if rt.policy != "space" else tenant)
+    fut = rt.submit(tenant, make_args(tenant, 1))
+    assert prog.entered.wait(TIMEOUT)
+    return fut
+
+
+def check(models, tenant, args, out):
+    with torch.no_grad():
+        expected = models[tenant](*args)
+    assert_close(out, expected, msg=f"tenant {tenant}")
+
+
+# ------------------------------------------------------------------ real execution
+
+
+def compiled_tenants():
+    torch.manual_seed(1)
+    models = {"m0": zoo.mlp(16, 32, 4), "m1": zoo.mlp(16, 32, 4), "c0": zoo.cnn(4, 5), "c1": zoo.cnn(4, 5)}
+    return {k: m.eval() for k, m in models.items()}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    models = compiled_tenants()
+    examples = {k: make_args(k, 2) for k in models}
+    return stfuse.compile(models, examples), models, examples
+
+
+def hammer(rt, tenants, threads=4, per_thread=60, seed=0):
+    """Submit from several threads at once; returns [(tenant, args, future)]."""
+    out, lock = [], threading.Lock()
+
+    def client(i):
+        rng = random.Random(seed * 100 + i)
+        for _ in range(per_thread):
+            t = rng.choice(tenants)
+            args = make_args(t, rng.randint(1, 3), rng)
+            fut = rt.submit(t, args, block=True, timeout=TIMEOUT)
+            with lock:
+                out.append((t, args, fut))
+
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(TIMEOUT)
+    assert len(out) == threads * per_thread
+    return out
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_fake_program_results_equal_eager_from_many_threads(policy):
+    models = fake_models()
+    prog = FakeProgram(models)
+    with runtime(prog, policy, max_batch=8, max_queue=32) as rt:
+        sent = hammer(rt, list(models))
+        settle([f for _, _, f in sent])
+    for t, args, fut in sent:
+        check(models, t, args, fut.result())
+    stats = rt.stats()
+    assert stats["served"] == len(sent)
+    for t in models:  # every request ran exactly once
+        assert prog.rows_run(t) == sum(a[0].shape[0] for tt, a, _ in sent if tt == t)
+    assert all(s["failed"] == 0 and s["cancelled"] == 0 for s in stats["tenants"].values())
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_compiled_program_results_equal_eager_from_many_threads(policy, compiled):
+    fused, models, examples = compiled
+    with Runtime(fused, policy, slice_ms=1.0, max_batch=8, example_inputs=examples, profile_reps=1) as rt:
+        sent = hammer(rt, fused.tenants, threads=4, per_thread=50, seed=1)
+        settle([f for _, _, f in sent])
+    for t, args, fut in sent:
+        assert_close(fut.result(), float64_reference(models[t], args), msg=f"tenant {t}")
+    assert rt.stats()["served"] == len(sent)
+
+
+def test_compiled_program_fuses_queued_tenants(compiled):
+    fused, models, examples = compiled
+    gate, entered = threading.Event(), threading.Event()
+
+    class Held:  # the compiled program behind a gate, to queue work deterministically
+        tenants = fused.tenants
+        calls = []
+
+        def run(self, inputs):
+            self.calls.append(sorted(inputs))
+            entered.set()
+            assert gate.wait(TIMEOUT)
+            return fused.run(inputs)
+
+    prog = Held()
+    with Runtime(prog, "space-time", profile=cheap_fusion(fused.tenants)) as rt:
+        first = rt.submit("m0", make_args("m0", 1))
+        assert entered.wait(TIMEOUT)
+        sent = [(t, make_args(t, 2)) for t in fused.tenants for _ in range(3)]
+        futs = [rt.submit(t, a) for t, a in sent]
+        gate.set()
+        settle(futs + [first])
+    assert prog.calls[1] == sorted(fused.tenants)  # all four tenants in one fused call
+    for (t, a), f in zip(sent, futs):
+        assert_close(f.result(), float64_reference(models[t], a), msg=f"tenant {t}")
+
+
+def test_measure_profile_times_each_tenant_and_the_fused_group():
+    prog = FakeProgram(fake_models())
+    examples = {t: make_args(t, 2) for t in prog.tenants}
+    prof = measure_profile(prog, examples, max_batch=4, reps=2, warmup=1)
+    assert set(prof.fixed) == set(prog.tenants) and all(v > 0 for v in prof.fixed.values())
+    assert all(v >= 0 for v in prof.per_row.values())
+    assert set(prof.fused_fixed) == set(prof.uneven_fixed) == {frozenset(prog.tenants)}
+    # (1 warm-up + 2 timed) per setting: each tenant at 1 and 4 rows, all fused at 1 row and at 1, 2, 3, 4 rows
+    assert len(prog.calls) == 3 * (2 * 4 + 2)
+    assert {1, 4} == {c["mlp"] for c in prog.calls if list(c) == ["mlp"]}
+    assert {"mlp": 1, "cnn": 2, "pair": 3, "twin": 4} in prog.calls
+
+
+# ------------------------------------------------------------------ scheduling visible in calls
+
+
+def test_space_time_fuses_and_batches_what_is_queued():
+    models = fake_models()
+    prog = FakeProgram(models)
+    with runtime(prog) as rt:
+        first = busy(rt, prog)
+        sent = [(t, make_args(t, 1)) for t in models for _ in range(3)]
+        futs = [rt.submit(t, a) for t, a in sent]
+        prog.release()
+        settle(futs + [first])
+    assert prog.calls[1] == {t: 3 for t in models}
+    for (t, a), f in zip(sent, futs):
+        check(models, t, a, f.result())
+    st = rt.stats()
+    assert st["mean_tenants_per_launch"] > 1
+    assert all(s["fused_launches"] == 1 for s in st["tenants"].values())
+
+
+def test_space_time_pads_unequal_batches_when_the_profile_says_it_pays():
+    models = fake_models()
+    prog = FakeProgram(models)
+    prof = cheap_fusion(prog.tenants)
+    prof.uneven_fixed[frozenset(prog.tenants)] = 1e-3  # unequal sizes cost as much as 100 padding rows
+    with runtime(prog, profile=prof) as rt:
+        first = busy(rt, prog)
+        sent = [(t, make_args(t, rows)) for t, rows in zip(models, [1, 2, 3, 1]) for _ in range(2)]
+        futs = [rt.submit(t, a) for t, a in sent]
+        prog.release()
+        settle(futs + [first])
+    assert prog.calls[1] == {t: 6 for t in models}  # 2, 4, 6, 2 real rows, all padded to 6
+    for (t, a), f in zip(sent, futs):
+        check(models, t, a, f.result())
+    assert rt.stats()["tenants"]["mlp"]["batch_sizes"] == {1: 1, 2: 1}  # stats count real rows only
+
+
+def test_batch_policy_batches_each_tenant_alone():
+    models = fake_models()
+    prog = FakeProgram(models)
+    with runtime(prog, "batch", max_batch=4) as rt:
+        first = busy(rt, prog)
+        futs = [rt.submit(t, make_args(t, 1)) for t in models for _ in range(6)]
+        prog.release()
+        settle(futs + [first])
+    later = prog.calls[1:]
+    assert all(len(c) == 1 for c in later)
+    assert sorted(n for c in later for n in c.values()) == [2, 2, 2, 2, 4, 4, 4, 4]
+
+
+def test_time_policy_runs_one_request_per_slice_round_robin():
+    models = fake_models()
+    prog = FakeProgram(models)
+    with runtime(prog, "time") as rt:
+        first = busy(rt, prog, "mlp")
+        futs = [rt.submit(t, make_args(t, 1)) for _ in range(2) for t in models]
+        prog.release()
+        settle(futs + [first])
+    assert [list(c) for c in prog.calls[1:]] == [[t] for t in ["cnn", "pair", "twin", "mlp"] * 2]
+    assert all(list(c.values()) == [1] for c in prog.calls)
+
+
+def test_space_policy_runs_tenants_at_the_same_time_and_independently():
+    models = fake_models()
+    prog = FakeProgram(models)
+    with runtime(prog, "space") as rt:
+        first = busy(rt, prog, "mlp")  # mlp's call is stuck until release()
+        others = [t for t in models if t != "mlp"]
+        prog.barrier = threading.Barrier(len(others), timeout=TIMEOUT)  # passes only if they run together
+        futs = [rt.submit(t, make_args(t, 1)) for t in others]
+        settle(futs)
+        prog.barrier = None
+        more = [rt.submit(t, make_args(t, 1)) for t in others for _ in range(3)]
+        settle(more)  # the other tenants keep going while mlp is stuck
+        queued = rt.submit("mlp", make_args("mlp", 1))
+        settle([rt.submit("cnn", make_args("cnn", 1))])  # a decision made after mlp's request was queued
+        assert rt.stats()["tenants"]["mlp"]["queued"] == 1  # one call per tenant at a time: it waits
+        assert not first.done() and not queued.done()
+        prog.release()
+        settle([first, queued])
+    for f in futs + more:
+        assert f.exception() is None
+    assert all(len(c) == 1 and list(c.values()) == [1] for c in prog.calls)
+    assert [c for c in prog.calls if "mlp" in c] == [{"mlp": 1}] * 2
+
+
+def test_results_resolve_in_submission_order_per_tenant():
+    models = fake_models()
+    prog = FakeProgram(models)
+    order, lock = [], threading.Lock()
+    with runtime(prog, max_batch=4) as rt:
+        first = busy(rt, prog)
+        futs = []
+        for i in range(10):
+            for t in models:
+                f = rt.submit(t, make_args(t, 1))
+                f.add_done_callback(lambda _, t=t, i=i: (lock.acquire(), order.append((t, i)), lock.release()))
+                futs.append(f)
+        prog.release()
+        settle(futs + [first])
+    for t in models:
+        assert [i for tt, i in order if tt == t] == list(range(10))
+
+
+# ------------------------------------------------------------------ faults
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_failing_request_fails_alone(policy):
+    models = {**fake_models(), "picky": Picky().eval()}
+    prog = FakeProgram(models)
+    with runtime(prog, policy) as rt:
+        first = busy(rt, prog, "mlp")
+        sent = [(t, make_args(t, 1)) for t in models for _ in range(2)]
+        bad = (torch.full((1, 8), 666.0),)
+        sent.insert(len(sent) - 1, ("picky", bad))  # between the picky tenant's two good requests
+        futs = [rt.submit(t, a) for t, a in sent]
+        prog.release()
+        settle(futs + [first])
+    for (t, a), f in zip(sent, futs):
+        if a is bad:
+            with pytest.raises(ValueError, match="refuses 666"):
+                f.result()
+        else:
+            check(models, t, a, f.result())
+    st = rt.stats()["tenants"]
+    assert st["picky"]["failed"] == 1 and st["picky"]["served"] == 2
+    if policy == "space-time":
+        assert len(prog.calls[1]) == len(models)  # the fused attempt that failed, then the retries
+        assert all(s["retries"] > 0 for s in st.values())
+
+
+def test_unsplittable_output_falls_back_to_one_request_per_launch():
+    models = {"mlp": fake_models()["mlp"], "scalar": Scalar().eval()}
+    prog = FakeProgram(models)
+    with runtime(prog, "batch") as rt:
+        first = busy(rt, prog)
+        sent = [make_args("scalar", 2) for _ in range(4)]
+        futs = [rt.submit("scalar", a) for a in sent]
+        prog.release()
+        settle(futs + [first])
+        more = [make_args("scalar", 1) for _ in range(3)]
+        futs2 = [rt.submit("scalar", a) for a in more]
+        settle(futs2)
+    for a, f in zip(sent + more, futs + futs2):
+        check(models, "scalar", a, f.result())
+    scalar_calls = [c["scalar"] for c in prog.calls if "scalar" in c]
+    assert scalar_calls[0] == 8 and scalar_calls[1:5] == [2, 2, 2, 2] and set(scalar_calls[5:]) == {1}
+
+
+@pytest.mark.parametrize("bad, match", [
+    (("nope", make_args("mlp", 1)), "unknown tenant 'nope'"),
+    (("mlp", [1, 2, 3]), r"'mlp', argument 0: expected a Tensor, got int"),
+    (("mlp", "text"), "expected a Tensor or a tuple"),
+    (("mlp", ()), "at least one argument"),
+    (("mlp", torch.tensor(1.0)), "0-d tensor"),
+    (("mlp", torch.randn(2, 9)), r"'mlp', argument 0: expected shape \(batch, 8\)"),
+    (("mlp", torch.randn(2, 8, dtype=torch.float64)), "torch.float32, got .* torch.float64"),
+    (("mlp", torch.randn(9, 8)), "max_batch=8, got 9"),
+    (("mlp", torch.randn(0, 8)), "got 0"),
+    (("pair", (torch.randn(2, 6),)), "expected 2 argument"),
+    (("pair", (torch.randn(2, 6), torch.randn(3, 2))), "argument 1: batch size 3 differs"),
+])
+def test_bad_input_fails_fast_and_never_reaches_the_program(bad, match):
+    prog = FakeProgram(fake_models())
+    examples = {t: make_args(t, 2) for t in prog.tenants}
+    with runtime(prog, max_batch=8, example_inputs=examples) as rt:
+        with pytest.raises(InputError, match=match):
+            rt.submit(*bad)
+    assert prog.calls == []
+    assert issubclass(InputError, StfuseError)
+
+
+def test_without_examples_the_first_good_request_sets_the_checks():
+    prog = FakeProgram(fake_models())
+    with runtime(prog) as rt:
+        rt.submit("mlp", make_args("mlp", 2)).result(TIMEOUT)
+        with pytest.raises(InputError, match="argument 0: expected shape"):
+            rt.submit("mlp", torch.randn(1, 3))
+    assert prog.calls == [{"mlp": 2}]
+
+
+def test_program_check_inputs_is_used_when_present():
+    class Checked(FakeProgram):
+        def check_inputs(self, name, args):
+            if name == "twin" and args[0].abs().max() > 100:
+                raise InputError(f"tenant {name!r}, argument 0: too large")
+            if name == "mlp" and args[0].abs().max() > 100:
+                raise RuntimeError("not an StfuseError")
+
+    prog = Checked(fake_models())
+    with pytest.raises(InputError, match="too large"):  # examples go through the program's check too
+        runtime(prog, example_inputs={"twin": torch.full((1, 5), 1e3)})
+    with runtime(prog) as rt:
+        with pytest.raises(InputError, match="too large"):
+            rt.submit("twin", torch.full((1, 5), 1e3))
+        with pytest.raises(InputError, match="'mlp': not an StfuseError"):
+            rt.submit("mlp", torch.full((1, 8), 1e3))
+    assert prog.calls == []
+
+
+def test_cancelled_futures_never_run():
+    models = fake_models()
+    prog = FakeProgram(models)
+    with runtime(prog, "batch") as rt:
+        first = busy(rt, prog)
+        futs = [rt.submit("twin", make_args("twin", 1)) for _ in range(6)]
+        assert all(f.cancel() for f in futs[::2])
+        prog.release()
+        settle(futs + [first])
+    assert [f.cancelled() for f in futs] == [True, False] * 3
+    assert all(f.result() is not None for f in futs[1::2])
+    assert prog.rows_run("twin") == 3
+    assert rt.stats()["tenants"]["twin"]["cancelled"] == 3
+
+
+# ------------------------------------------------------------------ close and back-pressure
+
+
+def test_submit_after_close_raises():
+    rt = runtime(FakeProgram(fake_models()))
+    rt.close()
+    rt.close()  # idempotent
+    with pytest.raises(RuntimeClosedError, match="closed"):
+        rt.submit("mlp", make_args("mlp", 1))
+    assert issubclass(RuntimeClosedError, StfuseError)
+
+
+def test_close_drains_queued_work():
+    models = fake_models()
+    prog = FakeProgram(models)
+    rt = runtime(prog)
+    first = busy(rt, prog)
+    sent = [(t, make_args(t, 1)) for t in models for _ in range(5)]
+    futs = [rt.submit(t, a) for t, a in sent]
+    closer = threading.Thread(target=rt.close)
+    closer.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not rt._closed and time.monotonic() < deadline:  # close() has begun
+        time.sleep(0.001)
+    with pytest.raises(RuntimeClosedError):
+        rt.submit("mlp", make_args("mlp", 1))
+    prog.release()
+    closer.join(TIMEOUT)
+    assert not closer.is_alive()
+    assert all(f.done() and not f.cancelled() for f in futs + [first])
+    for (t, a), f in zip(sent, futs):
+        check(models, t, a, f.result())
+
+
+@pytest.mark.parametrize("how", ["cancel_pending", "timeout"])
+def test_close_cancels_queued_work_and_finishes_the_launch_in_flight(how):
+    prog = FakeProgram(fake_models())
+    rt = runtime(prog)
+    first = busy(rt, prog)
+    futs = [rt.submit("cnn", make_args("cnn", 1)) for _ in range(5)]
+    kwargs = {"cancel_pending": True} if how == "cancel_pending" else {"timeout": 0.05}
+    closer = threading.Thread(target=rt.close, kwargs=kwargs)
+    closer.start()
+    settle(futs)  # cancelled while the device is still held
+    prog.release()
+    closer.join(TIMEOUT)
+    assert not closer.is_alive()
+    assert all(f.cancelled() for f in futs)
+    assert first.result().shape == (1, 4)
+    assert prog.rows_run("cnn") == 0
+    assert rt.stats()["tenants"]["cnn"]["cancelled"] == 5
+
+
+def test_full_queue_raises_or_blocks_until_room():
+    prog = FakeProgram(fake_models())
+    with runtime(prog, "batch", max_queue=2) as rt:
+        first = busy(rt, prog)
+        queued = [rt.submit("twin", make_args("twin", 1)) for _ in range(2)]
+        with pytest.raises(QueueFullError, match="'twin': queue full"):
+            rt.submit("twin", make_args("twin", 1))
+        with pytest.raises(QueueFullError):
+            rt.submit("twin", make_args("twin", 1), block=True, timeout=0.01)
+        rt.submit("mlp", make_args("mlp", 1))  # other tenants have their own queues
+        late = []
+        waiter = threading.Thread(target=lambda: late.append(
+            rt.submit("twin", make_args("twin", 1), block=True, timeout=TIMEOUT)))
+        waiter.start()
+        prog.release()
+        waiter.join(TIMEOUT)
+        settle(queued + late + [first])
+    assert len(late) == 1 and late[0].result() is not None
+    assert rt.stats()["tenants"]["twin"]["rejected"] == 2
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_close_from_a_result_callback_does_not_deadlock(policy):
+    prog = FakeProgram(fake_models())
+    rt = runtime(prog, policy)
+    fut = rt.submit("mlp", make_args("mlp", 1))
+    fut.add_done_callback(lambda _: rt.close())  # runs on the worker or a pool thread
+    settle([fut])
+    rt.close()  # from here it waits for the worker, which ends because the runtime is closed
+    assert not rt._thread.is_alive() and fut.result() is not None
+    with pytest.raises(RuntimeClosedError):
+        rt.submit("mlp", make_args("mlp", 1))
+
+
+def test_close_wakes_a_blocked_submit():
+    prog = FakeProgram(fake_models())
+    rt = runtime(prog, max_queue=1)
+    first = busy(rt, prog)
+    rt.submit("mlp", make_args("mlp", 1))
+    errors = []
+
+    def blocked():
+        try:
+            rt.submit("mlp", make_args("mlp", 1), block=True)
+        except StfuseError as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=blocked)
+    waiter.start()
+    closer = threading.Thread(target=rt.close, kwargs={"cancel_pending": True})
+    closer.start()
+    waiter.join(TIMEOUT)
+    prog.release()
+    closer.join(TIMEOUT)
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeClosedError)
+    assert first.result() is not None
+
+
+def test_a_broken_scheduler_fails_futures_instead_of_hanging():
+    class Broken(Scheduler):
+        name = "broken"
+
+        def decide(self, queues, now, flush=False):
+            raise RuntimeError("scheduler bug")
+
+    prog = FakeProgram(fake_models())
+    rt = Runtime(prog, Broken(prog.tenants))
+    fut = rt.submit("mlp", make_args("mlp", 1))
+    settle([fut])
+    with pytest.raises(StfuseError, match="scheduler bug"):
+        fut.result()
+    with pytest.raises(RuntimeClosedError):
+        rt.submit("mlp", make_args("mlp", 1))
+    rt.close()
+
+
+def test_constructor_rejects_bad_settings():
+    prog = FakeProgram(fake_models())
+    with pytest.raises(StfuseError, match="unknown tenant"):
+        Runtime(prog, slo_ms={"bert": 25})
+    with pytest.raises(StfuseError, match="unknown policy"):
+        Runtime(prog, "fastest")
+    with pytest.raises(StfuseError, match="max_queue"):
+        Runtime(prog, max_queue=0)
+
+
+def test_stats_report_every_tenant():
+    models = fake_models()
+    prog = FakeProgram(models)
+    with runtime(prog, slo_ms={"mlp": 1e6, "cnn": 1e-6}) as rt:
+        settle([rt.submit(t, make_args(t, 2)) for t in models for _ in range(3)])
+        st = rt.stats()
+    assert st["policy"] == "space-time" and st["served"] == 12 and st["throughput_rps"] > 0
+    mlp, cnn = st["tenants"]["mlp"], st["tenants"]["cnn"]
+    assert mlp["served"] == 3 and mlp["p50_ms"] <= mlp["p90_ms"] <= mlp["p99_ms"]
+    assert mlp["slo_misses"] == 0 and cnn["slo_misses"] == 3 and cnn["slo_miss_rate"] == 1.0
+    assert st["tenants"]["pair"]["slo_ms"] == 100.0  # the default
+    assert sum(n * c for n, c in mlp["batch_sizes"].items()) == 6 and mlp["queued"] == 0
+    rt.reset_stats()
+    assert rt.stats()["served"] == 0
