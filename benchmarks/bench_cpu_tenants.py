@@ -19,16 +19,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 from pathlib import Path
 
-import torch
+# Compile in this process: inductor's worker pool would keep compiling in the
+# background and disturb the timings of the next rows.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import torch  # noqa: E402
 from torch.func import functional_call, stack_module_state
 
-import stfuse
-from stfuse import zoo
-from stfuse.demo import median_us
-from stfuse.tolerances import assert_close
+import stfuse  # noqa: E402
+from stfuse import zoo  # noqa: E402
+from stfuse.demo import median_us  # noqa: E402
+from stfuse.tolerances import assert_close  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
 

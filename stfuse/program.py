@@ -278,7 +278,7 @@ class TenantCalls:
         flat, batch0, stacked = [], None, True
         for name, a in zip(active, args):
             leaves, batch = self.check_inputs(name, a)
-            flat.extend(leaves)
+            flat += leaves
             if self._specs[name].dynamic:
                 if batch0 is None:
                     batch0 = batch
@@ -287,6 +287,8 @@ class TenantCalls:
         gm, counts = self._programs.get((active, stacked)) or self._program(active, stacked)
         with torch.no_grad():
             out = gm.forward(*flat)
+        if len(out) == len(active) and all(self._single_out[n] for n in active):
+            return list(out)  # one tensor per tenant: nothing to unflatten
         results, i = [], 0
         for name, n in zip(active, counts):
             if self._single_out[name]:
