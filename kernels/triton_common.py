@@ -250,3 +250,33 @@ def choose_config(key: tuple, configs: list[triton.Config], run: Callable[[trito
 
 def launch_options(cfg: triton.Config) -> dict:
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+class RowsMember:
+    """One member seen as rows: x2 and y2 2-D, w/b or None, y_shape the output's shape,
+    its epilogue tensor operands and scalars."""
+
+    __slots__ = ("x2", "w", "b", "y2", "y_shape", "operands", "floats")
+
+    def __init__(self, x2, w, b, y2, y_shape, operands, floats):
+        self.x2, self.w, self.b, self.y2 = x2, w, b, y2
+        self.y_shape, self.operands, self.floats = y_shape, operands, floats
+
+
+def launcher(kernel, template, steps, members, add_member, uniform, floats, device, **constexprs):
+    """The function that launches ``kernel`` once for a config: (1) builds the per-call
+    problem table from ``members`` (``uniform=R``: R equal rows after the given ones),
+    (2) copies it to the device, (3) launches one program per tile."""
+
+    def run(cfg) -> None:
+        launch = Launch(template, steps)
+        for m in members:
+            add_member(launch, m, cfg)
+        if uniform is not None:
+            launch.extend_uniform(uniform, floats)
+        if launch.total == 0:
+            return
+        table, tiles, float_table = launch.tables(device)
+        kernel[(launch.total,)](table, tiles, float_table, **constexprs, **launch_options(cfg))
+
+    return run

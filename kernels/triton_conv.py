@@ -19,8 +19,8 @@ import triton
 
 from . import codegen
 from . import epilogue as ep
-from .triton_common import (TL_DTYPE, Launch, cdiv, check, check_lengths, check_operands, choose_config,
-                            dot_precision, expand_operands, interpreting, launch_options, next_pow2,
+from .triton_common import (TL_DTYPE, Launch, launcher, cdiv, check, check_lengths, check_operands, choose_config,
+                            dot_precision, expand_operands, interpreting, next_pow2,
                             operand_columns, try_view)
 
 CONV = codegen.KernelTemplate(
@@ -197,19 +197,8 @@ def _run(members: list[_Member], epilogue: str, uniform: int | None = None, floa
     kernel = codegen.load_kernel(CONV, epilogue)
     precision = dot_precision(dtype, torch.backends.cudnn.allow_tf32)
 
-    def run(cfg: triton.Config) -> None:
-        launch = Launch(CONV, steps)
-        for m in members:
-            _add_member(launch, m, cfg)
-        if uniform is not None:
-            launch.extend_uniform(uniform, floats)
-        if launch.total == 0:
-            return
-        table, tiles, float_table = launch.tables(device)
-        kernel[(launch.total,)](
-            table, tiles, float_table,
-            DTYPE=TL_DTYPE[dtype], INPUT_PRECISION=precision, **launch_options(cfg),
-        )
+    run = launcher(kernel, CONV, steps, members, _add_member, uniform, floats, device,
+                   DTYPE=TL_DTYPE[dtype], INPUT_PRECISION=precision)
 
     sizes = [max(m.y.shape[0] * m.y.shape[2] * m.y.shape[3] for m in members),
              max(m.w.shape[0] // m.groups for m in members),

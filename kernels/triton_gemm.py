@@ -21,8 +21,8 @@ import triton
 
 from . import codegen
 from . import epilogue as ep
-from .triton_common import (TL_DTYPE, Launch, as_rows, cdiv, check, check_lengths, check_operands, choose_config,
-                            dot_precision, expand_operands, interpreting, launch_options, next_pow2,
+from .triton_common import (TL_DTYPE, Launch, RowsMember, launcher, as_rows, cdiv, check, check_lengths, check_operands, choose_config,
+                            dot_precision, expand_operands, interpreting, next_pow2,
                             operand_columns, rows_layout, stack_rows_operands)
 
 GEMM = codegen.KernelTemplate(
@@ -114,14 +114,7 @@ def gemm_configs(dtype: torch.dtype) -> list[triton.Config]:
     ]
 
 
-class _Member:
-    """One GEMM of a launch: x2 [M, K], w [N, K], b [N] or None, y2 [M, N] (a fresh output)."""
-
-    __slots__ = ("x2", "w", "b", "y2", "y_shape", "operands", "floats")
-
-    def __init__(self, x2, w, b, y2, y_shape, operands, floats):
-        self.x2, self.w, self.b, self.y2 = x2, w, b, y2
-        self.y_shape, self.operands, self.floats = y_shape, operands, floats
+_Member = RowsMember
 
 
 def _add_member(launch: Launch, m: _Member, cfg: triton.Config) -> None:
@@ -160,20 +153,8 @@ def _run(members: list[_Member], epilogue: str, uniform: int | None = None, floa
     k_contiguous = _k_contiguous(members)
     precision = dot_precision(dtype, torch.get_float32_matmul_precision() != "highest")
 
-    def run(cfg: triton.Config) -> None:
-        launch = Launch(GEMM, steps)
-        for m in members:
-            _add_member(launch, m, cfg)
-        if uniform is not None:
-            launch.extend_uniform(uniform, floats)
-        if launch.total == 0:
-            return
-        table, tiles, float_table = launch.tables(device)
-        kernel[(launch.total,)](
-            table, tiles, float_table,
-            DTYPE=TL_DTYPE[dtype], K_CONTIGUOUS=k_contiguous, INPUT_PRECISION=precision,
-            **launch_options(cfg),
-        )
+    run = launcher(kernel, GEMM, steps, members, _add_member, uniform, floats, device,
+                   DTYPE=TL_DTYPE[dtype], K_CONTIGUOUS=k_contiguous, INPUT_PRECISION=precision)
 
     sizes = [max(m.x2.shape[0] for m in members), max(m.w.shape[0] for m in members),
              max(m.x2.shape[1] for m in members), uniform or len(members)]

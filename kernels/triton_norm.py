@@ -16,8 +16,8 @@ import triton
 
 from . import codegen
 from . import epilogue as ep
-from .triton_common import (TL_DTYPE, Launch, as_rows, cdiv, check, check_lengths, check_operands, choose_config,
-                            expand_operands, interpreting, launch_options, next_pow2, operand_columns,
+from .triton_common import (TL_DTYPE, Launch, RowsMember, launcher, as_rows, cdiv, check, check_lengths, check_operands, choose_config,
+                            expand_operands, interpreting, next_pow2, operand_columns,
                             rows_layout, stack_rows_operands)
 
 LAYER_NORM = codegen.KernelTemplate(
@@ -154,14 +154,7 @@ def pointwise_configs() -> list[triton.Config]:
     ]
 
 
-class _Member:
-    """One member seen as rows: x2 and y2 [R, D], w/b [D] or None; y_shape is the output's shape."""
-
-    __slots__ = ("x2", "w", "b", "y2", "y_shape", "operands", "floats")
-
-    def __init__(self, x2, w, b, y2, y_shape, operands, floats):
-        self.x2, self.w, self.b, self.y2 = x2, w, b, y2
-        self.y_shape, self.operands, self.floats = y_shape, operands, floats
+_Member = RowsMember
 
 
 def _add_layer_norm(launch: Launch, m: _Member, cfg: triton.Config) -> None:
@@ -209,16 +202,8 @@ def _run(kind: str, members: list[_Member], epilogue: str, uniform: int | None =
     dtype, device = members[0].x2.dtype, members[0].x2.device
     kernel = codegen.load_kernel(template, epilogue)
 
-    def run(cfg: triton.Config) -> None:
-        launch = Launch(template, steps)
-        for m in members:
-            add_member(launch, m, cfg)
-        if uniform is not None:
-            launch.extend_uniform(uniform, floats)
-        if launch.total == 0:
-            return
-        table, tiles, float_table = launch.tables(device)
-        kernel[(launch.total,)](table, tiles, float_table, DTYPE=TL_DTYPE[dtype], **launch_options(cfg))
+    run = launcher(kernel, template, steps, members, add_member, uniform, floats, device,
+                   DTYPE=TL_DTYPE[dtype])
 
     max_r = max(m.x2.shape[0] for m in members)
     max_d = max(m.x2.shape[1] for m in members)
