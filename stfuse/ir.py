@@ -158,6 +158,12 @@ def build(tenants: dict) -> nx.DiGraph:
         # In-place ops: keep every other reader of the overwritten tensor on its side.
         for n in tg.gm.graph.nodes:
             for m in _mutated_args(n) if n.op == "call_function" else ():
+                if m.op == "placeholder":
+                    # A program replayed for every request cannot overwrite its weights
+                    # or the caller's inputs (e.g. BatchNorm statistics in training mode).
+                    raise StfuseError(f"tenant {tname!r}: {n.target} overwrites "
+                                      f"{'input' if m.name in user else 'parameter/buffer'} "
+                                      f"{m.name!r} in forward; an inference program cannot")
                 for u in m.users:
                     if u is not n:
                         a, b = (u, n) if order[u] < order[n] else (n, u)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+import threading
 from typing import Any
 
 import torch
@@ -356,6 +357,7 @@ class FusedProgram(TenantCalls):
         self._direct = all(tg.device.type == "cpu" for tg in self._tenants.values())
         if not self._direct:
             self._programs[(self._names, True)] = self._canonical
+        self._lowering = threading.Lock()
 
     @property
     def program(self) -> torch.fx.GraphModule:
@@ -364,10 +366,11 @@ class FusedProgram(TenantCalls):
 
     def _program(self, active: tuple, stacked: bool):
         key = (active, stacked)
-        if key not in self._programs:
-            from stfuse.passes.lower import lower_program
+        with self._lowering:  # the runtime's threads may ask for one subset at once
+            if key not in self._programs:
+                from stfuse.passes.lower import lower_program
 
-            self._programs[key] = lower_program(self.graph, active, stacked, direct=self._direct)
+                self._programs[key] = lower_program(self.graph, active, stacked, direct=self._direct)
         return self._programs[key]
 
     def save(self, path, **kwargs):

@@ -148,3 +148,19 @@ def test_plan_kernels_print_generated_triton_source(pair):
     assert all("@triton.jit" in src for src in sources.values())
     # the group's epilogue is in its kernel: relu after the first linear
     assert any("tl.maximum" in src for src in sources.values())
+
+
+class BufferCounter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)  # state that changes per call: cannot be replayed
+        return self.lin(x)
+
+
+def test_model_mutating_its_buffer_is_refused():
+    with pytest.raises(StfuseError, match=r"tenant '0': .*overwrites parameter/buffer"):
+        stfuse.compile([BufferCounter()], [torch.randn(2, 4)])
