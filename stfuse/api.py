@@ -49,8 +49,6 @@ def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
     ``example_inputs``: per tenant a Tensor or a tuple of positional args, in
     the same list/dict form. Models are traced in eval mode.
     """
-    from stfuse.passes import pipeline
-
     models, examples = _named(models, example_inputs)
     if not models:
         raise StfuseError("stfuse.compile needs at least one model")
@@ -60,10 +58,18 @@ def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
         args = examples[name]
         args = args if isinstance(args, tuple) else (args,)
         tenants[name] = trace_tenant(name, model, args)
+    return compile_tenants(tenants)
+
+
+def compile_tenants(tenants: dict, verify: bool = False) -> FusedProgram:
+    """The FusedProgram of already traced tenants (name -> TenantGraph): the pass
+    pipeline over their multi-tenant graph. ``verify`` runs ir.verify after every pass."""
+    from stfuse.passes import pipeline
+
     devices = {n: tg.device for n, tg in tenants.items()}
     if len(set(devices.values())) > 1:
         raise StfuseError(f"all tenants must be on one device, got {devices}")
-    graph, history = pipeline.run(ir.build(tenants))
+    graph, history = pipeline.run(ir.build(tenants), verify=verify)
     return FusedProgram(graph, history)
 
 
