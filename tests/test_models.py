@@ -85,14 +85,13 @@ def test_mixed_shapes_grouped_path_on_cuda_cost_model(monkeypatch):
     check_tenants(fused, models, args)
 
 
-transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
-
 HF_PAIRS = [("bert", "bert"), ("gpt2", "gpt2"), ("vit", "vit"), ("resnet", "resnet"),
             ("bert", "vit"), ("gpt2", "bert"), ("resnet", "vit")]
 
 
 @pytest.mark.parametrize("fam_a,fam_b", HF_PAIRS)
 def test_transformers_pairs(fam_a, fam_b):
+    pytest.importorskip("transformers", reason="transformers is in the test extra")
     (m1, a1), (m2, a2) = zoo.hf_model(fam_a, seed=0), zoo.hf_model(fam_b, seed=1)
     fused = stfuse.compile([m1, m2], [a1, a2])
     outs = check_tenants(fused, [m1, m2], [a1, a2])
