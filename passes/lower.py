@@ -129,7 +129,8 @@ class _Builder:
         if k in self.lazy:
             stacked, i = self.lazy.pop(k)
             if stacked not in self.unbound:  # one unbind serves every member
-                self.unbound[stacked] = self.graph.call_function(aten.unbind.int, (stacked,))
+                unbind = torch.unbind if self.direct else aten.unbind.int
+                self.unbound[stacked] = self.graph.call_function(unbind, (stacked,))
             self.env[k] = self.graph.call_function(operator.getitem, (self.unbound[stacked], i))
             return self.env[k]
         a = self.g.nodes[k]
@@ -146,7 +147,8 @@ class _Builder:
             return None
         keys = tuple(keys)
         if keys not in self.stacks:
-            self.stacks[keys] = self.graph.call_function(aten.stack.default, ([self.value(k) for k in keys],))
+            stack = torch.stack if self.direct else aten.stack.default  # same op, less wrapping
+            self.stacks[keys] = self.graph.call_function(stack, ([self.value(k) for k in keys],))
         return self.stacks[keys]
 
     def kernel(self, name: str):
