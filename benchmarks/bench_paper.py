@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stfuse
+from stfuse.demo import median_us
 from stfuse.runtime.stats import percentile
 from stfuse.tolerances import assert_close
 
@@ -93,14 +94,7 @@ def time_ms(fn, device: torch.device, repeat: int) -> float:
     """Median milliseconds of fn: CUDA events via triton's do_bench on a GPU, wall clock on CPU."""
     if device.type == "cuda":
         return bench(fn)
-    for _ in range(max(2, repeat // 5)):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return median_us(fn, repeat, warmup=max(2, repeat // 5)) / 1e3
 
 
 def latencies_ms(fn, device: torch.device, repeat: int, warmup: int = 3) -> list[float]:
