@@ -149,8 +149,13 @@ CHILD = textwrap.dedent("""
         prog = stfuse.load(name)
         got = prog(*want["args"])
         assert all(equal(g, w) for g, w in zip(got, want["outs"])), name
+        # Alone, a tenant runs its own unfused program: other kernels than the fused call
+        # (baddbmm on packed weights vs linear), so equal within float32 tolerance, not bitwise.
         alone = prog.run({prog.tenants[0]: want["args"][0]})
-        assert equal(alone[prog.tenants[0]], want["outs"][0]), name
+        la = torch.utils._pytree.tree_leaves(plain(alone[prog.tenants[0]]))
+        lw = torch.utils._pytree.tree_leaves(want["outs"][0])
+        assert len(la) == len(lw) and all(torch.allclose(x, y, rtol=1e-4, atol=1e-4)
+                                          for x, y in zip(la, lw)), name
         print(name, "ok", [type(o).__name__ for o in got])
     leaked = sorted(m for m in sys.modules if m.startswith(("test_", "conftest", "stfuse.zoo",
                                                             "transformers.models")))
