@@ -8,7 +8,7 @@ import torch
 
 from . import ir
 from .errors import StfuseError, TraceError
-from .frontend import trace_tenant
+from .frontend import tenant_name_problem, trace_tenant
 from .program import FusedProgram
 
 
@@ -37,8 +37,8 @@ def _named(models, example_inputs) -> tuple[dict, dict]:
 
 def _check_names(names) -> None:
     for n in names:
-        if not isinstance(n, str) or not n or ":" in n:
-            raise StfuseError(f"tenant names must be non-empty strings without ':', got {n!r}")
+        if problem := tenant_name_problem(n):
+            raise StfuseError(f"{problem}, got {n!r}")
 
 
 def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],

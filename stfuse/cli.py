@@ -152,12 +152,11 @@ def _flops(n: float) -> str:
 def _inspect(args) -> int:
     import json
 
-    from .artifact import PLAN, read
+    from .artifact import read, read_plan
     from .frontend import InputSpec
-    from .program import Plan
 
     manifest, data = read(args.artifact)
-    plan = Plan.from_record(json.loads(data[PLAN]))
+    plan = read_plan(args.artifact, data)
     v = manifest["versions"]
     print(f"artifact  {args.artifact}  (format {manifest['format_version']}; saved with stfuse "
           f"{v['stfuse']}, torch {v['torch']}, triton {v['triton'] or '-'})")

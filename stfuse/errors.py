@@ -17,3 +17,7 @@ class InputError(StfuseError, ValueError):
 
 class PassError(StfuseError):
     """A compiler pass failed; the message names the pass and the passes that ran before it."""
+
+
+class ArtifactError(StfuseError):
+    """An artifact cannot be written, or is missing, corrupt, tampered with or too new."""

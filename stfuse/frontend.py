@@ -10,6 +10,7 @@ names the tenant and both reasons.
 from __future__ import annotations
 
 import contextlib
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,18 @@ class TenantGraph:
     dynamic: bool  # batch size may change between calls
     device: torch.device
     meta: dict = field(default_factory=dict)
+
+
+def tenant_name_problem(name) -> str | None:
+    """Why ``name`` cannot name a tenant (None: it can): any non-empty string without
+    ':' (the node-key separator) and without control characters."""
+    if not isinstance(name, str) or not name:
+        return "tenant names are non-empty strings"
+    if ":" in name:
+        return "tenant names cannot contain ':'"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "tenant names cannot contain control characters"
+    return None
 
 
 @contextlib.contextmanager

@@ -1,0 +1,15 @@
+"""The artifact format's names and version, shared by save, load and the CLI."""
+
+import torch
+
+FORMAT = "stfuse-artifact"
+# 2: programs are torch.export's JSON schema text (programs/<name>.json), never archives.
+# Version 1 stored torch.export.save zip archives, which torch's own zip reader parsed
+# differently from the checks; those are refused, not read (docs/artifact.md).
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+PLAN, WEIGHTS = "plan.json", "weights.safetensors"
+
+DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
+    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)}
