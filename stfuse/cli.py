@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import math
+import os
 import statistics
 import sys
 import time
@@ -37,13 +39,43 @@ class _Progress:
             print(f"[{time.perf_counter() - self.start:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
+def _count(low: int, high: int):
+    """An argparse type: an integer in [low, high], else a one-line usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+        return value
+    return parse
+
+
+_DRAW_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def _draw_path(text: str) -> Path:
+    if Path(text).suffix.lower() not in _DRAW_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text!r}: the drawing's format comes from its suffix, "
+                                         f"one of {', '.join(_DRAW_SUFFIXES)}")
+    return Path(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (and exit status 2), like every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stfuse", description="Multi-tenant inference compiler: "
+    parser = _Parser(prog="stfuse", description="Multi-tenant inference compiler: "
                                      "fuse operators across PyTorch models, save and run the result.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="compile bundled tenants, check them against eager, time them",
                           description="Compile four bundled tenants, check them against eager, time them.")
-    demo.add_argument("--repeat", type=int, default=50, help="timed repetitions (default 50)")
+    demo.add_argument("--repeat", type=_count(1, 10**6), default=50, help="timed repetitions (default 50)")
 
     comp = sub.add_parser("compile", help="compile models from factories into an artifact",
                           description="Compile the tenants that factories return and save an artifact. "
@@ -62,18 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
                           "launches before/after and FLOPs.")
     insp.add_argument("artifact", type=Path)
     insp.add_argument("--kernels", action="store_true", help="print the generated Triton kernel sources")
-    insp.add_argument("--draw", type=Path, metavar="PATH",
+    insp.add_argument("--draw", type=_draw_path, metavar="PATH",
                       help="draw the plan (png, svg or pdf; needs matplotlib)")
 
     run = sub.add_parser("run", help="run an artifact on random inputs of its recorded specs",
                          description="Load an artifact and run it on random inputs of the recorded "
                          "shapes and dtypes; prints each tenant's outputs and the time per call.")
     run.add_argument("artifact", type=Path)
-    run.add_argument("--batch", type=int, default=None, help="batch size (default: each tenant's example)")
+    run.add_argument("--batch", type=_count(1, 2**20), default=None,
+                     help="batch size (default: each tenant's example)")
     run.add_argument("--tenants", default=None, metavar="A,B", help="run only these tenants")
-    run.add_argument("--repeat", type=int, default=10, help="timed calls (default 10)")
+    run.add_argument("--repeat", type=_count(1, 10**6), default=10, help="timed calls (default 10)")
     run.add_argument("--device", default=None, help="device to run on (default: the saved one)")
     run.add_argument("--seed", type=int, default=0, help="random seed for the inputs (default 0)")
+    run.add_argument("--max-input-mb", type=_count(1, 2**30), default=1024,
+                     help="refuse a batch whose random inputs take more (default 1024)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -94,6 +129,11 @@ def _import(module: str):
     return importlib.import_module(module)
 
 
+def _line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
 def load_factories(specs: list[str]) -> tuple[dict, dict]:
     """({name: model}, {name: example_inputs}) from ``[NAME=]MODULE:FACTORY`` specs."""
     models, inputs = {}, {}
@@ -104,9 +144,15 @@ def load_factories(specs: list[str]) -> tuple[dict, dict]:
             raise StfuseError(f"{spec!r}: expected [NAME=]MODULE:FACTORY")
         try:
             factory = getattr(_import(module), attr)
-        except (ImportError, AttributeError, SyntaxError) as err:
-            raise StfuseError(f"{spec!r}: cannot load the factory: {type(err).__name__}: {err}") from err
-        result = factory()
+        except Exception as err:  # noqa: BLE001 - the user's module: any error is theirs, in one line
+            raise StfuseError(f"{spec!r}: cannot load the factory: importing {module} raised "
+                              f"{type(err).__name__}: {_line(err)}") from err
+        if not callable(factory):
+            raise StfuseError(f"{spec!r}: {attr} is a {type(factory).__name__}, not a function")
+        try:
+            result = factory()
+        except Exception as err:  # noqa: BLE001 - likewise
+            raise StfuseError(f"{spec!r}: the factory raised {type(err).__name__}: {_line(err)}") from err
         if not (isinstance(result, tuple) and len(result) == 2):
             raise StfuseError(f"{spec!r}: a factory returns (model, example_inputs) or "
                               f"({{name: model}}, {{name: inputs}}), got {type(result).__name__}")
@@ -122,10 +168,24 @@ def load_factories(specs: list[str]) -> tuple[dict, dict]:
     return models, inputs
 
 
+def _check_writable(out: Path) -> None:
+    """Fail before compiling (which takes a while) where the artifact cannot be written."""
+    from .artifact import MANIFEST
+
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise StfuseError(f"{out} exists and is not an stfuse artifact; refusing to overwrite it")
+    parent = out.parent.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise StfuseError(f"cannot write an artifact at {out}: {parent} is not a writable directory")
+
+
 def _compile(args) -> int:
     from .api import compile as stfuse_compile
     from .artifact import save
 
+    _check_writable(args.output)
     say = _Progress(args.quiet)
     say(f"loading {len(args.factories)} factor{'y' if len(args.factories) == 1 else 'ies'}")
     models, inputs = load_factories(args.factories)
@@ -204,14 +264,32 @@ def kernel_sources(manifest: dict) -> list[tuple[str, str, str]]:
 
 # ----------------------------------------------------------------------------- run
 
-def _random_inputs(prog, batch: int | None, seed: int) -> dict:
+def _input_bytes(spec, batch: int | None) -> int:
+    total = 0
+    for s in spec.inputs:
+        shape = ((batch or s.shape[0]), *s.shape[1:]) if s.batched else s.shape
+        total += math.prod(shape) * s.dtype.itemsize
+    return total
+
+
+def _random_inputs(prog, names: list[str], batch: int | None, seed: int, max_mb: int) -> dict:
+    """Random inputs of the recorded specs for ``names``; refuses (before allocating) a
+    batch whose inputs would take more than ``max_mb``."""
     import torch
     import torch.utils._pytree as pytree
 
+    need = sum(_input_bytes(prog._specs[n], batch) for n in names if n in prog._specs)
+    if need > max_mb * 2**20:
+        raise StfuseError(f"the inputs at batch {batch} would take {need / 2**20:,.0f} MiB, more than "
+                          f"--max-input-mb {max_mb}; pass a smaller --batch or raise the limit")
     gen = torch.Generator().manual_seed(seed)
     ranges = {t["name"]: [i.get("value_range") for i in t["inputs"]] for t in prog.manifest["tenants"]}
     inputs = {}
-    for name, spec in prog._specs.items():
+    for name in names:
+        spec = prog._specs.get(name)
+        if spec is None:
+            inputs[name] = None  # run() names the unknown tenant
+            continue
         leaves = []
         for s, rng in zip(spec.inputs, ranges[name]):
             shape = ((batch or s.shape[0]), *s.shape[1:]) if s.batched else s.shape
@@ -245,10 +323,8 @@ def _run(args) -> int:
     say = _Progress(args.quiet)
     say(f"loading {args.artifact}")
     prog = load(args.artifact, device=args.device)
-    inputs = _random_inputs(prog, args.batch, args.seed)
-    if args.tenants:
-        wanted = args.tenants.split(",")
-        inputs = {t: inputs.get(t) for t in wanted}  # run() names unknown ones
+    names = args.tenants.split(",") if args.tenants else prog.tenants
+    inputs = _random_inputs(prog, names, args.batch, args.seed, args.max_input_mb)
     say(f"running {', '.join(inputs)} on {prog.device}")
     with torch.no_grad():
         outs = prog.run(inputs)
@@ -276,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except StfuseError as err:
+        message = " ".join(str(err).split())  # one line, whatever the error's own layout
+        print(f"stfuse {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a path the user named: unreadable, unwritable, missing
         print(f"stfuse {args.command}: error: {err}", file=sys.stderr)
         return 1
 

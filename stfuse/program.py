@@ -259,7 +259,11 @@ class TenantCalls:
     def tenants(self) -> list[str]:
         return list(self._names)
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
+        if kwargs:
+            raise InputError(f"a fused program takes one positional argument per tenant "
+                             f"{self.tenants}, got keyword argument(s) {sorted(kwargs)}; "
+                             "use run({tenant: args}) to name tenants")
         if len(args) != len(self._names):
             raise InputError(f"expected {len(self._names)} arguments, one per tenant "
                              f"{self.tenants}, got {len(args)}")

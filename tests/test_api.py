@@ -59,6 +59,12 @@ def test_wrong_number_of_tenants(pair):
         fused(torch.randn(3, 16))
 
 
+def test_keyword_arguments_are_refused(pair):
+    _, fused = pair
+    with pytest.raises(InputError, match=r"got keyword argument\(s\) \['foo'\]"):
+        fused(torch.randn(3, 16), torch.randn(3, 16), foo=1)
+
+
 def test_unknown_tenant(pair):
     _, fused = pair
     with pytest.raises(InputError, match="unknown tenant 'c'"):

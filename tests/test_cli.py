@@ -2,6 +2,7 @@
 example, factories from a file, --help everywhere, and exit codes for errors."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,3 +137,60 @@ def test_demo_still_works(capsys):
     assert main(["demo", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert "outputs match eager" in out and "speed-up" in out
+
+
+# ---------------------------------------------------------------------------- user errors
+
+@pytest.fixture(scope="module")
+def small_artifact(tmp_path_factory):
+    import torch
+
+    from stfuse import zoo
+
+    torch.manual_seed(0)
+    fused = stfuse.compile([zoo.mlp(8, 16, 4), zoo.mlp(8, 16, 4)], [torch.randn(2, 8), torch.randn(2, 8)])
+    path = tmp_path_factory.mktemp("cli") / "small"
+    fused.save(path)
+    return path
+
+
+def _one_line_error(capsys, argv) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse's usage errors
+        code = stop.code
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["run", "{art}", "--batch", "0"], "--batch: must be between 1 and"),
+    (["run", "{art}", "--batch", "-1"], "--batch: must be between 1 and"),
+    (["run", "{art}", "--batch", "one"], "--batch: expected an integer"),
+    (["run", "{art}", "--batch", "100000", "--max-input-mb", "1", "-q"], "MiB, more than --max-input-mb 1;"),
+    (["run", "{art}", "--repeat", "0"], "--repeat: must be between 1 and"),
+    (["run", "{art}", "--tenants", "nobody", "-q"], "unknown tenant 'nobody'"),
+    (["inspect", "{art}", "--draw", "plan.xyz"], "format comes from its suffix"),
+    (["compile", "stfuse.demo:tenants", "-o", "{blocked}/sub/out", "-q"], "is not a writable directory"),
+    (["compile", "{bad_import}:make", "-o", "{tmp}/o", "-q"], "importing .* raised RuntimeError: boom at import"),
+    (["compile", "{bad_factory}:make", "-o", "{tmp}/o", "-q"], "the factory raised ValueError: no weights here"),
+    (["compile", "{bad_factory}:missing", "-o", "{tmp}/o", "-q"], "cannot load the factory"),
+])
+def test_user_errors_are_one_line(small_artifact, tmp_path, capsys, argv, pattern):
+    """Exit status non-zero, one line on stderr naming what was wrong, no traceback."""
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a directory")
+    (tmp_path / "bad_import.py").write_text("raise RuntimeError('boom at import')\n")
+    (tmp_path / "bad_factory.py").write_text("def make():\n    raise ValueError('no weights here')\n")
+    names = {"art": small_artifact, "blocked": blocked, "tmp": tmp_path,
+             "bad_import": tmp_path / "bad_import.py", "bad_factory": tmp_path / "bad_factory.py"}
+    code, err = _one_line_error(capsys, [a.format(**names) for a in argv])
+    assert code in (1, 2), err
+    assert len(err) == 1 and re.search(pattern, err[0]), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_batch_is_used(small_artifact, capsys):
+    assert main(["run", str(small_artifact), "--batch", "5", "--repeat", "1", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Tensor: [5, 4] float32") == 2

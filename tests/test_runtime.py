@@ -639,6 +639,22 @@ def test_constructor_rejects_bad_settings():
         Runtime(prog, max_queue=0)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"slo_ms": {"mlp": -1}}, r"slo_ms\['mlp'\] must be a finite number of milliseconds > 0, got -1"),
+    ({"slo_ms": {"mlp": float("nan")}}, "got nan"),
+    ({"slo_ms": float("inf")}, "got inf"),
+    ({"slo_ms": 0}, "slo_ms must be"),
+    ({"slo_ms": "25"}, "got '25'"),
+    ({"slo_ms": {"mlp": True}}, "got True"),
+    ({"slice_ms": -1.0}, ">= 0, got -1.0"),
+    ({"max_batch": 0}, "max_batch must be an integer >= 1"),
+    ({"max_batch": 2.5}, "max_batch must be an integer >= 1"),
+])
+def test_constructor_rejects_bad_times_and_sizes(kwargs, match):
+    with pytest.raises(StfuseError, match=match):
+        Runtime(FakeProgram(fake_models()), **kwargs)
+
+
 def test_stats_report_every_tenant():
     models = fake_models()
     prog = FakeProgram(models)

@@ -17,6 +17,7 @@ each request alone, so the fault stays with the request that caused it.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -54,6 +55,15 @@ class _Request:
         self.arrival, self.deadline, self.future = arrival, deadline, future
 
 
+def _ms(name: str, value, zero_ok: bool = False) -> float:
+    """A time in milliseconds: a finite number > 0 (>= 0 with ``zero_ok``), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not zero_ok):
+        raise StfuseError(f"Runtime: {name} must be a finite number of milliseconds "
+                          f"{'>= 0' if zero_ok else '> 0'}, got {value!r}")
+    return float(value)
+
+
 class Runtime:
     """Serve many tenants of one FusedProgram through per-tenant queues and a scheduling policy.
 
@@ -77,16 +87,19 @@ class Runtime:
                  profile: LatencyProfile | None = None, profile_reps: int = 5):
         self._fused = fused
         self.tenants = list(fused.tenants)
-        if max_queue < 1:
-            raise StfuseError(f"Runtime: max_queue must be >= 1, got {max_queue}")
+        for name, value in (("max_queue", max_queue), ("max_batch", max_batch)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise StfuseError(f"Runtime: {name} must be an integer >= 1, got {value!r}")
+        _ms("slice_ms", slice_ms, zero_ok=True)
         if isinstance(slo_ms, Mapping):
             unknown = set(slo_ms) - set(self.tenants)
             if unknown:
                 raise StfuseError(f"Runtime: slo_ms names unknown tenant(s) {sorted(unknown)}; "
                                   f"tenants are {self.tenants}")
-            slo = {t: float(slo_ms.get(t, DEFAULT_SLO_MS)) for t in self.tenants}
+            slo = {t: _ms(f"slo_ms[{t!r}]", slo_ms.get(t, DEFAULT_SLO_MS)) for t in self.tenants}
         else:
-            slo = {t: float(DEFAULT_SLO_MS if slo_ms is None else slo_ms) for t in self.tenants}
+            slo = {t: _ms("slo_ms", DEFAULT_SLO_MS if slo_ms is None else slo_ms)
+                   for t in self.tenants}
         self._slo_s = {t: ms / 1e3 for t, ms in slo.items()}
         self.max_batch = max_batch
         self.max_queue = max_queue
