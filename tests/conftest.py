@@ -41,3 +41,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def saved_mlp_pair(tmp_path_factory, name: str):
+    """Two small fused MLP tenants ("0", "1": 8 -> 16 -> 4) and the artifact they saved."""
+    import stfuse
+    from stfuse import zoo
+
+    torch.manual_seed(0)
+    fused = stfuse.compile([zoo.mlp(8, 16, 4), zoo.mlp(8, 16, 4)], [torch.randn(3, 8), torch.randn(3, 8)])
+    path = tmp_path_factory.mktemp(name) / name
+    fused.save(path)
+    return fused, path
+
+
+def rehash(path, name):
+    """Update an artifact manifest's size and sha256 of file ``name`` (what a deliberate
+    attacker would do after editing it)."""
+    import hashlib
+    import json
+
+    m = json.loads((path / "manifest.json").read_text())
+    data = (path / name).read_bytes()
+    m["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (path / "manifest.json").write_text(json.dumps(m))

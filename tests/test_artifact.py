@@ -199,14 +199,6 @@ def copy(trio, tmp_path):
     return dst
 
 
-def _rehash(path, name):
-    """Update the manifest's size and hash of ``name`` (what a deliberate attacker would do)."""
-    m = json.loads((path / "manifest.json").read_text())
-    data = (path / name).read_bytes()
-    m["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (path / "manifest.json").write_text(json.dumps(m))
-
-
 def _edit_manifest(path, fn):
     m = json.loads((path / "manifest.json").read_text())
     fn(m)

@@ -8,7 +8,6 @@ unpickle), zip archives that Python's ``zipfile`` and torch's miniz read differe
 torch evaluates (sympy expressions, guards) and callables outside the op allow-list.
 """
 
-import hashlib
 import io
 import json
 import pickle
@@ -25,16 +24,14 @@ import stfuse
 from stfuse import zoo
 from stfuse.artifact import ArtifactError
 
+from conftest import rehash, saved_mlp_pair
+
 pytest.importorskip("safetensors")
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    torch.manual_seed(0)
-    fused = stfuse.compile([zoo.mlp(8, 16, 4), zoo.mlp(8, 16, 4)], [torch.randn(3, 8), torch.randn(3, 8)])
-    path = tmp_path_factory.mktemp("sec") / "good"
-    fused.save(path)
-    return fused, path
+    return saved_mlp_pair(tmp_path_factory, "sec")
 
 
 class _Payload:
@@ -117,13 +114,6 @@ def _attacks(fused, tmp, marker_for):
     return out
 
 
-def _rehash(path, name):
-    m = json.loads((path / "manifest.json").read_text())
-    data = (path / name).read_bytes()
-    m["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (path / "manifest.json").write_text(json.dumps(m))
-
-
 CHILD = textwrap.dedent("""
     import subprocess, sys
     import torch
@@ -162,7 +152,7 @@ def test_hostile_files_never_run(saved, tmp_path):
         d = dirs[name] = tmp_path / name
         shutil.copytree(good, d)
         (d / target).write_bytes(data)
-        _rehash(d, target)
+        rehash(d, target)
     lines = _load_in_child(dirs.values())
     for name, d in dirs.items():
         assert not (tmp_path / f"pwned_{name}").exists(), f"{name}: the payload ran"
@@ -183,7 +173,7 @@ def _edit_program(path, fn, name="programs/full.json"):
     model = json.loads((path / name).read_text())
     fn(model)
     (path / name).write_text(json.dumps(model))
-    _rehash(path, name)
+    rehash(path, name)
 
 
 def _first_node(model):
@@ -315,7 +305,7 @@ def test_malformed_plan(saved, tmp_path, edit, pattern):
     plan = json.loads((d / "plan.json").read_text())
     edit(plan)
     (d / "plan.json").write_text(json.dumps(plan))
-    _rehash(d, "plan.json")
+    rehash(d, "plan.json")
     with pytest.raises(ArtifactError, match=pattern):
         stfuse.load(d)
     assert main(["inspect", str(d)]) == 1

@@ -13,6 +13,8 @@ import pytest
 import stfuse
 from stfuse.cli import main
 
+from conftest import saved_mlp_pair
+
 pytest.importorskip("safetensors")
 
 
@@ -143,15 +145,7 @@ def test_demo_still_works(capsys):
 
 @pytest.fixture(scope="module")
 def small_artifact(tmp_path_factory):
-    import torch
-
-    from stfuse import zoo
-
-    torch.manual_seed(0)
-    fused = stfuse.compile([zoo.mlp(8, 16, 4), zoo.mlp(8, 16, 4)], [torch.randn(2, 8), torch.randn(2, 8)])
-    path = tmp_path_factory.mktemp("cli") / "small"
-    fused.save(path)
-    return path
+    return saved_mlp_pair(tmp_path_factory, "cli")[1]
 
 
 def _one_line_error(capsys, argv) -> tuple[int, str]:
