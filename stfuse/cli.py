@@ -355,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())  # one line, whatever the error's own layout
         print(f"stfuse {args.command}: error: {message}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `stfuse inspect ... | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as err:  # a path the user named: unreadable, unwritable, missing
         print(f"stfuse {args.command}: error: {err}", file=sys.stderr)
         return 1
