@@ -50,6 +50,7 @@ def test_end_to_end_on_the_bundled_example(tmp_path):
     for name in ("mlp_a", "mlp_b", "cnn_a", "cnn_b"):
         assert f"{name}" in run.stdout
     assert run.stdout.count("[3, 10] float32") == 4
+    assert "NOT FINITE" not in run.stdout  # every output a real number
     assert "ran 4 tenants: median" in run.stdout
 
 
