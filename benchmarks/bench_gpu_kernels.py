@@ -23,25 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
+
+from common import bench, geomean, space_only, time_only
 
 M, N, K = 256, 128, 1152
 SPREAD = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 118]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MIXED_N = (64, 128, 256)
 MIXED_K = (576, 1152, 2304)
-
-
-def bench(fn) -> float:
-    """Median milliseconds of ``fn`` (CUDA events, L2 flushed between runs)."""
-    from triton.testing import do_bench
-
-    fn()  # the first call may compile and tune
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def measured_peak(dtype: torch.dtype) -> float:
@@ -52,27 +45,6 @@ def measured_peak(dtype: torch.dtype) -> float:
     return 2 * n ** 3 / bench(lambda: torch.mm(a, b, out=out)) / 1e6
 
 
-def time_only(xs, ws, outs):
-    def run():
-        for x, w, out in zip(xs, ws, outs):
-            torch.mm(x, w.t(), out=out)
-    return run
-
-
-def space_only(xs, ws, outs):
-    streams = [torch.cuda.Stream() for _ in xs]
-
-    def run():
-        main = torch.cuda.current_stream()
-        for s, x, w, out in zip(streams, xs, ws, outs):
-            s.wait_stream(main)
-            with torch.cuda.stream(s):
-                torch.mm(x, w.t(), out=out)
-        for s in streams:
-            main.wait_stream(s)
-    return run
-
-
 def check(outs, xs, ws) -> None:
     from stfuse.kernels import reference
     from stfuse.tolerances import assert_close
@@ -81,10 +53,6 @@ def check(outs, xs, ws) -> None:
                                     "", [], [])
     tf32 = torch.get_float32_matmul_precision() != "highest"
     assert_close(list(outs), refs, k=max(x.shape[1] for x in xs), tf32=tf32, msg="stfuse grouped GEMM")
-
-
-def geomean(values) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def sweep_same_shape(dtype: torch.dtype, rs, peak: float) -> list[dict]:

@@ -53,14 +53,7 @@ from torch.func import functional_call, stack_module_state
 import stfuse
 from stfuse.runtime.stats import percentile
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_paper import (
-    check_against_float64,
-    latencies_ms,
-    machine,
-    resnet50_config,
-    sync,
-)
+from common import check_against_float64, latencies_ms, machine, resnet50_config, sync
 
 OUT = Path(__file__).parent / "out"
 FAMILIES = ("bert", "vit", "resnet50", "gpt2")

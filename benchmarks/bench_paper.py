@@ -43,14 +43,11 @@ optional "plot" extra; skipped with a note where it is missing).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import textwrap
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,17 +60,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import stfuse
-from stfuse.demo import median_us
 from stfuse.runtime.stats import percentile
 from stfuse.tolerances import assert_close
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_gpu_kernels import (
-    bench,
-    geomean,
-    time_only,
-)
-from bench_gpu_kernels import space_only as cuda_space_only
+from common import check_against_float64, geomean, latencies_ms, machine, resnet50_config, time_ms, time_only
+from common import space_only as cuda_space_only
 
 OUT = Path(__file__).parent / "out"
 GEMMS = {  # name: (M, N, K)
@@ -83,31 +74,6 @@ GEMMS = {  # name: (M, N, K)
 }
 PAPER = {"vs_time": 7.7, "vs_space": 3.23, "R1": 0.71}  # V100 fp32, conv2_2, R = 1..118
 ALTS = ("time_only", "space_only", "stfuse", "stacked")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(fn, device: torch.device, repeat: int) -> float:
-    """Median milliseconds of fn: CUDA events via triton's do_bench on a GPU, wall clock on CPU."""
-    if device.type == "cuda":
-        return bench(fn)
-    return median_us(fn, repeat, warmup=max(2, repeat // 5)) / 1e3
-
-
-def latencies_ms(fn, device: torch.device, repeat: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
 
 
 def cpu_space_only(pool: ThreadPoolExecutor, jobs):
@@ -226,16 +192,6 @@ def plot_gemm(rows: list[dict], path: Path, title: str) -> None:
 
 # ---------------------------------------------------------------- Fig. 3
 
-def resnet50_config(quick: bool):
-    import transformers as T
-
-    if quick:  # ResNet-50's layout (bottleneck, [3, 4, 6, 3]) at an eighth of its widths
-        return T.ResNetConfig(embedding_size=8, hidden_sizes=[32, 64, 128, 256], depths=[3, 4, 6, 3],
-                              layer_type="bottleneck"), 64
-    return T.ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
-                          layer_type="bottleneck"), 224
-
-
 def resnet_tenants(R: int, batch: int, quick: bool, device: torch.device):
     import transformers as T
 
@@ -251,23 +207,6 @@ def resnet_tenants(R: int, batch: int, quick: bool, device: torch.device):
         models.append(m.to(device))
         xs.append(torch.randn(batch, 3, size, size, device=device))
     return models, xs
-
-
-def check_against_float64(fused, models, xs, msg: str) -> None:
-    """stfuse within the tolerance table of a float64 reference, or, where eager fp32 itself misses that
-    table (a 50-layer fp32 network's rounding, not stfuse's), within twice eager's own error."""
-    with torch.no_grad():
-        for i, (m, x, y) in enumerate(zip(models, xs, fused(*xs))):
-            ref = copy.deepcopy(m).double()(x.double() if x.is_floating_point() else x)
-            try:
-                assert_close(y, ref, msg=f"{msg} tenant {i}")
-            except AssertionError:
-                eager = m(x)
-                err = max((a.double() - r).abs().max().item() for a, r in
-                          zip(torch.utils._pytree.tree_leaves(y), torch.utils._pytree.tree_leaves(ref)))
-                eager_err = max((a.double() - r).abs().max().item() for a, r in
-                                zip(torch.utils._pytree.tree_leaves(eager), torch.utils._pytree.tree_leaves(ref)))
-                assert err <= 2 * eager_err, f"{msg} tenant {i}: stfuse error {err:.2e}, eager fp32 {eager_err:.2e}"
 
 
 def e2e_row(R: int, batch: int, quick: bool, device: torch.device, repeat: int) -> dict:
@@ -358,12 +297,6 @@ def _save(fig, plt, path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
-
-
-def machine(device: torch.device) -> str:
-    where = torch.cuda.get_device_name() if device.type == "cuda" else (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
-    return f"{where}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def main(argv=None) -> int:
