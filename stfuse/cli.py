@@ -4,6 +4,7 @@
     stfuse compile [NAME=]MODULE:FACTORY ... -o OUT
     stfuse inspect OUT [--kernels] [--draw plan.png]
     stfuse run OUT [--batch N] [--tenants a,b] [--repeat N]
+    stfuse kernels [--arch sm_80,sm_90] [--json FILE] [--quick]
 
 A factory is a function of no arguments returning ``(model, example_inputs)``,
 or ``({name: model}, {name: example_inputs})`` for several tenants at once
@@ -110,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-input-mb", type=_count(1, 2**30), default=1024,
                      help="refuse a batch whose random inputs take more (default 1024)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    kern = sub.add_parser("kernels", help="compile every Triton kernel variant for NVIDIA GPUs (no GPU needed)",
+                          description="Compile every kernel variant the launchers can run for the given "
+                          "architectures with the real Triton compiler (no GPU needed) and report registers, "
+                          "spills, shared memory, occupancy, tensor cores, async copies and vector loads.")
+    kern.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets (default sm_80,sm_90)")
+    kern.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
+    kern.add_argument("--quick", action="store_true",
+                      help="first config per kernel and dtype, epilogue chain only (the CI tier)")
+    kern.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return parser
 
 
@@ -342,13 +352,32 @@ def _run(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- kernels
+
+def _kernels(args) -> int:
+    import json
+
+    from stfuse.kernels import aot
+
+    rows = aot.compile_all(tuple(a.strip() for a in args.arch.split(",") if a.strip()), args.quick,
+                           progress=_Progress(args.quiet))
+    print(aot.table(rows))
+    failed = sum(not r["ok"] for r in rows)
+    spilling = sum(bool(r["spill_bytes"]) for r in rows)
+    print(f"\n{len(rows)} variants: {len(rows) - failed} compiled, {failed} failed, {spilling} spill")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+        print(f"wrote {args.json}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
 
         return demo_main(repeat=args.repeat)
-    commands = {"compile": _compile, "inspect": _inspect, "run": _run}
+    commands = {"compile": _compile, "inspect": _inspect, "run": _run, "kernels": _kernels}
     try:
         return commands[args.command](args)
     except StfuseError as err:

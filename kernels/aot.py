@@ -1,0 +1,224 @@
+"""Compile every Triton kernel variant stfuse can launch for NVIDIA GPUs, without a GPU.
+
+The real Triton compiler needs no device: ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", 90, 32))`` lowers to PTX and runs ptxas to a cubin on
+any machine. For each variant (kernel template x the configs its launcher
+really tries x dtype x epilogue) this reports what the compiler made: registers,
+spill bytes, shared memory, blocks per SM and occupancy on the target, and
+whether the code uses tensor cores (``mma``/``wgmma``), async copies
+(``cp.async``, TMA) and vector loads (``ld.global.v2/v4``). ``stfuse kernels``
+prints the table; tests/test_aot.py runs a quick sweep in CI.
+
+Runs only with Triton's interpreter off (``TRITON_INTERPRET`` unset before
+Triton is imported): under the interpreter ``@triton.jit`` makes no compilable
+function. ``stfuse kernels`` is its own process, so it always can.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stfuse.errors import StfuseError
+
+# Per-SM limits used for occupancy (CUDA occupancy tables): max resident warps,
+# blocks, 32-bit registers and shared memory per SM.
+ARCHS = {
+    "sm_80": {"capability": 80, "warps": 64, "blocks": 32, "regs": 65536, "smem": 164 * 1024},
+    "sm_86": {"capability": 86, "warps": 48, "blocks": 16, "regs": 65536, "smem": 100 * 1024},
+    "sm_89": {"capability": 89, "warps": 48, "blocks": 24, "regs": 65536, "smem": 100 * 1024},
+    "sm_90": {"capability": 90, "warps": 64, "blocks": 32, "regs": 65536, "smem": 228 * 1024},
+}
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# An epilogue that exercises a tensor operand load and a transcendental, and none at all.
+EPILOGUES = ("", "add:tensor,gelu")
+NORM_WIDTHS = (1024, 4096)  # layer-norm row widths whose BLOCK_D the launcher picks
+
+
+@dataclass(frozen=True)
+class Variant:
+    kernel: str  # template kind: gemm, conv, layer_norm, pointwise
+    config: str  # the launcher's config, e.g. "BLOCK_M=128,BLOCK_N=64,BLOCK_K=32,w4,s4"
+    dtype: str  # fp32, tf32, fp16 or bf16
+    epilogue: str
+    constexprs: tuple  # ((name, value), ...) passed to the kernel besides its three tables
+    num_warps: int
+    num_stages: int
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def variants(quick: bool = False) -> list[Variant]:
+    """Every (kernel, config, dtype, epilogue) the launchers can run. ``quick``: the first
+    config of each kernel and dtype, with the epilogue chain only (a CI-sized subset)."""
+    from . import triton_conv, triton_gemm, triton_norm
+    from .triton_common import TL_DTYPE, dot_precision
+
+    if _interpreting():
+        raise StfuseError("compiling kernels for a GPU needs TRITON_INTERPRET unset before Triton "
+                          "is imported (run `stfuse kernels` in its own process)")
+    out = []
+
+    def add(kind, template, configs, dtype_name, **constexprs):
+        for cfg in configs[:1] if quick else configs:
+            name = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f",w{cfg.num_warps},s{cfg.num_stages}"
+            for epi in EPILOGUES[-1:] if quick else EPILOGUES:
+                consts = {"DTYPE": TL_DTYPE[DTYPES[dtype_name]], **constexprs, **cfg.kwargs}
+                out.append(Variant(kind, name, dtype_name, epi, tuple(consts.items()), cfg.num_warps,
+                                   cfg.num_stages))
+
+    for name, dtype in DTYPES.items():
+        precision = dot_precision(dtype, name == "tf32")
+        add("gemm", triton_gemm.GEMM, triton_gemm.gemm_configs(dtype), name, K_CONTIGUOUS=True,
+            INPUT_PRECISION=precision)
+        add("conv", triton_conv.CONV, triton_conv.conv_configs(dtype), name, INPUT_PRECISION=precision)
+        if name == "tf32":
+            continue  # no dot products: tf32 is fp32 there
+        for width in NORM_WIDTHS[:1] if quick else NORM_WIDTHS:
+            add("layer_norm", triton_norm.LAYER_NORM, triton_norm.norm_configs(width), name)
+        add("pointwise", triton_norm.POINTWISE, triton_norm.pointwise_configs(), name)
+    return out
+
+
+_TEMPLATES = {"gemm": ("triton_gemm", "GEMM"), "conv": ("triton_conv", "CONV"),
+              "layer_norm": ("triton_norm", "LAYER_NORM"), "pointwise": ("triton_norm", "POINTWISE")}
+
+
+def _template(kind: str):
+    import importlib
+
+    module, attr = _TEMPLATES[kind]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+
+
+_PTXAS = {  # what ptxas -v reports, as Triton's TRITON_DUMP_PTXAS_LOG prints it
+    "regs": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+}
+_CUOBJDUMP = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_VECTOR_LOAD = re.compile(r"ld\.global(\.[a-z0-9]+)*\.v[248]")
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    """REG, STACK, SHARED, LOCAL of the cubin's kernel, from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    m = _CUOBJDUMP.search(text)
+    if m is None:
+        raise RuntimeError(f"cuobjdump reported no resource usage: {text[-200:]}")
+    return dict(zip(("regs", "stack", "static_smem", "local"), map(int, m.groups())))
+
+
+def occupancy(arch: str, regs: int, smem: int, num_warps: int) -> tuple[int, float]:
+    """(blocks per SM, fraction of the SM's warps resident) for a kernel on ``arch``."""
+    a = ARCHS[arch]
+    threads = 32 * num_warps
+    per_warp_regs = -(-max(regs, 1) * 32 // 256) * 256  # registers are allocated per warp, by 256
+    limits = [a["blocks"], a["warps"] // num_warps, a["regs"] // (per_warp_regs * num_warps)]
+    if smem:
+        limits.append(a["smem"] // smem)
+    blocks = max(0, min(limits)) if threads <= 1024 else 0
+    return blocks, round(blocks * num_warps / a["warps"], 3)
+
+
+def compile_variant(v: Variant, arch: str) -> dict:
+    """One row: the variant compiled for ``arch`` by the real Triton compiler, no GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import codegen
+
+    row = {"kernel": v.kernel, "config": v.config, "dtype": v.dtype, "epilogue": v.epilogue, "arch": arch,
+           "ok": False, "error": None, "regs": None, "spill_bytes": None, "smem": None, "occupancy": None,
+           "blocks_per_sm": None, "tensor_cores": None, "async_copy": None, "vector_loads": None}
+    try:
+        fn = codegen.load_kernel(_template(v.kernel), v.epilogue)
+        consts = dict(v.constexprs)
+        signature = {"table_ptr": "*i64", "tile_ptr": "*i64", "float_ptr": "*fp64",
+                     **{name: "constexpr" for name in consts}}
+        target = GPUTarget("cuda", ARCHS[arch]["capability"], 32)
+        log = io.StringIO()
+        env = {"TRITON_ALWAYS_COMPILE": "1", "TRITON_DUMP_PTXAS_LOG": "1"}  # ptxas -v, not a cache hit
+        with _environ(env), contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=target,
+                                      options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+        ptx, res = compiled.asm["ptx"], _resources(compiled.asm["cubin"])
+        found = {k: int(m.group(1)) for k, p in _PTXAS.items() if (m := p.search(log.getvalue()))}
+        spills = (found["spill_stores"] + found["spill_loads"] if "spill_stores" in found
+                  else res["stack"] + res["local"])  # no ptxas log (older Triton): stack + local memory
+        smem = int(compiled.metadata.shared) + res["static_smem"]
+        blocks, occ = occupancy(arch, res["regs"], smem, v.num_warps)
+        row.update(ok=True, regs=res["regs"], spill_bytes=spills, smem=smem, blocks_per_sm=blocks,
+                   occupancy=occ, tensor_cores=("mma.sync" in ptx or "wgmma" in ptx),
+                   async_copy="cp.async" in ptx, vector_loads=bool(_VECTOR_LOAD.search(ptx)))
+    except Exception as err:  # noqa: BLE001 - a row that says why is the report's job
+        row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+    return row
+
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def compile_all(archs=("sm_80", "sm_90"), quick: bool = False, progress=None) -> list[dict]:
+    """Every variant compiled for every arch in ``archs``: one row each (see compile_variant)."""
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        raise StfuseError(f"unknown arch {unknown}; known: {', '.join(ARCHS)}")
+    rows = []
+    todo = [(v, a) for a in archs for v in variants(quick)]
+    for i, (v, arch) in enumerate(todo):
+        if progress:
+            progress(f"compiling {i + 1}/{len(todo)}: {v.kernel} {v.dtype} {v.config} {v.epilogue or '-'} {arch}")
+        rows.append(compile_variant(v, arch))
+    return rows
+
+
+COLUMNS = ("kernel", "config", "dtype", "epilogue", "arch", "ok", "regs", "spill_bytes", "smem",
+           "blocks_per_sm", "occupancy", "tensor_cores", "async_copy", "vector_loads")
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a fixed-width text table, errors below it."""
+    def cell(r, c):
+        v = r[c]
+        return "-" if v is None or v == "" else "yes" if v is True else "no" if v is False else str(v)
+    cells = [COLUMNS] + [tuple(cell(r, c) for c in COLUMNS) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    lines += [f"error: {r['kernel']} {r['dtype']} {r['config']} {r['arch']}: {r['error']}" for r in rows if r["error"]]
+    return "\n".join(lines)
+
+
+__all__ = ["ARCHS", "Variant", "variants", "compile_variant", "compile_all", "occupancy", "table"]
