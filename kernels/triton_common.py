@@ -19,6 +19,7 @@ host cost grows by about 12 us per member there.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Callable, Sequence
@@ -277,6 +278,9 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
         if launch.total == 0:
             return
         table, tiles, float_table = launch.tables(device)
-        kernel[(launch.total,)](table, tiles, float_table, **constexprs, **launch_options(cfg))
+        # Triton launches on the current device: make it the tensors' own (cuda:1 from a
+        # thread whose current device is cuda:0 would otherwise read foreign memory).
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            kernel[(launch.total,)](table, tiles, float_table, **constexprs, **launch_options(cfg))
 
     return run

@@ -184,6 +184,19 @@ def test_stacked_linear_cuda(dtype):
     assert_close(y.cpu(), reference.stacked_linear(x.double(), w.double(), b.double(), "relu", [], []), k=1152)
 
 
+@pytest.mark.gpu
+def test_launch_on_the_tensors_device():
+    """Tensors on cuda:1 while the current device is cuda:0: the launch goes to cuda:1."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    x, w, b = make_linear([((33, 64), 17)], torch.float32, seed=1)
+    on1 = lambda ts: [t.to("cuda:1") for t in ts]  # noqa: E731
+    with torch.cuda.device(0):
+        (y,) = torch.ops.stfuse.grouped_linear(on1(x), on1(w), on1(b), "relu", [], [])
+    assert y.device == torch.device("cuda:1")
+    assert_close([y.cpu()], reference.grouped_linear(f64(x), f64(w), f64(b), "relu", [], []), k=64)
+
+
 @pytest.mark.parametrize("args", [
     ([torch.randn(3, 5)], [torch.randn(4, 6)], [None], "", [], []),  # K differs
     ([torch.randn(3, 5)], [torch.randn(4, 5)], [torch.randn(3)], "", [], []),  # bias is not [N]
