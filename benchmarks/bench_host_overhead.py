@@ -1,0 +1,144 @@
+"""Host work per fused GEMM call: what stfuse spends around one Triton launch.
+
+The paper's GEMM (M=256, N=128, K=1152, fp32) across R = 1, 8, 32, 118 tenants,
+through the Triton launchers of ``stacked_linear`` (one [R, M, K] stack) and
+``grouped_linear`` (R separate members), as the fused program calls them:
+
+- ``records``: output allocation and the per-member records (views, operands);
+- ``tables``: the per-call problem, tile and float tables, built and copied
+  to the device (``Launch.add`` / ``tables``);
+- ``launch``: the kernel launch call itself;
+- ``total``: the whole op call, median of ``--repeat`` calls after warm-up.
+
+On a machine without CUDA the launch is STUBBED (the kernel is replaced by a
+function that returns at once, and the first config is used instead of
+autotuning), so the numbers are host work alone, on CPU tensors. On CUDA the
+kernels run for real; each call is timed to its return, as a caller sees it
+(launches are asynchronous; no synchronize inside the timing).
+
+    python benchmarks/bench_host_overhead.py [--repeat 200]
+
+The last line is ``host overhead per call at R=118: stacked X us, grouped Y us``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+from common import machine
+
+M, N, K = 256, 128, 1152
+RS = (1, 8, 32, 118)
+
+
+class _Timed:
+    """Accumulates the time spent in a wrapped function, per call of the op."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return timed
+
+
+class _StubKernel:
+    """Stands in for a Triton kernel on a machine without CUDA: ``k[grid](...)`` returns at once."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def _instrumented(stub: bool):
+    """Patch the launch path: time ``Launch.tables`` and the launch; stub the kernel on CPU."""
+    from stfuse.kernels import codegen, triton_common, triton_gemm
+
+    tables, launch = _Timed(), _Timed()
+    saved = (triton_common.Launch.tables, codegen.load_kernel, triton_gemm.choose_config)
+    triton_common.Launch.tables = tables.wrap(saved[0])
+
+    def load(template, epilogue):
+        kernel = _StubKernel() if stub else saved[1](template, epilogue)
+        return _TimedKernel(kernel, launch)
+    codegen.load_kernel = load
+    if stub:  # no GPU to time configs on: the launchers' first (largest) config
+        triton_gemm.choose_config = lambda key, configs, run: configs[0]
+    try:
+        yield tables, launch
+    finally:
+        triton_common.Launch.tables, codegen.load_kernel, triton_gemm.choose_config = saved
+
+
+class _TimedKernel:
+    def __init__(self, kernel, timer: _Timed):
+        self.kernel, self.timer = kernel, timer
+
+    def __getitem__(self, grid):
+        return self.timer.wrap(self.kernel[grid])
+
+
+def measure(kind: str, R: int, device: torch.device, repeat: int, stub: bool) -> dict:
+    from stfuse.kernels import triton_gemm
+
+    g = torch.Generator().manual_seed(R)
+    if kind == "stacked":
+        args = (torch.randn(R, M, K, generator=g).to(device), torch.randn(R, N, K, generator=g).to(device),
+                torch.randn(R, N, generator=g).to(device), "", [], [])
+        op = triton_gemm.stacked_linear
+    else:
+        args = ([torch.randn(M, K, generator=g).to(device) for _ in range(R)],
+                [torch.randn(N, K, generator=g).to(device) for _ in range(R)],
+                [torch.randn(N, generator=g).to(device) for _ in range(R)], "", [], [])
+        op = triton_gemm.grouped_linear
+    totals, tables_us, launch_us = [], [], []
+    with _instrumented(stub) as (tables, launch):
+        for i in range(repeat + max(5, repeat // 10)):
+            tables.seconds = launch.seconds = 0.0
+            start = time.perf_counter()
+            op(*args)
+            total = time.perf_counter() - start
+            if i >= max(5, repeat // 10):  # after warm-up (first calls compile, tune, fill caches)
+                totals.append(total * 1e6)
+                tables_us.append(tables.seconds * 1e6)
+                launch_us.append(launch.seconds * 1e6)
+    total, tab, lau = (statistics.median(v) for v in (totals, tables_us, launch_us))
+    return {"kind": kind, "R": R, "total_us": total, "tables_us": tab, "launch_us": lau,
+            "records_us": max(total - tab - lau, 0.0)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=200, help="timed calls per point (default 200)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    stub = device.type != "cuda"
+    print(f"host overhead of one fused GEMM call (M={M}, N={N}, K={K}, fp32); {machine(device)}")
+    if stub:
+        print("no CUDA: the kernel launch is STUBBED (returns at once), first config, CPU tensors: "
+              "host work alone")
+    print(f"{'kind':<8} {'R':>4} {'total us':>9} {'records':>8} {'tables':>8} {'launch':>8} {'us/member':>9}")
+    rows = []
+    for kind in ("stacked", "grouped"):
+        for R in RS:
+            r = measure(kind, R, device, args.repeat, stub)
+            rows.append(r)
+            print(f"{kind:<8} {R:>4} {r['total_us']:>9.1f} {r['records_us']:>8.1f} {r['tables_us']:>8.1f} "
+                  f"{r['launch_us']:>8.1f} {r['total_us'] / R:>9.2f}")
+    at = {r["kind"]: r["total_us"] for r in rows if r["R"] == RS[-1]}
+    print(f"host overhead per call at R={RS[-1]}: stacked {at['stacked']:.1f} us, grouped {at['grouped']:.1f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
