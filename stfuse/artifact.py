@@ -88,6 +88,7 @@ def _spec_record(spec: TenantSpec, examples) -> dict:
                             f"as JSON ({err}); register the type with torch.utils._pytree "
                             "with a serialized_type_name") from err
     return {"name": spec.name, "batch": spec.batch, "dynamic": spec.dynamic,
+            "batch_range": list(spec.batch_range),  # checked on every call (TenantSpec.in_range)
             "device": str(spec.inputs[0].device) if spec.inputs else "cpu",
             "inputs": [{"name": s.name, "shape": list(s.shape), "batched": s.batched,
                         "dtype": str(s.dtype).removeprefix("torch."), "value_range": r}
@@ -472,8 +473,10 @@ def _tenant_specs(manifest, device) -> dict[str, TenantSpec]:
         name = t["name"]
         inputs = tuple(InputSpec(str(i["name"]), tuple(int(d) for d in i["shape"]), _DTYPES[i["dtype"]],
                                  device, bool(i["batched"])) for i in t["inputs"])
+        low, high = t.get("batch_range", (1, None))
         specs[name] = TenantSpec(name, inputs, _treespec(t["in_spec"], name), _treespec(t["out_spec"], name),
-                                 int(t["batch"]), bool(t["dynamic"]))
+                                 int(t["batch"]), bool(t["dynamic"]),
+                                 (int(low), None if high is None else int(high)))
     return specs
 
 

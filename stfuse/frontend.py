@@ -50,6 +50,10 @@ class TenantGraph:
     dynamic: bool  # batch size may change between calls
     device: torch.device
     meta: dict = field(default_factory=dict)
+    # Batch sizes the graph is valid for, (low, high or None): export narrows the batch
+    # symbol's range where the model branches on it; calls outside it must not run this graph.
+    batch_range: tuple = (1, None)
+    model: Any = None  # the module traced (eval mode on call), for calls outside batch_range
 
 
 @contextlib.contextmanager
@@ -119,6 +123,40 @@ def _batch_is_symbolic(ep) -> bool:
     return bool(dims) and any(isinstance(d, torch.SymInt) for d in dims)
 
 
+def _finite(v) -> bool:
+    import sympy
+    from torch.utils._sympy.numbers import int_oo
+
+    return v not in (int_oo, -int_oo, sympy.oo, -sympy.oo)
+
+
+def batch_range(ep, traced: int) -> tuple[int, int | None]:
+    """The batch sizes an exported graph holds for: the range export inferred for the
+    symbol of dim 0 of the batched inputs (``ep.range_constraints``), as (low, high or
+    None). A model that branches on its batch size narrows it (``x.shape[0] > 4``
+    traced at 4: [2, 4]). Export assumes every dynamic size is at least 2 (0/1
+    specialisation) without recording a guard; a low of 2 is taken as 1, which is
+    what stfuse always ran batch-1 calls with. Where dim 0 is an expression rather
+    than a symbol, only the ``traced`` batch size is known to hold."""
+    user = set(ep.graph_signature.user_inputs)
+    low, high = 1, None
+    for n in ep.graph.nodes:
+        val = n.meta.get("val")
+        if n.op != "placeholder" or n.name not in user or not isinstance(val, torch.Tensor) or not val.dim():
+            continue
+        d = val.shape[0]
+        if not isinstance(d, torch.SymInt):
+            continue
+        vr = ep.range_constraints.get(d.node.expr)
+        if vr is None:  # dim 0 is an expression, not a symbol: no range to read
+            return traced, traced
+        lo = int(vr.lower) if _finite(vr.lower) else 1
+        low = max(low, 1 if lo <= 2 else lo)
+        if _finite(vr.upper):
+            high = int(vr.upper) if high is None else min(high, int(vr.upper))
+    return low, high
+
+
 def _from_export(name, model, args, batch, device) -> TenantGraph:
     ep, dynamic = _export(model, args, batch)
     sig = ep.graph_signature
@@ -144,7 +182,8 @@ def _from_export(name, model, args, batch, device) -> TenantGraph:
         inputs.append(InputSpec(ph, tuple(a.shape), a.dtype, a.device, batched and dynamic))
     gm = ep.graph_module
     return TenantGraph(name, gm, "export", tensors, inputs, in_spec, ep.call_spec.out_spec,
-                       batch, dynamic, device)
+                       batch, dynamic, device, batch_range=batch_range(ep, max(batch, 2)) if dynamic else (batch, batch),
+                       model=model)
 
 
 def _from_fx(name, model, args, batch, device) -> TenantGraph:
