@@ -112,6 +112,7 @@ class Plan:
 
     def _stats(self) -> dict:
         from stfuse.passes import optable
+        from stfuse.passes.rows import rows_independent
 
         g = self.graph
         calls = [k for k, a in g.nodes(data=True) if a["kind"] == "call" and a["op_class"] != "view"]
@@ -130,6 +131,8 @@ class Plan:
             "launches_after": after,
             "coverage": round(len(fused) / len(fusable), 4) if fusable else 0.0,
             "flops": sum(g.nodes[k]["flops"] for k in calls),
+            # per tenant: may the runtime merge its requests along dim 0 (passes/rows.py)
+            "rows_independent": rows_independent(g),
         }
 
     def kernels(self) -> dict[str, str]:

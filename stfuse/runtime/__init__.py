@@ -9,7 +9,9 @@
 
 One worker thread owns the device. Whenever it is idle it asks the policy's
 `Scheduler` (stfuse/scheduler.py) for a decision over the queues, pops the
-chosen requests, concatenates each tenant's requests along dim 0, calls
+chosen requests, concatenates each tenant's requests along dim 0 (only for
+tenants whose rows are independent, plan.stats["rows_independent"]; the
+others run one request per launch), calls
 `fused.run` once, and splits every tensor leaf of each output back along
 dim 0 per request. When a call raises, each tenant is retried alone, then
 each request alone, so the fault stays with the request that caused it.
@@ -36,6 +38,17 @@ __all__ = ["Runtime", "QueueFullError", "RuntimeClosedError", "measure_profile",
 
 DEFAULT_SLO_MS = 100.0  # for tenants that slo_ms does not name
 DEFAULT_MAX_QUEUE = 1024  # requests per tenant before submit() pushes back
+
+
+def rows_independent(fused) -> set[str]:
+    """The tenants whose requests may be concatenated along dim 0: from the plan's
+    ``rows_independent`` (FusedProgram and loaded artifacts); none for a plan without it
+    (an older artifact); every tenant for a program without a plan (a test double)."""
+    plan = getattr(fused, "plan", None)
+    if plan is None:
+        return set(fused.tenants)
+    rows = plan.stats.get("rows_independent") or {}
+    return {t for t in fused.tenants if rows.get(t, False)}
 
 
 class QueueFullError(StfuseError):
@@ -110,7 +123,9 @@ class Runtime:
         self._work = threading.Condition(self._lock)  # the worker waits here for requests
         self._room = threading.Condition(self._lock)  # blocked submitters wait here for queue space
         self._queues: dict[str, deque[_Request]] = {t: deque() for t in self.tenants}
-        self._unbatchable: set[str] = set()
+        # Tenants whose requests are never merged: rows that depend on each other
+        # (plan.stats["rows_independent"], passes/rows.py), or outputs that cannot be split.
+        self._unbatchable: set[str] = set(self.tenants) - rows_independent(fused)
         self._closed = False
         self.error: BaseException | None = None  # what stopped the worker, if anything did
         self._cancelled_some = False
@@ -168,6 +183,7 @@ class Runtime:
             snap = self._stats.snapshot()
         for t, n in queued.items():
             snap["tenants"][t]["queued"] = n
+            snap["tenants"][t]["merges_requests"] = t not in self._unbatchable
         snap["policy"] = self.policy
         return snap
 
