@@ -225,7 +225,9 @@ def trace_tenant(name: str, model: torch.nn.Module, args: tuple) -> TenantGraph:
     batch = example_batch(args)
     with eval_mode(model), torch.no_grad():
         try:
-            return _from_export(name, model, args, batch, device)
+            tg = _from_export(name, model, args, batch, device)
+            tg.meta["example"] = args  # for the compile-time self-check (stfuse/selfcheck.py)
+            return tg
         except TraceError:
             raise
         except Exception as export_err:  # noqa: BLE001 - reported with the fallback's reason
