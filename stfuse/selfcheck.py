@@ -73,7 +73,8 @@ def _differs(out, ref, k: int, tf32: bool) -> str | None:
     try:
         assert_close(pytree.tree_leaves(out), ref, k=k, tf32=tf32)
     except AssertionError as err:
-        return str(err).strip().splitlines()[0][:200]
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        return " ".join(ln for ln in lines if not ln.startswith("Mismatched elements"))[:240]
     return None
 
 
