@@ -398,6 +398,7 @@ class FusedProgram(TenantCalls):
         # Tenants traced again for batch sizes outside their graph's range: name -> [FusedProgram]
         self.respecialised: dict[str, list[FusedProgram]] = {}
         self.outside_range_calls: dict[str, int] = {}  # per tenant, calls outside its traced range
+        self._eager_batches: dict[str, set[int]] = {}  # per tenant, batch sizes no trace holds for
 
     MAX_RESPECIALISATIONS = 4  # per tenant; beyond, calls outside every traced range run eagerly
 
@@ -423,7 +424,8 @@ class FusedProgram(TenantCalls):
         with self._lowering:
             progs = self.respecialised.setdefault(name, [])
             prog = next((p for p in progs if p._specs[name].in_range(batch)), None)
-            if prog is None and len(progs) < self.MAX_RESPECIALISATIONS:
+            eager = self._eager_batches.setdefault(name, set())
+            if prog is None and batch not in eager and len(progs) < self.MAX_RESPECIALISATIONS:
                 try:
                     from .api import compile_tenants
 
@@ -434,6 +436,8 @@ class FusedProgram(TenantCalls):
                         prog = None
                 except Exception:  # noqa: BLE001 - the model itself is correct by definition
                     prog = None
+                if prog is None:
+                    eager.add(batch)  # not traced again: this batch size runs the model itself
         if prog is not None:
             return prog.run({name: args})[name]
         with eval_mode(model), torch.no_grad():

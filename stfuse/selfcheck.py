@@ -18,7 +18,7 @@ import math
 import torch
 import torch.utils._pytree as pytree
 
-from .frontend import TenantGraph, with_batch
+from .frontend import TenantGraph, run_graph, with_batch
 from .tolerances import LONG_K, assert_close
 
 
@@ -35,11 +35,7 @@ def example_args(tg: TenantGraph) -> tuple:
 
 def traced_outputs(tg: TenantGraph, args: tuple) -> list:
     """The tenant's traced graph run eagerly on ``args``: its flat outputs."""
-    user = dict(zip((s.name for s in tg.inputs), pytree.tree_leaves(args)))
-    flat = [tg.tensors[n.name] if n.name in tg.tensors else user[n.name]
-            for n in tg.gm.graph.nodes if n.op == "placeholder"]
-    with torch.no_grad():
-        return list(tg.gm(*flat))
+    return run_graph(tg, args)
 
 
 def _other_batch(tg: TenantGraph) -> int | None:

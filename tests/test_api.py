@@ -203,3 +203,28 @@ def test_batch_branch_runs_eagerly_when_it_cannot_be_traced_again(monkeypatch):
     x = torch.randn(8, 8)
     assert_close(fused(x)[0], float64_reference(model, (x,)))
     assert fused.respecialised["0"] == []
+
+
+class BranchOnBatchOfOne(torch.nn.Module):
+    """Export assumes batch >= 2 and records no guard for it: the branch at 1 is hidden."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.l(x)
+        return y * 2 if x.shape[0] > 1 else y * 3
+
+
+def test_batch_branch_at_one_is_found_and_runs_apart():
+    torch.manual_seed(0)
+    model = BranchOnBatchOfOne().eval()
+    fused = stfuse.compile([model, zoo.mlp(8, 16, 8)], [torch.randn(4, 8), torch.randn(4, 8)])
+    assert fused._specs["0"].batch_range == (2, None)
+    assert fused._specs["1"].batch_range == (1, None)
+    for batch in (1, 3, 1):
+        x = torch.randn(batch, 8)
+        assert_close(fused.run({"0": x})["0"], float64_reference(model, (x,)), msg=f"batch {batch}")
+    assert fused.outside_range_calls == {"0": 2}
+    assert fused.respecialised == {"0": []} and fused._eager_batches == {"0": {1}}  # traced once only
