@@ -126,6 +126,10 @@ class Runtime:
         # Tenants whose requests are never merged: rows that depend on each other
         # (plan.stats["rows_independent"], passes/rows.py), or outputs that cannot be split.
         self._unbatchable: set[str] = set(self.tenants) - rows_independent(fused)
+        # Most rows per launch of tenants traced for a bounded batch range (issue 11, item 6):
+        # a loaded artifact refuses more, a compiled program would trace the tenant again.
+        self._row_cap = {t: spec.batch_range[1] for t, spec in getattr(fused, "_specs", {}).items()
+                         if spec.dynamic and spec.batch_range[1] is not None}
         self._closed = False
         self.error: BaseException | None = None  # what stopped the worker, if anything did
         self._cancelled_some = False
@@ -294,11 +298,14 @@ class Runtime:
                 for t, k in decision.take.items():
                     queue = self._queues[t]
                     k = min(k, 1) if t in self._unbatchable else k
-                    got = []
+                    got, rows, cap = [], 0, self._row_cap.get(t)
                     while queue and len(got) < k:
+                        if got and cap is not None and rows + queue[0].rows > cap:
+                            break  # more rows than the tenant's traced batch range holds
                         r = queue.popleft()
                         if r.future.set_running_or_notify_cancel():
                             got.append(r)
+                            rows += r.rows
                         else:
                             with self._stats_lock:
                                 self._stats.count(t, "cancelled")
@@ -358,7 +365,8 @@ class Runtime:
     def _run_group(self, batch: dict[str, list[_Request]], pad_to: int | None = None) -> None:
         """One call of the program for `batch`; on failure, isolate the fault by retrying smaller groups."""
         start = time.perf_counter()
-        if pad_to is not None and (len(batch) < 2 or self._unbatchable.intersection(batch)):
+        if pad_to is not None and (len(batch) < 2 or self._unbatchable.intersection(batch)
+                                   or any(self._row_cap.get(t, pad_to) < pad_to for t in batch)):
             pad_to = None
         try:
             inputs = {t: concat([r.args for r in reqs]) for t, reqs in batch.items()}
