@@ -569,8 +569,10 @@ class _DynamoFallbacks(logging.Filter):
             self.warned.add(code)
             log.warning("stfuse backend: torch._dynamo hit its %s (%s) for %s: calls that need another "
                         "graph (another model size or input shape) now run eagerly without stfuse. Dynamo "
-                        "compiles one graph per parameter shape; raise torch._dynamo.config.%s to compile "
-                        "more", limit, value, code, limit)
+                        "compiles one graph per parameter shape: set torch._dynamo.config."
+                        "force_parameter_static_shapes and force_nn_module_property_static_shapes to "
+                        "False to share one graph across sizes, or raise torch._dynamo.config.%s "
+                        "(docs/backend.md)", limit, value, code, limit)
 
 
 _FALLBACKS = _DynamoFallbacks()

@@ -368,3 +368,18 @@ def test_graphs_forget_models_whose_weights_were_freed():
     m = zoo.mlp(8, 16, 4)
     assert_close(_run(torch.compile(m, backend="stfuse"), x), float64_reference(m, (x,)))
     assert len(graphs()) == 1 and len(graphs()[0].members) == 1
+
+
+def test_parameter_shapes_made_dynamic_share_one_graph_across_model_sizes():
+    """The way around Dynamo's per-size graphs (docs/backend.md): with parameter shapes
+    dynamic, models of every size share one graph, and each still runs its own program."""
+    torch.manual_seed(0)
+    models = [Sized(w) for w in range(8, 8 + 4 * 10, 4)]
+    compiled = [torch.compile(m, backend="stfuse") for m in models]
+    x = torch.randn(2, 8)
+    with torch._dynamo.config.patch(force_parameter_static_shapes=False,
+                                    force_nn_module_property_static_shapes=False):
+        for m, c in zip(models, compiled):
+            assert_close(_run(c, x), float64_reference(m, (x,)))
+    assert len(graphs()) == 2  # the first size, then one graph for every other size
+    _all_fused(graphs())
