@@ -149,10 +149,10 @@ def slice_(g, k, state):
     a = g.nodes[k]
     src = a["args"][0].key
     d = _bdim(g, src)
-    if _dims(_arg(a, 1, "dim", 0), _nd(g, src))[0] == d:
-        if a["sig"] is None or any(a["sig"][j][d] != g.nodes[src]["sig"][j][d] for j in (0, 1)) \
-                or _arg(a, 4, "step", 1) != 1:
-            raise Mixed(f"{a['name']}: slices the batch dim")
+    along = _dims(_arg(a, 1, "dim", 0), _nd(g, src))[0] == d
+    if along and (a["sig"] is None or _arg(a, 4, "step", 1) != 1
+                  or any(a["sig"][j][d] != g.nodes[src]["sig"][j][d] for j in (0, 1))):
+        raise Mixed(f"{a['name']}: slices the batch dim")
     _bdim(g, k)
 
 
@@ -173,9 +173,9 @@ def matmul(g, k, state):
     """matmul / bmm: rows of the left operand against a batch-independent right operand, or
     the batch among the batch dims (all but the last two) of a batched matmul."""
     a = g.nodes[k]
-    left, right = a["args"][0], a["args"][1]
+    left = a["args"][0]
     rows = _rows_args(g, a, state)
-    if rows == [left.key]:
+    if isinstance(left, Ref) and rows == [left.key]:
         if _bdim(g, left.key) >= _nd(g, left.key) - 1:
             raise Mixed(f"{a['name']}: {a['target']} contracts the batch dim")
     else:
@@ -248,9 +248,9 @@ def index_own_row(g, k, state):
         raise Mixed(f"{a['name']}: indexes across the batch")
     lead = _nd(g, first.key) - _bdim(g, first.key)
     for v in indices[1:]:
-        if isinstance(v, Ref) and state[v.key] != NONE:
-            if state[v.key] != ROWS or _nd(g, v.key) - _bdim(g, v.key) != lead:
-                raise Mixed(f"{a['name']}: an index does not line up with the batch")
+        if isinstance(v, Ref) and state[v.key] != NONE and (
+                state[v.key] != ROWS or _nd(g, v.key) - _bdim(g, v.key) != lead):
+            raise Mixed(f"{a['name']}: an index does not line up with the batch")
     if _bdim(g, k) != 0:
         raise Mixed(f"{a['name']}: indexes across the batch")
 

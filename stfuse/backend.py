@@ -555,7 +555,7 @@ class _DynamoFallbacks(logging.Filter):
         try:
             if str(record.msg).startswith("torch._dynamo hit config.") and len(record.args) >= 3:
                 self._seen(str(record.args[0]), record.args[1], str(record.args[2]))
-        except Exception:  # noqa: BLE001 - never break Dynamo's logging
+        except Exception:  # noqa: BLE001, S110 - never break Dynamo's logging
             pass
         return True
 

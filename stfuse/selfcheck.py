@@ -19,7 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .frontend import TenantGraph, run_graph, with_batch
-from .tolerances import LONG_K, assert_close
+from .tolerances import assert_close
 
 
 def example_args(tg: TenantGraph) -> tuple:
@@ -103,7 +103,7 @@ def mismatches(fused) -> dict[str, str]:
             tg = checked[t]
             try:
                 ref = traced_outputs(tg, inputs[t])
-            except Exception:  # noqa: BLE001 - nothing to compare with
+            except Exception:  # noqa: BLE001, S112 - the traced graph does not run alone: nothing to compare
                 continue
             why = _differs(out, ref, _reduction_k(fused, t), tg.device.type == "cuda")
             if why is not None:
