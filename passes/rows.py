@@ -322,9 +322,15 @@ _SIZE_OPS = {operator.add, operator.sub, operator.mul, operator.floordiv, operat
              torch.sym_max, torch.sym_min, torch.sym_int, torch.sym_not}
 _NO_VALUE = _packets("_assert_scalar", "sym_constrain_range_for_size", "sym_constrain_range",
                      "_assert_tensor_metadata")
-_TAKES_SIZE = _RESHAPE | _NO_VALUE | _packets(
-    "expand", "new_zeros", "new_ones", "new_empty", "new_full", "zeros", "ones", "empty", "full",
-    "slice", "narrow", "native_group_norm")
+# op packet -> the argument positions that may hold a size (a shape, a bound, a count)
+_TAKES_SIZE = {
+    **{p: (1,) for p in _RESHAPE | _packets("expand", "new_zeros", "new_ones", "new_empty", "new_full")},
+    **{p: (0,) for p in _packets("zeros", "ones", "empty", "full")},
+    **{p: (0, 1, 2, 3) for p in _NO_VALUE},
+    aten.slice: (2, 3),
+    aten.narrow: (2, 3),
+    aten.native_group_norm: (3, 4, 5),
+}
 
 
 _IOTA_KEEPS = _packets("slice", "unsqueeze", "expand", "view", "reshape", "_unsafe_view", "alias",
@@ -377,7 +383,9 @@ def _call_state(g, k, state) -> str:
     if SIZE in ins:
         if target is aten.sym_size.int or target in _SIZE_OPS:
             return SIZE
-        if packet not in _TAKES_SIZE:
+        allowed = _TAKES_SIZE.get(packet, ())
+        where = [i for i, v in enumerate(a["args"]) if any(state[r] == SIZE for r in ir.refs(v))]
+        if a["kwargs"] and any(state[r] == SIZE for r in ir.refs(a["kwargs"])) or not set(where) <= set(allowed):
             raise Mixed(f"{a['name']}: {target} computes with the batch size")
     if packet in _NO_VALUE:
         return NONE

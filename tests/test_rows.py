@@ -57,6 +57,8 @@ ROW_WISE = {  # name -> (model, example row shape)
     "cnn": (Cnn, (3, 9, 9)),
     "softmax_rows": (lambda: Fn(lambda x: torch.softmax(x, -1)), (8,)),
     "cat_features": (lambda: Fn(lambda x: torch.cat([x, x * 2], 1)), (8,)),
+    "batch_major_reshape": (lambda: Fn(lambda x: (x.reshape(-1, 4) * 2).reshape(x.shape[0], 8)), (8,)),
+    "sized_zeros": (lambda: Fn(lambda x: x + x.new_zeros(x.shape[0], 8)), (8,)),
 }
 MIXING = {  # name -> (model, example row shape, what the reason names)
     "mean_over_batch": (Center, (8,), "mean"),
@@ -69,6 +71,10 @@ MIXING = {  # name -> (model, example row shape, what the reason names)
     "cat_batches": (lambda: Fn(lambda x: torch.cat([x, x * 2])), (8,), "cat"),
     "gram": (lambda: Fn(lambda x: x @ x.t()), (8,), ""),
     "flip": (lambda: Fn(lambda x: x.flip(0)), (8,), "flip"),
+    "cumsum_over_batch": (lambda: Fn(lambda x: x.cumsum(0)), (8,), "cumsum"),
+    "filled_with_batch_size": (lambda: Fn(lambda x: x + torch.full((x.shape[0], 1), x.shape[0])), (8,),
+                               "batch size"),
+    "transposed_reshape": (lambda: Fn(lambda x: x.t().reshape(x.shape[0], 8)), (8,), "reshape"),
 }
 
 
