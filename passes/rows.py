@@ -124,7 +124,7 @@ def _reduce_dim_at(pos, name="dim"):
         nd = _nd(g, src)
         dims = _dims(_arg(a, pos, name), nd)
         if dims is None or _bdim(g, src) in dims or (dims == [] and nd > 0):
-            raise Mixed(f"{a['name']}: {a['target']} reduces over the batch dim")
+            raise Mixed(f"{a['name']}: {a['target']} works across the batch dim")
         if a["sig"] is not None:  # tuple outputs (max.dim) are checked at their getitem
             _bdim(g, k)
     check.__name__ = f"reduce_dim_at_{pos}"
@@ -313,7 +313,8 @@ RULES = {
         "group_norm", "native_group_norm", "_native_batch_norm_legit_no_training", "instance_norm")},
     **{p: batch_norm for p in _packets("batch_norm", "_native_batch_norm_legit")},
     **{p: layer_norm for p in _packets("layer_norm", "native_layer_norm")},
-    aten.constant_pad_nd: pad,
+    **{p: pad for p in _packets("constant_pad_nd", "pad", "reflection_pad2d", "replication_pad2d")},
+    aten.roll: _reduce_dim_at(2, "dims"),  # roll along given dims only (none: the flattened tensor)
 }
 
 # Integer arithmetic on sizes, and the ops that may take a size as a shape (never as a value).

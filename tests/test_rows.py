@@ -59,6 +59,7 @@ ROW_WISE = {  # name -> (model, example row shape)
     "cat_features": (lambda: Fn(lambda x: torch.cat([x, x * 2], 1)), (8,)),
     "batch_major_reshape": (lambda: Fn(lambda x: (x.reshape(-1, 4) * 2).reshape(x.shape[0], 8)), (8,)),
     "sized_zeros": (lambda: Fn(lambda x: x + x.new_zeros(x.shape[0], 8)), (8,)),
+    "roll_and_pad_features": (lambda: Fn(lambda x: nn.functional.pad(x.roll(2, 1), (1, 1))), (8,)),
 }
 MIXING = {  # name -> (model, example row shape, what the reason names)
     "mean_over_batch": (Center, (8,), "mean"),
@@ -71,6 +72,7 @@ MIXING = {  # name -> (model, example row shape, what the reason names)
     "cat_batches": (lambda: Fn(lambda x: torch.cat([x, x * 2])), (8,), "cat"),
     "gram": (lambda: Fn(lambda x: x @ x.t()), (8,), ""),
     "flip": (lambda: Fn(lambda x: x.flip(0)), (8,), "flip"),
+    "roll_over_batch": (lambda: Fn(lambda x: x.roll(1, 0)), (8,), "roll"),
     "cumsum_over_batch": (lambda: Fn(lambda x: x.cumsum(0)), (8,), "cumsum"),
     "filled_with_batch_size": (lambda: Fn(lambda x: x + torch.full((x.shape[0], 1), x.shape[0])), (8,),
                                "batch size"),
