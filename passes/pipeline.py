@@ -29,6 +29,15 @@ PASSES = [
 ]
 
 
+def passes_without_fusing(tenants) -> list:
+    """PASSES with ``tenants`` taken out of every group before epilogues are folded
+    (stfuse/selfcheck.py: what could not be shown correct runs unfused)."""
+    from .ungroup import ungroup
+
+    i = PASSES.index(fold_epilogues)
+    return PASSES[:i] + [ungroup(tenants)] + PASSES[i:]
+
+
 @dataclass(frozen=True)
 class PassRecord:
     name: str

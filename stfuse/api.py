@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -10,6 +11,8 @@ from . import ir
 from .errors import StfuseError, TraceError
 from .frontend import tenant_name_problem, trace_tenant
 from .program import FusedProgram
+
+log = logging.getLogger(__name__)
 
 
 def _named(models, example_inputs) -> tuple[dict, dict]:
@@ -63,14 +66,33 @@ def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
 
 def compile_tenants(tenants: dict, verify: bool = False) -> FusedProgram:
     """The FusedProgram of already traced tenants (name -> TenantGraph): the pass
-    pipeline over their multi-tenant graph. ``verify`` runs ir.verify after every pass."""
+    pipeline over their multi-tenant graph. ``verify`` runs ir.verify after every pass.
+
+    Then the self-check (stfuse/selfcheck.py): a tenant whose fused outputs differ from
+    its traced graph's on its example inputs is taken out of every fusion group and the
+    pipeline runs again; ``plan.stats["self_check"]`` records it."""
     from stfuse.passes import pipeline
+
+    from . import selfcheck
 
     devices = {n: tg.device for n, tg in tenants.items()}
     if len(set(devices.values())) > 1:
         raise StfuseError(f"all tenants must be on one device, got {devices}")
     graph, history = pipeline.run(ir.build(tenants), verify=verify)
-    return FusedProgram(graph, history)
+    fused = FusedProgram(graph, history)
+    bad = selfcheck.mismatches(fused) if graph.graph["groups"] else {}
+    still = {}
+    if bad:
+        log.warning("stfuse: tenant(s) %s run unfused: their fused outputs differ from their own "
+                    "traced graphs (%s)", sorted(bad), "; ".join(f"{t}: {w}" for t, w in bad.items()))
+        graph, history = pipeline.run(ir.build(tenants), passes=pipeline.passes_without_fusing(bad),
+                                      verify=verify)
+        fused = FusedProgram(graph, history)
+        still = selfcheck.mismatches(fused)
+    # unfused: tenants taken out of fusion; still_differ: tenants that differ unfused too
+    fused.plan.stats["self_check"] = {"unfused": sorted(bad), "reasons": dict(bad),
+                                      "still_differ": sorted(still)}
+    return fused
 
 
 __all__ = ["compile", "TraceError"]

@@ -56,7 +56,13 @@ from .program import FusedProgram
 log = logging.getLogger(__name__)
 
 OPTIONS = ("group", "strict", "verify")
-MAX_SPECIALIZATIONS = 8  # traced programs per compiled graph; further states/shapes run eagerly
+# Traced programs per set of weights of a compiled graph (other data shapes, scalars);
+# further shapes of those weights run eagerly.
+MAX_SPECIALIZATIONS = 8
+# Live weight sets per compiled graph. Dynamo shares one graph between all models of one
+# class and shape (their weights are graph inputs), so each model is one weight set:
+# a cap of 8 in all made the 9th model of a class run eagerly (issue 11, item 8).
+MAX_MODELS = 256
 LIVE_SLICES, LIVE_S = 50, 1.0  # the "slice" policy waits only for tenants called this recently
 
 # One lock for everything that traces, compiles or changes membership (rare);
@@ -142,7 +148,10 @@ class CompiledGraph:
         self.options = options
         self.index = next(_names)
         self.members: dict[tuple, list[Member]] = {}
-        self.stats = {"calls": 0, "stfuse_calls": 0, "eager_calls": 0, "traces": 0}
+        # dynamo_fallbacks: Dynamo refused to compile this graph's code again (its recompile
+        # limit); the calls that needed a new graph then run eagerly without reaching stfuse.
+        self.stats = {"calls": 0, "stfuse_calls": 0, "eager_calls": 0, "traces": 0, "dynamo_fallbacks": 0}
+        self.code = _frame_code()  # the function Dynamo compiled, as its warnings name it
         self.eager_reason: str | None = None
         self._warned: set[str] = set()
         try:
@@ -199,7 +208,8 @@ class CompiledGraph:
             self._leave_group()
             return self._eager(args)
         if member is None:
-            return self._eager(args, f"beyond {MAX_SPECIALIZATIONS} traced specialisations")
+            return self._eager(args, f"beyond {MAX_SPECIALIZATIONS} traced shapes for one model's "
+                                     f"weights, or {MAX_MODELS} models")
         try:
             group = self.options.group
             out = group.call(member, data) if group is not None else member.run_alone(data)
@@ -212,6 +222,15 @@ class CompiledGraph:
         member.ran(state)
         self.stats["stfuse_calls"] += 1
         return out
+
+    def _drop_freed(self) -> None:
+        """Forget members whose weights were freed (their models are gone)."""
+        for key, ms in list(self.members.items()):
+            if any(r() is None for m in ms for r in m.refs):
+                for m in ms:
+                    if self.options.group is not None:
+                        self.options.group.remove(m)
+                del self.members[key]
 
     def _leave_group(self) -> None:
         group = self.options.group
@@ -235,11 +254,15 @@ class CompiledGraph:
             for m in ms:
                 if accepts(m.tg, data):
                     return m
-            if sum(len(v) for v in self.members.values()) >= MAX_SPECIALIZATIONS:
+            self._drop_freed()
+            if len(ms) >= MAX_SPECIALIZATIONS or len(self.members) > MAX_MODELS:
                 return None
             name = f"graph{self.index}_{self.stats['traces']}"
             module = tenant_module(self.gm, self.slots, state, scalars)
             tg = static_unless_sized(trace_tenant(name, module, data), self.slots)
+            # The members hold weights by weakref only (models may go away); a call outside
+            # the batch range this trace holds for is another specialisation (accepts()).
+            tg.model = None
             self.stats["traces"] += 1
             m = Member(name, state, scalars, tg, self.options.verify)
             m.program  # noqa: B018 - compiled now, so a graph the passes reject never joins a group
@@ -500,6 +523,67 @@ class Group:
         return f"Group({self.name!r}, slice_ms={self.slice_ms}, tenants={self.tenants})"
 
 
+# --------------------------------------------------------------------------- Dynamo's fallbacks
+
+
+def _frame_code() -> str | None:
+    """The function Dynamo is compiling, as its own warnings name it: 'name' (file:line)."""
+    try:
+        from torch._guards import TracingContext
+
+        code = TracingContext.try_get().traced_code[0]
+        return f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})"
+    except Exception:  # noqa: BLE001 - called outside Dynamo (tests, direct use)
+        return None
+
+
+class _DynamoFallbacks(logging.Filter):
+    """Sees Dynamo's "hit config.recompile_limit" warning and, for a function compiled with
+    stfuse, counts it on that function's graphs and warns once on the stfuse.backend logger.
+
+    Dynamo guards parameter shapes, so models of one class but other sizes each get their
+    own graph; past ``torch._dynamo.config.recompile_limit`` graphs of one function, Dynamo
+    runs further calls that match none of them eagerly, without calling any backend: stfuse
+    cannot count those calls, only that it happened.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.warned: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            if str(record.msg).startswith("torch._dynamo hit config.") and len(record.args) >= 3:
+                self._seen(str(record.args[0]), record.args[1], str(record.args[2]))
+        except Exception:  # noqa: BLE001, S110 - never break Dynamo's logging
+            pass
+        return True
+
+    def _seen(self, limit: str, value, code: str) -> None:
+        mine = [cg for cg in graphs() if cg.code == code]
+        if not mine:
+            return
+        for cg in mine:
+            cg.stats["dynamo_fallbacks"] += 1
+        if code not in self.warned:
+            self.warned.add(code)
+            log.warning("stfuse backend: torch._dynamo hit its %s (%s) for %s: calls that need another "
+                        "graph (another model size or input shape) now run eagerly without stfuse. Dynamo "
+                        "compiles one graph per parameter shape: set torch._dynamo.config."
+                        "force_parameter_static_shapes and force_nn_module_property_static_shapes to "
+                        "False to share one graph across sizes, or raise torch._dynamo.config.%s "
+                        "(docs/backend.md)", limit, value, code, limit)
+
+
+_FALLBACKS = _DynamoFallbacks()
+
+
+def _watch_dynamo() -> None:
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    if _FALLBACKS not in logger.filters:
+        logger.addFilter(_FALLBACKS)
+
+
 # --------------------------------------------------------------------------- the backend
 
 
@@ -512,6 +596,7 @@ def backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any]
     keyword arguments. Returns a CompiledGraph, callable like ``gm``.
     """
     opts = parse_options({**dict(options or {}), **kwargs})
+    _watch_dynamo()
     cg = CompiledGraph(gm, example_inputs, opts)
     with _REGISTRY_LOCK:
         _GRAPHS[:] = [r for r in _GRAPHS if r() is not None]
@@ -524,6 +609,18 @@ def graphs() -> list[CompiledGraph]:
     return [cg for cg in (r() for r in _GRAPHS) if cg is not None]
 
 
+def totals() -> dict:
+    """Counters summed over the live compiled graphs: calls, stfuse_calls, eager_calls, traces,
+    dynamo_fallbacks (times Dynamo stopped compiling a function of these graphs), graphs."""
+    out = {k: 0 for k in ("calls", "stfuse_calls", "eager_calls", "traces", "dynamo_fallbacks")}
+    cgs = graphs()
+    for cg in cgs:
+        for k in out:
+            out[k] += cg.stats[k]
+    out["graphs"] = len(cgs)
+    return out
+
+
 def reset() -> None:
     """Forget compiled graphs and close and unregister every group."""
     with _REGISTRY_LOCK:
@@ -534,4 +631,5 @@ def reset() -> None:
         grp.close()
 
 
-__all__ = ["backend", "Group", "CompiledGraph", "graphs", "reset", "OPTIONS", "MAX_SPECIALIZATIONS"]
+__all__ = ["backend", "Group", "CompiledGraph", "graphs", "totals", "reset", "OPTIONS", "MAX_SPECIALIZATIONS",
+           "MAX_MODELS"]

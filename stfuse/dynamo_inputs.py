@@ -127,7 +127,8 @@ def accepts(tg: TenantGraph, data: tuple) -> bool:
             if x.shape[0] < 1 or (batch is not None and x.shape[0] != batch):
                 return False
             batch = x.shape[0]
-    return True
+    low, high = tg.batch_range
+    return batch is None or not tg.dynamic or (low <= batch and (high is None or batch <= high))
 
 
 def static_unless_sized(tg: TenantGraph, slots: list[Slot]) -> TenantGraph:

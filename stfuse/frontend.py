@@ -51,6 +51,10 @@ class TenantGraph:
     dynamic: bool  # batch size may change between calls
     device: torch.device
     meta: dict = field(default_factory=dict)
+    # Batch sizes the graph is valid for, (low, high or None): export narrows the batch
+    # symbol's range where the model branches on it; calls outside it must not run this graph.
+    batch_range: tuple = (1, None)
+    model: Any = None  # the module traced (eval mode on call), for calls outside batch_range
 
 
 def tenant_name_problem(name) -> str | None:
@@ -132,6 +136,40 @@ def _batch_is_symbolic(ep) -> bool:
     return bool(dims) and any(isinstance(d, torch.SymInt) for d in dims)
 
 
+def _finite(v) -> bool:
+    import sympy
+    from torch.utils._sympy.numbers import int_oo
+
+    return v not in (int_oo, -int_oo, sympy.oo, -sympy.oo)
+
+
+def batch_range(ep, traced: int) -> tuple[int, int | None]:
+    """The batch sizes an exported graph holds for: the range export inferred for the
+    symbol of dim 0 of the batched inputs (``ep.range_constraints``), as (low, high or
+    None). A model that branches on its batch size narrows it (``x.shape[0] > 4``
+    traced at 4: [2, 4]). Export assumes every dynamic size is at least 2 (0/1
+    specialisation) without recording a guard; a low of 2 is taken as 1, which is
+    what stfuse always ran batch-1 calls with. Where dim 0 is an expression rather
+    than a symbol, only the ``traced`` batch size is known to hold."""
+    user = set(ep.graph_signature.user_inputs)
+    low, high = 1, None
+    for n in ep.graph.nodes:
+        val = n.meta.get("val")
+        if n.op != "placeholder" or n.name not in user or not isinstance(val, torch.Tensor) or not val.dim():
+            continue
+        d = val.shape[0]
+        if not isinstance(d, torch.SymInt):
+            continue
+        vr = ep.range_constraints.get(d.node.expr)
+        if vr is None:  # dim 0 is an expression, not a symbol: no range to read
+            return traced, traced
+        lo = int(vr.lower) if _finite(vr.lower) else 1
+        low = max(low, 1 if lo <= 2 else lo)
+        if _finite(vr.upper):
+            high = int(vr.upper) if high is None else min(high, int(vr.upper))
+    return low, high
+
+
 def _from_export(name, model, args, batch, device) -> TenantGraph:
     ep, dynamic = _export(model, args, batch)
     sig = ep.graph_signature
@@ -156,8 +194,44 @@ def _from_export(name, model, args, batch, device) -> TenantGraph:
                              "only tensor inputs are supported")
         inputs.append(InputSpec(ph, tuple(a.shape), a.dtype, a.device, batched and dynamic))
     gm = ep.graph_module
-    return TenantGraph(name, gm, "export", tensors, inputs, in_spec, ep.call_spec.out_spec,
-                       batch, dynamic, device)
+    tg = TenantGraph(name, gm, "export", tensors, inputs, in_spec, ep.call_spec.out_spec,
+                     batch, dynamic, device, model=model)
+    if dynamic:
+        low, high = batch_range(ep, max(batch, 2))
+        if low == 1 and not _holds_at_one(tg, model, args, batch):
+            low = 2  # batch 1 takes another path (0/1 specialisation hid it): calls at 1 run apart
+        tg.batch_range = (low, high)
+    else:
+        tg.batch_range = (batch, batch)
+    return tg
+
+
+def run_graph(tg: TenantGraph, args) -> list:
+    """The tenant's traced graph run eagerly on ``args``: its flat outputs."""
+    user = dict(zip((s.name for s in tg.inputs), pytree.tree_leaves(args)))
+    flat = [tg.tensors[n.name] if n.name in tg.tensors else user[n.name]
+            for n in tg.gm.graph.nodes if n.op == "placeholder"]
+    with torch.no_grad():
+        return list(tg.gm(*flat))
+
+
+def _holds_at_one(tg: TenantGraph, model, args, batch: int) -> bool:
+    """Whether the graph traced for batch >= 2 gives the model's own output at batch 1.
+
+    Export assumes every dynamic size is at least 2 and records no guard for it, so
+    ``y * 2 if x.shape[0] > 1 else y * 3`` traces as if batch 1 could not happen. One
+    row of the example through both tells (a test, not a proof: branches that agree on
+    this row are not told apart)."""
+    from .tolerances import assert_close
+
+    one = with_batch(args, 1, batch)
+    try:
+        with torch.no_grad():
+            expected = pytree.tree_leaves(model(*one))
+        assert_close(run_graph(tg, one), expected)
+    except Exception:  # noqa: BLE001 - a different value, or a graph that cannot run at 1
+        return False
+    return True
 
 
 def _from_fx(name, model, args, batch, device) -> TenantGraph:
@@ -199,7 +273,9 @@ def trace_tenant(name: str, model: torch.nn.Module, args: tuple) -> TenantGraph:
     batch = example_batch(args)
     with eval_mode(model), torch.no_grad():
         try:
-            return _from_export(name, model, args, batch, device)
+            tg = _from_export(name, model, args, batch, device)
+            tg.meta["example"] = args  # for the compile-time self-check (stfuse/selfcheck.py)
+            return tg
         except TraceError:
             raise
         except Exception as export_err:  # noqa: BLE001 - reported with the fallback's reason

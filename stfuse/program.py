@@ -46,10 +46,20 @@ class TenantSpec:
     out_spec: Any  # pytree spec of the model's output
     batch: int  # example batch size
     dynamic: bool  # batch size may change between calls
+    batch_range: tuple = (1, None)  # (low, high or None): batch sizes the traced graph holds for
 
     @classmethod
     def of(cls, tg: TenantGraph) -> TenantSpec:
-        return cls(tg.name, tuple(tg.inputs), tg.in_spec, tg.out_spec, tg.batch, tg.dynamic)
+        return cls(tg.name, tuple(tg.inputs), tg.in_spec, tg.out_spec, tg.batch, tg.dynamic,
+                   tuple(tg.batch_range))
+
+    def in_range(self, batch: int) -> bool:
+        low, high = self.batch_range
+        return not self.dynamic or (low <= batch and (high is None or batch <= high))
+
+    def describe_range(self) -> str:
+        low, high = self.batch_range
+        return f"[{low}, {'inf' if high is None else high}]"
 
 
 class Plan:
@@ -102,6 +112,7 @@ class Plan:
 
     def _stats(self) -> dict:
         from stfuse.passes import optable
+        from stfuse.passes.rows import rows_independent
 
         g = self.graph
         calls = [k for k, a in g.nodes(data=True) if a["kind"] == "call" and a["op_class"] != "view"]
@@ -120,6 +131,8 @@ class Plan:
             "launches_after": after,
             "coverage": round(len(fused) / len(fusable), 4) if fusable else 0.0,
             "flops": sum(g.nodes[k]["flops"] for k in calls),
+            # per tenant: may the runtime merge its requests along dim 0 (passes/rows.py)
+            "rows_independent": rows_independent(g),
         }
 
     def kernels(self) -> dict[str, str]:
@@ -253,7 +266,8 @@ class TenantCalls:
         if spec.in_spec != pytree.tree_flatten((None,))[1] or not spec.inputs[0].batched:
             return None
         s = spec.inputs[0]
-        return s.dtype, s.device, torch.Size(s.shape[1:]), len(s.shape)
+        low, high = spec.batch_range if spec.dynamic else (1, None)
+        return s.dtype, s.device, torch.Size(s.shape[1:]), len(s.shape), low, high or float("inf")
 
     @property
     def tenants(self) -> list[str]:
@@ -280,15 +294,24 @@ class TenantCalls:
         return dict(zip(active, self._execute(active, [inputs[t] for t in active])))
 
     def _execute(self, active: tuple, args) -> list:
-        flat, batch0, stacked = [], None, True
-        for name, a in zip(active, args):
+        flat, batch0, stacked, outside = [], None, True, {}
+        for i, (name, a) in enumerate(zip(active, args)):
             leaves, batch = self.check_inputs(name, a)
+            if not self._specs[name].in_range(batch):
+                outside[i] = leaves
+                continue
             flat += leaves
             if self._specs[name].dynamic:
                 if batch0 is None:
                     batch0 = batch
                 elif batch != batch0:
                     stacked = False
+        if outside:  # the traced graph does not hold at this batch size: those tenants run apart
+            inside = [i for i in range(len(active)) if i not in outside]
+            results = self._execute(tuple(active[i] for i in inside), [args[i] for i in inside]) if inside else []
+            done = dict(zip(inside, results))
+            done.update({i: self._outside_range(active[i], args[i], leaves) for i, leaves in outside.items()})
+            return [done[i] for i in range(len(active))]
         gm, counts = self._programs.get((active, stacked)) or self._program(active, stacked)
         with torch.no_grad():
             out = gm.forward(*flat)
@@ -306,6 +329,14 @@ class TenantCalls:
     def _program(self, active: tuple, stacked: bool):
         raise NotImplementedError
 
+    def _can_run_outside_range(self, name: str) -> bool:
+        """Whether a call of ``name`` outside its batch range can still run correctly."""
+        return False
+
+    def _outside_range(self, name: str, args, leaves: list):
+        """One tenant's output for a call outside its batch range (see FusedProgram)."""
+        raise NotImplementedError
+
     def check_inputs(self, name: str, args: Any) -> tuple[list, int]:
         """Validate one tenant's args; returns (flat tensors, batch size) or raises InputError."""
         if name not in self._specs:
@@ -313,9 +344,9 @@ class TenantCalls:
         ts = self._specs[name]
         fast = self._fast_in[name]
         if type(args) is torch.Tensor and fast is not None:
-            dtype, device, rest, ndim = fast
+            dtype, device, rest, ndim, low, high = fast
             if (args.dtype is dtype and args.dim() == ndim and args.shape[1:] == rest
-                    and args.shape[0] >= 1 and args.device == device):
+                    and low <= args.shape[0] <= high and args.device == device):
                 return [args], args.shape[0]
             leaves, spec = [args], ts.in_spec  # the checks below say what is wrong
         elif isinstance(args, torch.Tensor) and len(ts.inputs) == 1:
@@ -345,6 +376,12 @@ class TenantCalls:
                     raise InputError(f"{where}: batch size {x.shape[0]} differs from the "
                                      f"tenant's other inputs ({batch}) or is empty")
                 batch = x.shape[0]
+        if batch is not None and not ts.in_range(batch) and not self._can_run_outside_range(name):
+            arg = next(i for i, s in enumerate(ts.inputs) if s.batched)
+            raise InputError(f"tenant {name!r}, argument {arg} ({ts.inputs[arg].name}): batch size {batch} "
+                             f"is outside the range {ts.describe_range()} the program was traced for "
+                             "(the model depends on its batch size there), and the model is not "
+                             "available to trace again or to run eagerly")
         return leaves, batch if batch is not None else ts.batch
 
 
@@ -362,11 +399,53 @@ class FusedProgram(TenantCalls):
         if not self._direct:
             self._programs[(self._names, True)] = self._canonical
         self._lowering = threading.Lock()
+        # Tenants traced again for batch sizes outside their graph's range: name -> [FusedProgram]
+        self.respecialised: dict[str, list[FusedProgram]] = {}
+        self.outside_range_calls: dict[str, int] = {}  # per tenant, calls outside its traced range
+        self._eager_batches: dict[str, set[int]] = {}  # per tenant, batch sizes no trace holds for
+
+    MAX_RESPECIALISATIONS = 4  # per tenant; beyond, calls outside every traced range run eagerly
 
     @property
     def program(self) -> torch.fx.GraphModule:
         """The fx program running every tenant at one batch size, calling stfuse:: ops."""
         return self._canonical[0]
+
+    def _can_run_outside_range(self, name: str) -> bool:
+        return self._tenants[name].model is not None
+
+    def _outside_range(self, name: str, args, leaves: list):
+        """A call outside the batch range the tenant was traced for (the model branches on
+        its batch size): the tenant traced again at this batch size and compiled alone,
+        reused for every batch size in the new graph's range; the model itself, in eval
+        mode, where tracing fails or too many ranges were traced."""
+        from .frontend import eval_mode, trace_tenant
+
+        self.outside_range_calls[name] = self.outside_range_calls.get(name, 0) + 1
+        batch = next(x.shape[0] for x, s in zip(leaves, self._specs[name].inputs) if s.batched)
+        model = self._tenants[name].model
+        args = args if isinstance(args, tuple) else (args,)
+        with self._lowering:
+            progs = self.respecialised.setdefault(name, [])
+            prog = next((p for p in progs if p._specs[name].in_range(batch)), None)
+            eager = self._eager_batches.setdefault(name, set())
+            if prog is None and batch not in eager and len(progs) < self.MAX_RESPECIALISATIONS:
+                try:
+                    from .api import compile_tenants
+
+                    prog = compile_tenants({name: trace_tenant(name, model, args)})
+                    if prog._specs[name].in_range(batch):
+                        progs.append(prog)
+                    else:  # export traced something that does not hold at this batch either
+                        prog = None
+                except Exception:  # noqa: BLE001 - the model itself is correct by definition
+                    prog = None
+                if prog is None:
+                    eager.add(batch)  # not traced again: this batch size runs the model itself
+        if prog is not None:
+            return prog.run({name: args})[name]
+        with eval_mode(model), torch.no_grad():
+            return model(*args)
 
     def _program(self, active: tuple, stacked: bool):
         key = (active, stacked)

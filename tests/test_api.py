@@ -170,3 +170,67 @@ class BufferCounter(torch.nn.Module):
 def test_model_mutating_its_buffer_is_refused():
     with pytest.raises(StfuseError, match=r"tenant '0': .*overwrites parameter/buffer"):
         stfuse.compile([BufferCounter()], [torch.randn(2, 4)])
+
+
+class BranchOnBatch(torch.nn.Module):
+    """Branches on its batch size: export narrows the batch symbol's range (issue 11, item 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.l(x)
+        return y * 2 if x.shape[0] > 4 else y * 3
+
+
+def test_batch_branch_outside_traced_range_is_traced_again():
+    torch.manual_seed(0)
+    models = {"br": BranchOnBatch().eval(), "mlp": zoo.mlp(8, 16, 8)}
+    fused = stfuse.compile(models, example_inputs={"br": torch.randn(4, 8), "mlp": torch.randn(4, 8)})
+    assert fused._specs["br"].batch_range == (1, 4)
+    assert fused._specs["mlp"].batch_range == (1, None)
+    for batch in (8, 3, 12, 1, 5):  # both branches, each traced once
+        x, y = torch.randn(batch, 8), torch.randn(batch, 8)
+        out_br, out_mlp = fused(x, y)
+        assert_close(out_br, float64_reference(models["br"], (x,)), msg=f"batch {batch}")
+        assert_close(out_mlp, float64_reference(models["mlp"], (y,)), msg=f"batch {batch}")
+        assert_close(fused.run({"br": x})["br"], float64_reference(models["br"], (x,)))
+    assert len(fused.respecialised["br"]) == 1  # [5, inf) traced once, at the first call at 8
+    assert fused.outside_range_calls["br"] == 6
+    assert "mlp" not in fused.outside_range_calls
+
+
+def test_batch_branch_runs_eagerly_when_it_cannot_be_traced_again(monkeypatch):
+    torch.manual_seed(0)
+    model = BranchOnBatch().eval()
+    fused = stfuse.compile([model], [torch.randn(4, 8)])
+    monkeypatch.setattr(type(fused), "MAX_RESPECIALISATIONS", 0)
+    x = torch.randn(8, 8)
+    assert_close(fused(x)[0], float64_reference(model, (x,)))
+    assert fused.respecialised["0"] == []
+
+
+class BranchOnBatchOfOne(torch.nn.Module):
+    """Export assumes batch >= 2 and records no guard for it: the branch at 1 is hidden."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.l(x)
+        return y * 2 if x.shape[0] > 1 else y * 3
+
+
+def test_batch_branch_at_one_is_found_and_runs_apart():
+    torch.manual_seed(0)
+    model = BranchOnBatchOfOne().eval()
+    fused = stfuse.compile([model, zoo.mlp(8, 16, 8)], [torch.randn(4, 8), torch.randn(4, 8)])
+    assert fused._specs["0"].batch_range == (2, None)
+    assert fused._specs["1"].batch_range == (1, None)
+    for batch in (1, 3, 1):
+        x = torch.randn(batch, 8)
+        assert_close(fused.run({"0": x})["0"], float64_reference(model, (x,)), msg=f"batch {batch}")
+    assert fused.outside_range_calls == {"0": 2}
+    assert fused.respecialised == {"0": []} and fused._eager_batches == {"0": {1}}  # traced once only

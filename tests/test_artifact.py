@@ -326,3 +326,34 @@ def test_save_rejects_bad_subsets_and_fx_tenants(tmp_path):
     with pytest.raises(ArtifactError, match="tenant '1' was traced with torch.fx"):
         fused.save(tmp_path / "f")
     assert not (tmp_path / "s").exists() and not (tmp_path / "f").exists()
+
+
+class BranchOnBatch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.l(x)
+        return y * 2 if x.shape[0] > 4 else y * 3
+
+
+def test_loaded_program_checks_the_traced_batch_range(tmp_path):
+    """Traced at 4, the graph holds for batch 1-4 only (issue 11, item 6): the manifest
+    records the range; the loaded program has no model to trace again, so a call
+    outside the range raises, naming tenant, argument, range and batch."""
+    torch.manual_seed(0)
+    models = {"br": BranchOnBatch().eval(), "mlp": zoo.mlp(8, 16, 8)}
+    fused = stfuse.compile(models, {"br": torch.randn(4, 8), "mlp": torch.randn(4, 8)})
+    fused.save(tmp_path / "br")
+    m = json.loads((tmp_path / "br" / "manifest.json").read_text())
+    assert [t["batch_range"] for t in m["tenants"]] == [[1, 4], [1, None]]
+    prog = stfuse.load(tmp_path / "br")
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    assert _equal(prog(x, y), fused(x, y))
+    x, y = torch.randn(8, 8), torch.randn(8, 8)
+    with pytest.raises(InputError, match=r"tenant 'br', argument 0 \(x\): batch size 8 is outside "
+                                         r"the range \[1, 4\]"):
+        prog(x, y)
+    assert_close(prog.run({"mlp": y})["mlp"], fused.run({"mlp": y})["mlp"])  # other tenants still run
+    assert_close(fused(x, y)[0], models["br"](x))  # the compiled program traces it again

@@ -309,3 +309,77 @@ def test_group_call_with_unbatched_input_runs_directly():
     stats = group.stats()
     assert group.program is not None and stats["direct_calls"] >= 2, stats
     _all_fused(graphs())
+
+
+def test_many_models_of_one_class_all_run_through_stfuse():
+    """Dynamo shares one graph between same-shape models of one class; each model is one
+    set of weights of it, and none falls back to eager (a cap of 8 specialisations per
+    graph made the 9th model run eagerly: issue 11, item 8)."""
+    torch.manual_seed(0)
+    models = [zoo.mlp(8, 16, 4) for _ in range(MAX_SPECIALIZATIONS + 3)]
+    compiled = [torch.compile(m, backend="stfuse") for m in models]
+    x = torch.randn(2, 8)
+    for _ in range(2):
+        for m, c in zip(models, compiled):
+            assert_close(_run(c, x), float64_reference(m, (x,)))
+    assert len(graphs()) == 1 and graphs()[0].stats["traces"] == len(models)
+    _all_fused(graphs())
+
+
+class Sized(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, width), nn.Linear(width, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_dynamo_recompile_limit_is_counted_and_warned_once(caplog):
+    """Models of one class but other sizes: Dynamo guards parameter shapes, so each is one
+    more graph of the same function; past its recompile limit Dynamo runs the rest eagerly
+    without calling the backend. That must show in the counters, with one warning."""
+    from stfuse.backend import totals
+
+    torch.manual_seed(0)
+    models = [Sized(w) for w in (8, 12, 16, 20)]
+    compiled = [torch.compile(m, backend="stfuse") for m in models]
+    x = torch.randn(2, 8)
+    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level("WARNING", logger="stfuse.backend"):
+        for _ in range(2):
+            for m, c in zip(models, compiled):
+                assert_close(_run(c, x), float64_reference(m, (x,)))  # eager is still right
+    t = totals()
+    assert t["graphs"] == 2 and t["stfuse_calls"] == 4 and t["eager_calls"] == 0
+    assert t["dynamo_fallbacks"] >= 2 and all(cg.stats["dynamo_fallbacks"] >= 1 for cg in graphs())
+    warned = [r for r in caplog.records if "recompile_limit" in r.getMessage() and r.name == "stfuse.backend"]
+    assert len(warned) == 1 and "'forward'" in warned[0].getMessage()
+
+
+def test_graphs_forget_models_whose_weights_were_freed():
+    import gc
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    c = torch.compile(zoo.mlp(8, 16, 4), backend="stfuse")
+    _run(c, x)
+    del c
+    gc.collect()
+    m = zoo.mlp(8, 16, 4)
+    assert_close(_run(torch.compile(m, backend="stfuse"), x), float64_reference(m, (x,)))
+    assert len(graphs()) == 1 and len(graphs()[0].members) == 1
+
+
+def test_parameter_shapes_made_dynamic_share_one_graph_across_model_sizes():
+    """The way around Dynamo's per-size graphs (docs/backend.md): with parameter shapes
+    dynamic, models of every size share one graph, and each still runs its own program."""
+    torch.manual_seed(0)
+    models = [Sized(w) for w in range(8, 8 + 4 * 10, 4)]
+    compiled = [torch.compile(m, backend="stfuse") for m in models]
+    x = torch.randn(2, 8)
+    with torch._dynamo.config.patch(force_parameter_static_shapes=False,
+                                    force_nn_module_property_static_shapes=False):
+        for m, c in zip(models, compiled):
+            assert_close(_run(c, x), float64_reference(m, (x,)))
+    assert len(graphs()) == 2  # the first size, then one graph for every other size
+    _all_fused(graphs())

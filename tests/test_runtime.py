@@ -669,3 +669,80 @@ def test_stats_report_every_tenant():
     assert sum(n * c for n, c in mlp["batch_sizes"].items()) == 6 and mlp["queued"] == 0
     rt.reset_stats()
     assert rt.stats()["served"] == 0
+
+
+class Center(nn.Module):
+    """Mixes rows: each output row depends on every row of its batch (issue 11, item 7)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.l(x)
+        return y - y.mean(0)
+
+
+def test_requests_of_a_tenant_that_mixes_rows_are_never_merged():
+    torch.manual_seed(0)
+    models = {"center": Center().eval(), "mlp": zoo.mlp(8, 16, 8)}
+    fused = stfuse.compile(models, {t: torch.randn(4, 8) for t in models})
+    assert fused.plan.stats["rows_independent"] == {"center": False, "mlp": True}
+    gate, entered = threading.Event(), threading.Event()
+
+    class Held:  # the compiled program (and its plan) behind a gate
+        tenants, plan, calls = fused.tenants, fused.plan, []
+
+        def run(self, inputs):
+            self.calls.append({t: a[0].shape[0] for t, a in inputs.items()})
+            entered.set()
+            assert gate.wait(TIMEOUT)
+            return fused.run(inputs)
+
+    prog = Held()
+    with Runtime(prog, "batch", slice_ms=0.0, profile=cheap_fusion(fused.tenants)) as rt:
+        first = rt.submit("mlp", torch.randn(1, 8))
+        assert entered.wait(TIMEOUT)
+        sent = [(t, torch.randn(2, 8)) for _ in range(4) for t in ("center", "mlp")]
+        futs = [rt.submit(t, a) for t, a in sent]
+        gate.set()
+        settle(futs + [first])
+        stats = rt.stats()
+    for (t, a), f in zip(sent, futs):
+        assert_close(f.result(), float64_reference(models[t], (a,)), msg=f"tenant {t}")
+    assert [c["center"] for c in prog.calls if "center" in c] == [2, 2, 2, 2]  # one request each
+    assert [c["mlp"] for c in prog.calls[1:] if "mlp" in c] == [8]  # four requests merged
+    assert stats["tenants"]["center"]["merges_requests"] is False
+    assert stats["tenants"]["mlp"]["merges_requests"] is True
+
+
+class BranchOnBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.l(x)
+        return y * 2 if x.shape[0] > 4 else y * 3
+
+
+def test_launches_stay_inside_a_loaded_tenants_batch_range(tmp_path):
+    """A tenant traced for batch 1-4 (it branches on its batch size): a loaded artifact
+    cannot trace it again, so the runtime never merges more than 4 rows of it."""
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    models = {"br": BranchOnBatch().eval(), "mlp": zoo.mlp(8, 16, 8)}
+    stfuse.compile(models, {t: torch.randn(4, 8) for t in models}).save(tmp_path / "br")
+    prog = stfuse.load(tmp_path / "br")
+    examples = {t: torch.randn(2, 8) for t in models}
+    with Runtime(prog, "batch", max_batch=16, slice_ms=1.0, example_inputs=examples, profile_reps=1) as rt:
+        prog_run, calls = prog.run, []
+        prog.run = lambda inputs: calls.append({t: a[0].shape[0] for t, a in inputs.items()}) or prog_run(inputs)
+        sent = [(t, torch.randn(2, 8)) for _ in range(6) for t in models]
+        futs = [rt.submit(t, a) for t, a in sent]
+        settle(futs)
+        stats = rt.stats()
+    for (t, a), f in zip(sent, futs):
+        assert_close(f.result(), float64_reference(models[t], (a,)), msg=f"tenant {t}")
+    assert max(c["br"] for c in calls if "br" in c) <= 4
+    assert stats["tenants"]["br"]["retries"] == 0 and stats["tenants"]["br"]["failed"] == 0

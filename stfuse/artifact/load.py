@@ -54,6 +54,9 @@ def _check_manifest(path, manifest) -> None:
     if not names or len(set(names)) != len(names):
         _fail(path, f"{MANIFEST}: tenant names {names[:5]} are empty or repeated")
     for t in manifest["tenants"]:
+        low, high = t["batch_range"]
+        if low < 0 or (high is not None and high < low):
+            _fail(path, f"{MANIFEST}: tenant {t['name']!r} has an invalid batch range {t['batch_range']}")
         for i in t["inputs"]:
             if i["dtype"] not in DTYPES or min(i["shape"], default=0) < 0:
                 _fail(path, f"{MANIFEST}: tenant {t['name']!r}: input {i['name']!r} has an invalid "
@@ -151,7 +154,7 @@ def _tenant_specs(manifest, device) -> dict[str, TenantSpec]:
             raise ArtifactError(f"tenant {name!r}: its pytree spec has {in_spec.num_leaves} inputs, "
                                 f"the manifest lists {len(inputs)}")
         specs[name] = TenantSpec(name, inputs, in_spec, _treespec(t["out_spec"], name),
-                                 t["batch"], t["dynamic"])
+                                 t["batch"], t["dynamic"], tuple(t["batch_range"]))
     return specs
 
 

@@ -45,6 +45,7 @@ def _spec_record(spec, examples) -> dict:
                             f"as JSON ({err}); register the type with torch.utils._pytree "
                             "with a serialized_type_name") from err
     return {"name": spec.name, "batch": spec.batch, "dynamic": spec.dynamic,
+            "batch_range": list(spec.batch_range),  # checked on every call (TenantSpec.in_range)
             "device": str(spec.inputs[0].device) if spec.inputs else "cpu",
             "inputs": [{"name": s.name, "shape": list(s.shape), "batched": s.batched,
                         "dtype": str(s.dtype).removeprefix("torch."), "value_range": r}

@@ -49,7 +49,7 @@ def conform(value, schema, where: str) -> None:
     """Check JSON ``value`` against ``schema``: ``int``/``str``/``bool``/``NUM``;
     ``[item]`` a list of items; ``(a, b, c)`` a list of exactly these; ``{"*": item}``
     a map from strings to items; ``{field: schema}`` an object with (at least)
-    these fields; ``Opt(schema)`` that or null. The recursion follows the schema,
+    these fields (a field whose schema is ``Opt`` may be missing); ``Opt(schema)`` that or null. The recursion follows the schema,
     never the data, so its depth is bounded whatever the data holds."""
     if isinstance(schema, Opt):
         if value is None:
@@ -74,6 +74,8 @@ def conform(value, schema, where: str) -> None:
         else:
             for k, s in schema.items():
                 if k not in value:
+                    if isinstance(s, Opt):
+                        continue  # an optional field may be missing as well as null
                     raise ArtifactError(f"{where}: missing field {k!r}")
                 conform(value[k], s, f"{where}.{k}")
     else:
@@ -94,7 +96,7 @@ def _kind(value) -> str:
 _FILE = {"bytes": int, "sha256": str}
 _INPUT = {"name": str, "shape": [int], "batched": bool, "dtype": str, "value_range": Opt((int, int))}
 _TENANT = {"name": str, "batch": int, "dynamic": bool, "device": str, "inputs": [_INPUT],
-           "in_spec": str, "out_spec": str}
+           "in_spec": str, "out_spec": str, "batch_range": (int, Opt(int))}
 _PROGRAM = {"file": str, "tenants": [str], "stacked": bool, "counts": [int], "weights": [str],
             "kernels": [(str, str)]}
 _VIEW = {"storage": str, "offset": int, "shape": [int], "stride": [int], "dtype": str}
@@ -104,7 +106,9 @@ MANIFEST_SCHEMA = {
     "kernel_hashes": {"*": str}, "files": {"*": _FILE}}
 
 _STATS = {k: int for k in ("tenants", "ops", "fusable_ops", "fused_ops", "fused_groups",
-                           "launches_before", "launches_after")} | {"coverage": NUM, "flops": NUM}
+                           "launches_before", "launches_after")} | {
+    "coverage": NUM, "flops": NUM, "rows_independent": Opt({"*": bool}),
+    "self_check": Opt({"unfused": [str], "reasons": {"*": str}, "still_differ": [str]})}
 PLAN_SCHEMA = {
     "stats": _STATS,
     "passes": [{"name": str, "ms": NUM, "nodes": int, "groups": int}],

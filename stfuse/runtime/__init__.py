@@ -9,7 +9,9 @@
 
 One worker thread owns the device. Whenever it is idle it asks the policy's
 `Scheduler` (stfuse/scheduler.py) for a decision over the queues, pops the
-chosen requests, concatenates each tenant's requests along dim 0, calls
+chosen requests, concatenates each tenant's requests along dim 0 (only for
+tenants whose rows are independent, plan.stats["rows_independent"]; the
+others run one request per launch), calls
 `fused.run` once, and splits every tensor leaf of each output back along
 dim 0 per request. When a call raises, each tenant is retried alone, then
 each request alone, so the fault stays with the request that caused it.
@@ -37,6 +39,17 @@ __all__ = ["Runtime", "QueueFullError", "RuntimeClosedError", "measure_profile",
 
 DEFAULT_SLO_MS = 100.0  # for tenants that slo_ms does not name
 DEFAULT_MAX_QUEUE = 1024  # requests per tenant before submit() pushes back
+
+
+def rows_independent(fused) -> set[str]:
+    """The tenants whose requests may be concatenated along dim 0: from the plan's
+    ``rows_independent`` (FusedProgram and loaded artifacts); none for a plan without it
+    (an older artifact); every tenant for a program without a plan (a test double)."""
+    plan = getattr(fused, "plan", None)
+    if plan is None:
+        return set(fused.tenants)
+    rows = plan.stats.get("rows_independent") or {}
+    return {t for t in fused.tenants if rows.get(t, False)}
 
 
 class QueueFullError(StfuseError):
@@ -123,7 +136,13 @@ class Runtime:
         self._work = threading.Condition(self._lock)  # the worker waits here for requests
         self._room = threading.Condition(self._lock)  # blocked submitters wait here for queue space
         self._queues: dict[str, deque[_Request]] = {t: deque() for t in self.tenants}
-        self._unbatchable: set[str] = set()
+        # Tenants whose requests are never merged: rows that depend on each other
+        # (plan.stats["rows_independent"], passes/rows.py), or outputs that cannot be split.
+        self._unbatchable: set[str] = set(self.tenants) - rows_independent(fused)
+        # Most rows per launch of tenants traced for a bounded batch range (issue 11, item 6):
+        # a loaded artifact refuses more, a compiled program would trace the tenant again.
+        self._row_cap = {t: spec.batch_range[1] for t, spec in getattr(fused, "_specs", {}).items()
+                         if spec.dynamic and spec.batch_range[1] is not None}
         self._closed = False
         self.error: BaseException | None = None  # what stopped the worker, if anything did
         self._cancelled_some = False
@@ -181,6 +200,7 @@ class Runtime:
             snap = self._stats.snapshot()
         for t, n in queued.items():
             snap["tenants"][t]["queued"] = n
+            snap["tenants"][t]["merges_requests"] = t not in self._unbatchable
         snap["policy"] = self.policy
         return snap
 
@@ -291,11 +311,14 @@ class Runtime:
                 for t, k in decision.take.items():
                     queue = self._queues[t]
                     k = min(k, 1) if t in self._unbatchable else k
-                    got = []
+                    got, rows, cap = [], 0, self._row_cap.get(t)
                     while queue and len(got) < k:
+                        if got and cap is not None and rows + queue[0].rows > cap:
+                            break  # more rows than the tenant's traced batch range holds
                         r = queue.popleft()
                         if r.future.set_running_or_notify_cancel():
                             got.append(r)
+                            rows += r.rows
                         else:
                             with self._stats_lock:
                                 self._stats.count(t, "cancelled")
@@ -355,7 +378,8 @@ class Runtime:
     def _run_group(self, batch: dict[str, list[_Request]], pad_to: int | None = None) -> None:
         """One call of the program for `batch`; on failure, isolate the fault by retrying smaller groups."""
         start = time.perf_counter()
-        if pad_to is not None and (len(batch) < 2 or self._unbatchable.intersection(batch)):
+        if pad_to is not None and (len(batch) < 2 or self._unbatchable.intersection(batch)
+                                   or any(self._row_cap.get(t, pad_to) < pad_to for t in batch)):
             pad_to = None
         try:
             inputs = {t: concat([r.args for r in reqs]) for t, reqs in batch.items()}

@@ -1,0 +1,112 @@
+"""The compile-time self-check: the last line of defence of the correctness rule.
+
+After the pass pipeline, the fused program runs on each tenant's example
+inputs (and on those rows repeated to another batch size) and is compared with
+the tenant's own traced graph run eagerly, within the tolerance table. What
+cannot be shown correct runs unfused: a tenant whose outputs differ (or whose
+call raises) has its members taken out of every fusion group, the pipeline
+runs again, and ``plan.stats["self_check"]`` records which tenants and why.
+
+It checks fusion, not tracing: the reference is the traced graph, the same
+program stfuse would run for that tenant alone without any fusion.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.utils._pytree as pytree
+
+from .frontend import TenantGraph, run_graph, with_batch
+from .tolerances import assert_close
+
+
+def example_args(tg: TenantGraph) -> tuple:
+    """The tenant's example inputs as traced, or tensors of the example shapes
+    (normal floats, zero integers: a valid index for any embedding)."""
+    if "example" in tg.meta:
+        return tg.meta["example"]
+    gen = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(s.shape, generator=gen).to(s.dtype).to(s.device) if s.dtype.is_floating_point
+              else torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in tg.inputs]
+    return pytree.tree_unflatten(leaves, tg.in_spec)
+
+
+def traced_outputs(tg: TenantGraph, args: tuple) -> list:
+    """The tenant's traced graph run eagerly on ``args``: its flat outputs."""
+    return run_graph(tg, args)
+
+
+def _other_batch(tg: TenantGraph) -> int | None:
+    """Another batch size inside the tenant's range (odd, so rows do not pair up), or None."""
+    if not tg.dynamic:
+        return None
+    low, high = tg.batch_range
+    for b in (tg.batch + 3, tg.batch + 1, tg.batch - 1):
+        if b >= max(low, 1) and (high is None or b <= high) and b != tg.batch:
+            return b
+    return None
+
+
+def _reduction_k(fused, tenant: str) -> int:
+    """The longest dot product of the tenant's fused linear/conv members: K > LONG_K loosens
+    float32 to the long-reduction tolerance of the table."""
+    g = fused.graph
+    k = 0
+    for grp in g.graph["groups"].values():
+        for m in grp.members:
+            a = g.nodes[m]
+            if a["tenant"] != tenant or a["op_class"] not in ("linear", "conv2d"):
+                continue
+            w = g.nodes[a["args"][1].key]["shape"] if len(a["args"]) > 1 and hasattr(a["args"][1], "key") else None
+            if w:
+                k = max(k, math.prod(w[1:]))
+    return k
+
+
+def _differs(out, ref, k: int, tf32: bool) -> str | None:
+    try:
+        assert_close(pytree.tree_leaves(out), ref, k=k, tf32=tf32)
+    except AssertionError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        return " ".join(ln for ln in lines if not ln.startswith("Mismatched elements"))[:240]
+    return None
+
+
+def mismatches(fused) -> dict[str, str]:
+    """{tenant: why} for every tenant whose fused outputs differ from its traced graph's
+    (or whose call raises), at the example batch and at another batch size."""
+    tenants: dict[str, TenantGraph] = fused.graph.graph["tenants"]
+    checked = {t: tg for t, tg in tenants.items() if tg.method == "export"}
+    bad: dict[str, str] = {}
+    if not checked:
+        return bad
+    cases = [{t: example_args(tg) for t, tg in checked.items()}]
+    other = {t: with_batch(cases[0][t], b, tg.batch) if (b := _other_batch(tg)) is not None
+             else cases[0][t] for t, tg in checked.items()}
+    if any(_other_batch(tg) is not None for tg in checked.values()):
+        cases.append(other)  # all tenants again: the same program a mixed call lowers
+    for inputs in cases:
+        try:
+            outs = fused.run(inputs)
+        except Exception:  # noqa: BLE001 - find the tenants that raise, one at a time
+            outs = {}
+            for t, args in inputs.items():
+                try:
+                    outs[t] = fused.run({t: args})[t]
+                except Exception as err:  # noqa: BLE001
+                    bad.setdefault(t, f"the fused program raises {type(err).__name__}: {err}"[:200])
+        for t, out in outs.items():
+            if t in bad:
+                continue
+            tg = checked[t]
+            try:
+                ref = traced_outputs(tg, inputs[t])
+            except Exception:  # noqa: BLE001, S112 - the traced graph does not run alone: nothing to compare
+                continue
+            why = _differs(out, ref, _reduction_k(fused, t), tg.device.type == "cuda")
+            if why is not None:
+                batch = pytree.tree_leaves(inputs[t])[0].shape[0] if tg.inputs else tg.batch
+                bad[t] = f"at batch {batch}: {why}"
+    return bad

@@ -1,0 +1,64 @@
+"""stfuse/selfcheck.py: the compile-time self-check runs unfused what it cannot show
+correct (issue 11, item 9)."""
+
+import dataclasses
+
+import torch
+
+import stfuse
+from stfuse import zoo
+from stfuse.kernels import ops
+
+from conftest import check_tenants
+
+
+def _break(monkeypatch, name, shift):
+    """A fused kernel with a bug: its output off by ``shift`` (on the CPU path)."""
+    good = ops.OPS[name]
+
+    def wrong(*args, **kwargs):
+        out = good.reference(*args, **kwargs)
+        return [o + shift for o in out] if isinstance(out, (list, tuple)) else out + shift
+
+    monkeypatch.setitem(ops.OPS, name, dataclasses.replace(good, reference=wrong))
+
+
+def test_a_correct_plan_passes_the_check_unchanged():
+    torch.manual_seed(0)
+    models = [zoo.mlp(8, 16, 4), zoo.mlp(8, 16, 4)]
+    fused = stfuse.compile(models, [torch.randn(3, 8), torch.randn(3, 8)])
+    assert fused.plan.stats["self_check"] == {"unfused": [], "reasons": {}, "still_differ": []}
+    assert fused.plan.stats["coverage"] == 1.0
+
+
+def test_a_wrong_fused_kernel_leaves_its_tenants_unfused(monkeypatch):
+    _break(monkeypatch, "stacked_linear", 1.0)
+    torch.manual_seed(0)
+    models = {"a": zoo.mlp(8, 16, 4), "b": zoo.mlp(8, 16, 4), "c": zoo.cnn(4, 3).eval()}
+    args = {"a": torch.randn(3, 8), "b": torch.randn(3, 8), "c": torch.randn(3, 3, 8, 8)}
+    fused = stfuse.compile(models, args)
+    check = fused.plan.stats["self_check"]
+    assert check["unfused"] == ["a", "b"] and check["still_differ"] == []
+    assert "batch 3" in check["reasons"]["a"]
+    assert all(fused.graph.nodes[m]["tenant"] == "c" for grp in fused.plan.groups.values() for m in grp.members)
+    assert "ungroup_tenants" in [r.name for r in fused.plan.history]
+    check_tenants(fused, list(models.values()), [(a,) for a in args.values()])
+
+
+def test_a_kernel_wrong_only_at_another_batch_size_is_caught(monkeypatch):
+    """Rows concatenated to another batch size: a kernel right at the example batch only."""
+    good = ops.OPS["stacked_linear"]
+
+    def wrong_unless_3(x, *rest):
+        out = good.reference(x, *rest)
+        return out if x.shape[1] == 3 else out * 2
+
+    monkeypatch.setitem(ops.OPS, "stacked_linear", dataclasses.replace(good, reference=wrong_unless_3))
+    torch.manual_seed(0)
+    models = [zoo.mlp(8, 16, 4), zoo.mlp(8, 16, 4)]
+    args = [torch.randn(3, 8), torch.randn(3, 8)]
+    fused = stfuse.compile(models, args)
+    assert fused.plan.stats["self_check"]["unfused"] == ["0", "1"]
+    assert "batch 6" in fused.plan.stats["self_check"]["reasons"]["0"]
+    x = torch.randn(5, 8)
+    check_tenants(fused, models, [(x,), (x,)])
