@@ -273,6 +273,8 @@ def _deep(m):
     (lambda m: next(iter(m["tensors"].values())).update(stride=[-1, 1]), "does not fit its storage"),
     (lambda m: next(iter(m["tensors"].values())).update(offset=10 ** 30), "does not fit its storage"),
     (lambda m: m.update(format_version="2"), "invalid format version"),
+    (lambda m: m["tenants"][0].update(batch_range=[3, 1]), "invalid batch range"),
+    (lambda m: m["tenants"][0].update(batch_range=[1]), "batch_range: expected a list of 2"),
 ])
 def test_malformed_manifest(saved, tmp_path, edit, pattern):
     d = tmp_path / "m"
@@ -295,6 +297,7 @@ def test_deeply_nested_manifest(saved, tmp_path):
     (lambda p: p["stats"].update(coverage="all"), "coverage: expected a number"),
     (lambda p: next(iter(p["tenants"].values()))["edges"].append([0, 999]), "edge to a node"),
     (lambda p: p.update(passes=None), "passes: expected a list"),
+    (lambda p: p["stats"].update(rows_independent={"0": "yes"}), "expected a boolean"),
 ])
 def test_malformed_plan(saved, tmp_path, edit, pattern):
     """Refused by load and by ``stfuse inspect`` (one line, exit 1), not a KeyError later."""
