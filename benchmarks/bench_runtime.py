@@ -48,7 +48,7 @@ from stfuse import zoo
 from stfuse.runtime import QueueFullError, Runtime, measure_profile
 from stfuse.runtime.simulate import SimRequest, simulate
 from stfuse.runtime.stats import percentile
-from stfuse.scheduler import POLICIES, make_scheduler
+from stfuse.runtime.policies import POLICIES, make_scheduler
 
 MODELS = {  # name: (model factory, input shape without the batch dimension)
     "mlp-small": (lambda: zoo.mlp(64, 256, 10, depth=3), (64,)),

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import threading
 import weakref
 from dataclasses import dataclass
@@ -63,7 +62,6 @@ MAX_SPECIALIZATIONS = 8
 # class and shape (their weights are graph inputs), so each model is one weight set:
 # a cap of 8 in all made the 9th model of a class run eagerly (issue 11, item 8).
 MAX_MODELS = 256
-LIVE_SLICES, LIVE_S = 50, 1.0  # the "slice" policy waits only for tenants called this recently
 
 # One lock for everything that traces, compiles or changes membership (rare);
 # calls that find their program take no lock. The registries have their own lock,
@@ -291,68 +289,6 @@ class _Counted:
         return out
 
 
-def _one_request_each(inner):
-    """``inner``'s decisions with at most one request per tenant in a launch.
-
-    The runtime would otherwise concatenate a tenant's queued requests along dim
-    0, which is right only for models whose rows are independent; a Dynamo graph
-    promises no such thing.
-    """
-    from stfuse.scheduler import Launch, Scheduler
-
-    class OneRequestEach(Scheduler):
-        name = inner.name
-
-        def __init__(self):
-            super().__init__(inner.tenants, slice_s=inner.slice_s, max_batch=inner.max_batch,
-                             profile=inner.profile, slo_s=inner.slo_s)
-
-        def decide(self, queues, now, flush=False):
-            d = inner.decide(queues, now, flush)
-            return Launch({t: 1 for t in d.take}, d.mode) if isinstance(d, Launch) else d
-
-    return OneRequestEach()
-
-
-def _slice_policy(tenants: list[str], slice_s: float):
-    """The group's default policy: every call arriving within one slice joins one launch.
-
-    Launch when every *live* tenant has a call queued, or when the oldest queued
-    call has waited one slice; take the oldest call of every tenant with work. A
-    tenant is live when it had a call within the last LIVE_SLICES slices (at
-    least LIVE_S seconds): a group keeps tenants that no longer get calls (the
-    static graph of a model Dynamo has since recompiled with a dynamic batch),
-    and waiting for those would hold every call a full slice. Unlike
-    "space-time" it does not weigh the launch against a latency profile, so calls
-    that share a slice are always fused.
-    """
-    from stfuse.scheduler import Launch, Scheduler, Wait
-
-    horizon = max(LIVE_S, LIVE_SLICES * slice_s)
-
-    class SliceScheduler(Scheduler):
-        name = "slice"
-
-        def __init__(self):
-            super().__init__(tenants, slice_s=slice_s)
-            self.seen: dict[str, float] = {}  # tenant -> arrival of its latest call seen
-
-        def decide(self, queues, now, flush=False):
-            busy = self._busy(queues)
-            if not busy:
-                return None
-            for t in busy:
-                self.seen[t] = max(self.seen.get(t, -math.inf), queues[t][-1].arrival)
-            live = {t for t, at in self.seen.items() if now - at <= horizon}
-            if not flush and not live <= set(busy):
-                until = min(queues[t][0].arrival for t in busy) + self.slice_s
-                if until > now:
-                    return Wait(until)
-            return Launch({t: 1 for t in busy})
-
-    return SliceScheduler()
-
-
 def _warm(fused: FusedProgram) -> None:
     """Run every tenant together and each alone once, on zeros of the example shapes.
 
@@ -396,11 +332,10 @@ class Group:
             raise StfuseError(f"a group needs a non-empty name, got {name!r}")
         if slice_ms < 0:
             raise StfuseError(f"group {name!r}: slice_ms must be >= 0, got {slice_ms}")
-        from stfuse.scheduler import POLICIES
+        from stfuse.runtime.policies import POLICIES
 
-        if policy != "slice" and policy not in POLICIES:
-            raise StfuseError(f"group {name!r}: unknown policy {policy!r}; expected 'slice' "
-                              f"or one of {POLICIES}")
+        if policy not in POLICIES:
+            raise StfuseError(f"group {name!r}: unknown policy {policy!r}; expected one of {POLICIES}")
         self.name, self.slice_ms, self.policy, self.slo_ms = name, float(slice_ms), policy, slo_ms
         self.members: dict[str, Member] = {}
         self.program: FusedProgram | None = None
@@ -463,7 +398,8 @@ class Group:
 
     def _rebuild(self, names: tuple[str, ...]) -> None:
         from stfuse.runtime import DEFAULT_SLO_MS, Runtime
-        from stfuse.scheduler import LatencyProfile, make_scheduler
+        from stfuse.runtime.policies import OneRequestEach, make_scheduler
+        from stfuse.runtime.profile import LatencyProfile
 
         old, self._runtime, self.program, self.error = self._runtime, None, None, None
         if old is not None:
@@ -478,12 +414,10 @@ class Group:
             _warm(fused)
             slo = self.slo_ms if self.slo_ms is not None else DEFAULT_SLO_MS
             big = 2**31 - 1  # one request per tenant per launch (below): rows are never capped
-            if self.policy == "slice":
-                policy = _slice_policy(list(names), self.slice_ms / 1e3)
-            else:
-                policy = _one_request_each(make_scheduler(
-                    self.policy, list(names), slice_s=self.slice_ms / 1e3, max_batch=big,
-                    profile=LatencyProfile({}, {}), slo_s={n: slo / 1e3 for n in names}))
+            # A Dynamo graph promises nothing about its rows: one request per tenant per launch.
+            policy = OneRequestEach(make_scheduler(
+                self.policy, list(names), slice_s=self.slice_ms / 1e3, max_batch=big,
+                profile=LatencyProfile({}, {}), slo_s={n: slo / 1e3 for n in names}))
             self._runtime = Runtime(_Counted(fused, self), policy, slice_ms=self.slice_ms,
                                     slo_ms=slo, max_batch=big)
             self.program = fused

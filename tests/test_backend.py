@@ -10,15 +10,14 @@ import threading
 import pytest
 import torch
 import torch.nn as nn
+from conftest import float64_reference
+from test_horizontal import Attention, Inception
 
 import stfuse
 from stfuse import zoo
 from stfuse.backend import MAX_SPECIALIZATIONS, graphs, reset
 from stfuse.errors import StfuseError
-
-from conftest import float64_reference
 from stfuse.tolerances import assert_close
-from test_horizontal import Attention, Inception
 
 
 @pytest.fixture(autouse=True)
@@ -251,37 +250,6 @@ def test_group_lone_call_runs_alone():
     after = group.stats()
     assert after["launches"] == before["launches"] + 1
     assert after["fused_launches"] == before["fused_launches"]
-
-
-def test_slice_policy_waits_one_slice_for_live_tenants_only():
-    """The group's default policy on a fake clock: fuse what shares a slice, never hold a
-    call longer than one slice, and do not wait for tenants that get no calls."""
-    from collections import deque
-    from types import SimpleNamespace
-
-    from stfuse.backend import _slice_policy
-    from stfuse.scheduler import Launch, Wait
-
-    policy = _slice_policy(["a", "b", "idle"], slice_s=0.010)
-
-    def call(t):
-        return SimpleNamespace(arrival=t, deadline=t + 1.0, rows=1)
-
-    queues = {"a": deque([call(0.0)]), "b": deque(), "idle": deque()}
-    # nobody else was ever seen: a lone first call runs at once
-    assert policy.decide(queues, 0.0) == Launch({"a": 1})
-    queues = {"a": deque(), "b": deque([call(0.1)]), "idle": deque()}
-    assert policy.decide(queues, 0.1) == Wait(0.1 + 0.010)  # a is live: b waits one slice for it
-    assert policy.decide(queues, 0.1 + 0.010) == Launch({"b": 1})
-    # both live: a's call waits for b's, at most one slice
-    queues = {"a": deque([call(0.2)]), "b": deque(), "idle": deque()}
-    assert policy.decide(queues, 0.2) == Wait(0.2 + 0.010)
-    queues["b"].append(call(0.205))
-    assert policy.decide(queues, 0.205) == Launch({"a": 1, "b": 1})  # fused; "idle" is not waited for
-    queues = {"a": deque([call(0.3)]), "b": deque(), "idle": deque()}
-    assert policy.decide(queues, 0.3) == Wait(0.3 + 0.010)
-    assert policy.decide(queues, 0.3 + 0.010) == Launch({"a": 1})  # the slice expired: alone
-    assert policy.decide(queues, 0.3, flush=True) == Launch({"a": 1})  # closing never waits
 
 
 class Masked(nn.Module):

@@ -23,7 +23,8 @@ import stfuse
 from stfuse import zoo
 from stfuse.errors import InputError, StfuseError
 from stfuse.runtime import QueueFullError, Runtime, RuntimeClosedError, measure_profile
-from stfuse.scheduler import POLICIES, LatencyProfile, Scheduler
+from stfuse.runtime.policies import POLICIES, Scheduler
+from stfuse.runtime.profile import LatencyProfile
 from stfuse.tolerances import assert_close
 
 from conftest import float64_reference

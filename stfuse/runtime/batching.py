@@ -10,7 +10,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from stfuse.errors import InputError, StfuseError
-from stfuse.scheduler import LatencyProfile
+from stfuse.runtime.profile import LatencyProfile
 
 
 class Unsplittable(StfuseError):

@@ -1,6 +1,6 @@
 """The runtime on a fake clock: a policy's decisions against a device whose latencies come from a profile.
 
-tests/test_scheduler.py checks every policy with it, without threads or sleeping.
+tests/test_policies.py checks every policy with it, without threads or sleeping.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Iterable, Mapping
 
 from stfuse.errors import StfuseError
 from stfuse.runtime.stats import StatsRecorder
-from stfuse.scheduler import LatencyProfile, Scheduler, Wait
+from stfuse.runtime.policies import Scheduler, Wait
+from stfuse.runtime.profile import LatencyProfile
 
 
 @dataclass

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from types import SimpleNamespace
 
 import pytest
 
 from stfuse.errors import StfuseError
+from stfuse.runtime.policies import POLICIES, Dispatch, Wait, make_scheduler
+from stfuse.runtime.profile import LatencyProfile
 from stfuse.runtime.simulate import SimRequest, simulate
 from stfuse.runtime.stats import StatsRecorder, percentile
-from stfuse.scheduler import POLICIES, LatencyProfile, Launch, Wait, make_scheduler
 
 MS = 1e-3
 
@@ -118,20 +120,20 @@ def test_unknown_policy_is_an_stfuse_error():
 def test_batch_policy_picks_earliest_deadline():
     s = scheduler("batch", "ab")
     qs = queues("ab", a=[req("a", 0.0, 50 * MS)], b=[req("b", 1 * MS, 19 * MS)])
-    assert s.decide(qs, 10 * MS) == Launch({"b": 1})
+    assert s.decide(qs, 10 * MS) == Dispatch({"b": 1})
 
 
 def test_space_time_refuses_unprofitable_fusion_and_runs_earliest_deadline_alone():
     # fusing a and b costs 10x their fixed costs together: worse than two launches
     s = scheduler("space-time", "ab", profile("ab", fused_fixed=20 * MS))
     qs = queues("ab", a=[req("a", 0.0, 50 * MS)] * 2, b=[req("b", 1 * MS, 19 * MS)] * 3)
-    assert s.decide(qs, 2 * MS) == Launch({"b": 3})
+    assert s.decide(qs, 2 * MS) == Dispatch({"b": 3})
 
 
 def test_space_time_fuses_every_tenant_when_profitable():
     s = scheduler("space-time", "abc", profile("abc", fused_fixed=1.2 * MS))
     qs = queues("abc", **{t: [req(t, i * MS, 50 * MS) for i in range(3)] for t in "abc"})
-    assert s.decide(qs, 3 * MS) == Launch({"a": 3, "b": 3, "c": 3})
+    assert s.decide(qs, 3 * MS) == Dispatch({"a": 3, "b": 3, "c": 3})
 
 
 def test_space_time_leaves_out_a_tenant_that_would_make_the_urgent_one_miss():
@@ -142,23 +144,23 @@ def test_space_time_leaves_out_a_tenant_that_would_make_the_urgent_one_miss():
     qs = queues("abc", a=[req("a", 0.0, now + 3 * MS)], b=[req("b", 1 * MS, 40 * MS)],
                 c=[req("c", 2 * MS, 40 * MS)])
     launch = s.decide(qs, now)
-    assert launch == Launch({"a": 1, "b": 1})
+    assert launch == Dispatch({"a": 1, "b": 1})
     assert now + prof.estimate({"a": 1, "b": 1}) <= qs["a"][0].deadline
     pop(qs, launch)
-    assert s.decide(qs, now + 2 * MS) == Launch({"c": 1})  # c runs next, alone
+    assert s.decide(qs, now + 2 * MS) == Dispatch({"c": 1})  # c runs next, alone
 
 
 def test_space_time_trims_the_head_batch_to_its_deadline():
     s = scheduler("space-time", "a", profile("a", fixed=1 * MS, per_row=1 * MS))
     qs = queues("a", a=[req("a", 0.0, 5.5 * MS)] + [req("a", 0.1 * MS, 50 * MS)] * 19)
     # 1 ms + k ms <= 5.5 ms  ->  k = 4
-    assert s.decide(qs, 0.0) == Launch({"a": 4})
+    assert s.decide(qs, 0.0) == Dispatch({"a": 4})
 
 
 def test_space_time_late_head_takes_a_full_batch_to_catch_up():
     s = scheduler("space-time", "a", profile("a", fixed=1 * MS, per_row=1 * MS), max_batch=8)
     qs = queues("a", a=[req("a", 0.0, 5 * MS)] * 20)
-    assert s.decide(qs, 6 * MS) == Launch({"a": 8})
+    assert s.decide(qs, 6 * MS) == Dispatch({"a": 8})
 
 
 def test_space_time_trims_a_joining_tenant_to_keep_members_on_time():
@@ -166,7 +168,7 @@ def test_space_time_trims_a_joining_tenant_to_keep_members_on_time():
     prof = profile("ab", fixed=1 * MS, per_row=0.5 * MS, fused_fixed=1 * MS)
     s = scheduler("space-time", "ab", prof)
     qs = queues("ab", a=[req("a", 0.0, 5 * MS)], b=[req("b", 0.0, 80 * MS)] * 20)
-    assert s.decide(qs, 0.0) == Launch({"a": 1, "b": 7})
+    assert s.decide(qs, 0.0) == Dispatch({"a": 1, "b": 7})
 
 
 def test_space_time_asks_for_padding_when_unequal_batches_cost_more():
@@ -174,9 +176,9 @@ def test_space_time_asks_for_padding_when_unequal_batches_cost_more():
     prof.uneven_fixed[frozenset("ab")] = 1 * MS
     s = scheduler("space-time", "ab", prof)
     qs = queues("ab", a=[req("a", 0.0, 50 * MS)] * 5, b=[req("b", 0.0, 50 * MS)] * 2)
-    assert s.decide(qs, 0.0) == Launch({"a": 5, "b": 2}, pad_to=5)
+    assert s.decide(qs, 0.0) == Dispatch({"a": 5, "b": 2}, pad_to=5)
     prof.uneven_fixed[frozenset("ab")] = 0.0
-    assert s.decide(qs, 0.0) == Launch({"a": 5, "b": 2})
+    assert s.decide(qs, 0.0) == Dispatch({"a": 5, "b": 2})
 
 
 def test_space_time_weighs_fusion_at_the_batch_it_would_take():
@@ -186,19 +188,19 @@ def test_space_time_weighs_fusion_at_the_batch_it_would_take():
     prof.uneven_fixed[frozenset("ab")] = 5 * MS
     s = scheduler("space-time", "ab", prof)
     full = queues("ab", a=[req("a", 0.0, 90 * MS)] * 40, b=[req("b", 0.0, 90 * MS)] * 40)
-    assert s.decide(full, 0.0) == Launch({"a": 32, "b": 32})
+    assert s.decide(full, 0.0) == Dispatch({"a": 32, "b": 32})
     lone = queues("ab", a=[req("a", 0.0, 90 * MS)] * 40, b=[req("b", 0.0, 90 * MS)])
-    assert s.decide(lone, 0.0) == Launch({"a": 32})
+    assert s.decide(lone, 0.0) == Dispatch({"a": 32})
     # 32 rows of b beside 8 of a: 7.6 ms padded against 1.8 + 4.2 ms apart, not worth it;
     # 8 rows of b, the size of a's batch: 1.2 + 1.6 = 2.8 ms against 1.8 + 1.8 ms, worth it
     short = queues("ab", a=[req("a", 0.0, 90 * MS)] * 8, b=[req("b", 0.0, 90 * MS)] * 40)
-    assert s.decide(short, 0.0) == Launch({"a": 8, "b": 8})
+    assert s.decide(short, 0.0) == Dispatch({"a": 8, "b": 8})
 
 
 def test_space_time_counts_rows_not_requests_against_max_batch():
     s = scheduler("space-time", "a", profile("a"), max_batch=8)
     qs = queues("a", a=[req("a", 0.0, 50 * MS, rows=3)] * 5)
-    assert s.decide(qs, 0.0) == Launch({"a": 2})  # 3 + 3 rows; a third request would make 9
+    assert s.decide(qs, 0.0) == Dispatch({"a": 2})  # 3 + 3 rows; a third request would make 9
 
 
 def test_on_time_tenant_goes_before_a_late_backlog():
@@ -214,27 +216,27 @@ def test_space_time_holds_a_lone_request_one_slice_for_partners():
     s = scheduler("space-time", "abc")
     qs = queues("abc", a=[req("a", 0.0, 50 * MS)])
     assert s.decide(qs, 0.5 * MS) == Wait(2 * MS)
-    assert s.decide(qs, 2 * MS) == Launch({"a": 1})
-    assert s.decide(qs, 0.5 * MS, flush=True) == Launch({"a": 1})  # closing: never hold
+    assert s.decide(qs, 2 * MS) == Dispatch({"a": 1})
+    assert s.decide(qs, 0.5 * MS, flush=True) == Dispatch({"a": 1})  # closing: never hold
 
 
 def test_space_time_does_not_hold_when_it_would_cost_the_deadline_or_nothing_can_join():
     s = scheduler("space-time", "abc")
     # latest start for a: deadline 1.5 ms minus 1.1 ms of work = 0.4 ms, already past
-    assert s.decide(queues("abc", a=[req("a", 0.0, 1.5 * MS)]), 0.5 * MS) == Launch({"a": 1})
+    assert s.decide(queues("abc", a=[req("a", 0.0, 1.5 * MS)]), 0.5 * MS) == Dispatch({"a": 1})
     full = queues("abc", a=[req("a", 0.0, 50 * MS)] * 32)  # a full batch is ready
-    assert isinstance(s.decide(full, 0.5 * MS), Launch)
+    assert isinstance(s.decide(full, 0.5 * MS), Dispatch)
     busy = queues("abc", **{t: [req(t, 0.0, 50 * MS)] for t in "abc"})  # every tenant has work
-    assert isinstance(s.decide(busy, 0.5 * MS), Launch)
+    assert isinstance(s.decide(busy, 0.5 * MS), Dispatch)
 
 
 def test_batch_policy_waits_one_slice_unless_a_batch_is_full():
     s = scheduler("batch", "ab", max_batch=4)
     qs = queues("ab", a=[req("a", 1 * MS, 50 * MS)] * 2, b=[req("b", 1.5 * MS, 50 * MS)])
     assert s.decide(qs, 1.5 * MS) == Wait(3 * MS)
-    assert s.decide(qs, 3 * MS) == Launch({"a": 2})
+    assert s.decide(qs, 3 * MS) == Dispatch({"a": 2})
     qs["b"].extend([req("b", 1.6 * MS, 50 * MS)] * 3)  # b now fills max_batch
-    assert s.decide(qs, 1.7 * MS) == Launch({"b": 4})
+    assert s.decide(qs, 1.7 * MS) == Dispatch({"b": 4})
 
 
 def test_time_policy_is_round_robin_one_request_per_slice():
@@ -251,7 +253,7 @@ def test_time_policy_is_round_robin_one_request_per_slice():
 def test_space_policy_runs_every_busy_tenant_concurrently():
     s = scheduler("space", "abc")
     qs = queues("abc", a=[req("a", 0.0, 9)] * 3, c=[req("c", 0.0, 9)])
-    assert s.decide(qs, 0.0) == Launch({"a": 1, "c": 1}, mode="concurrent")
+    assert s.decide(qs, 0.0) == Dispatch({"a": 1, "c": 1}, mode="concurrent")
     assert s.decide(queues("abc"), 0.0) is None
 
 
@@ -369,7 +371,32 @@ def test_urgent_tenant_keeps_its_slo_beside_an_expensive_fusion_partner():
 def test_simulate_rejects_a_decision_that_takes_more_than_is_queued():
     class Greedy(type(scheduler("time", "a"))):
         def decide(self, queues, now, flush=False):
-            return Launch({"a": 5}) if queues["a"] else None
+            return Dispatch({"a": 5}) if queues["a"] else None
 
     with pytest.raises(StfuseError, match="takes 5 of 1"):
         simulate(Greedy(["a"]), [req("a", 0.0, 1.0)], profile("a"))
+
+
+def test_slice_policy_waits_one_slice_for_live_tenants_only():
+    """The group's default policy on a fake clock: fuse what shares a slice, never hold a
+    call longer than one slice, and do not wait for tenants that get no calls."""
+    policy = make_scheduler("slice", ["a", "b", "idle"], slice_s=0.010)
+
+    def call(t):
+        return SimpleNamespace(arrival=t, deadline=t + 1.0, rows=1)
+
+    queues = {"a": deque([call(0.0)]), "b": deque(), "idle": deque()}
+    # nobody else was ever seen: a lone first call runs at once
+    assert policy.decide(queues, 0.0) == Dispatch({"a": 1})
+    queues = {"a": deque(), "b": deque([call(0.1)]), "idle": deque()}
+    assert policy.decide(queues, 0.1) == Wait(0.1 + 0.010)  # a is live: b waits one slice for it
+    assert policy.decide(queues, 0.1 + 0.010) == Dispatch({"b": 1})
+    # both live: a's call waits for b's, at most one slice
+    queues = {"a": deque([call(0.2)]), "b": deque(), "idle": deque()}
+    assert policy.decide(queues, 0.2) == Wait(0.2 + 0.010)
+    queues["b"].append(call(0.205))
+    assert policy.decide(queues, 0.205) == Dispatch({"a": 1, "b": 1})  # fused; "idle" is not waited for
+    queues = {"a": deque([call(0.3)]), "b": deque(), "idle": deque()}
+    assert policy.decide(queues, 0.3) == Wait(0.3 + 0.010)
+    assert policy.decide(queues, 0.3 + 0.010) == Dispatch({"a": 1})  # the slice expired: alone
+    assert policy.decide(queues, 0.3, flush=True) == Dispatch({"a": 1})  # closing never waits

@@ -1,12 +1,12 @@
 """Scheduling decisions for the multi-tenant runtime, kept free of threads and clocks.
 
 A policy looks at the per-tenant queues and the time, and answers with one
-decision: a `Launch` (which tenants, how many queued requests of each, fused
+decision: a `Dispatch` (which tenants, how many queued requests of each, fused
 into one call or run concurrently), a `Wait` (hold the work until a given time
 so that a batch or a fusion group can fill), or None (nothing queued).
-`stfuse.runtime.Runtime` executes decisions on a worker thread;
+`stfuse.runtime.Runtime` (runtime.py) executes decisions on a worker thread;
 `stfuse.runtime.simulate` executes them on a fake clock against a device whose
-latencies come from a `LatencyProfile`, which is how tests/test_scheduler.py
+latencies come from a `LatencyProfile` (profile.py), which is how tests/test_policies.py
 checks the policies without sleeping.
 
 A decision is asked for only while the device is idle, so a policy never has
@@ -24,20 +24,26 @@ Policies (the paper's taxonomy plus the scheduler it proposed but never built):
                 earliest-deadline-first against the latency profile, so that
                 a tenant that can still meet its deadline is never pushed past
                 it by the tenants fused with it
+    slice       every request arriving within one slice joins one fused launch
+                (the torch.compile backend's groups: no latency profile, calls
+                that share a slice are always fused)
+
+`OneRequestEach(policy)` wraps any of them for programs whose rows may depend on
+each other (a Dynamo graph): at most one request per tenant in a launch.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol, Sequence
 
 from stfuse.errors import StfuseError
 
-POLICIES = ("time", "space", "batch", "space-time")
-_ANY = frozenset()  # LatencyProfile.correction key for tenant sets not launched yet
-_MAX_STEP = math.log(4.0)  # an observation moves a correction by at most 4 ** weight
+from .profile import LatencyProfile
+
+POLICIES = ("time", "space", "batch", "space-time", "slice")
 _EPS = 1e-9  # seconds: deadline comparisons tolerate float rounding of this much
 
 
@@ -50,7 +56,7 @@ class Pending(Protocol):
 
 
 @dataclass(frozen=True)
-class Launch:
+class Dispatch:
     """Run the first `take[t]` queued requests of each tenant t.
 
     mode "fused": one call of the fused program over all tenants in `take`
@@ -70,125 +76,6 @@ class Wait:
     """Nothing to launch before `until` (unless new work arrives first)."""
 
     until: float
-
-
-# --------------------------------------------------------------------------- profile
-
-
-@dataclass
-class LatencyProfile:
-    """Latency model of the fused program, per group of tenants and batch sizes.
-
-    A tenant alone with b rows costs `fixed[t] + per_row[t] * b`. A fused group
-    S with equal batch sizes costs `group_fixed(S) + sum(per_row[t] * b_t)`:
-    fusion shares the fixed part (dispatch and launch overhead) and adds up the
-    per-row work. With unequal batch sizes the program may lose its fast path
-    (on CPU stfuse stacks equal-size members into one bmm and loops over
-    unequal ones): that costs `uneven_cost(S)` more, unless the smaller batches
-    are padded up to the largest (padding rows cost per_row like real ones).
-    `estimate` is the cheaper of the two and `pad_to` says which it was.
-
-    `fused_fixed` and `uneven_fixed` hold measured groups; a group never
-    measured is scaled from the largest measured one: with r = fused_fixed /
-    (sum of its members' fixed), a k-tenant group gets a ratio interpolated
-    linearly between 1 (k = 1) and r (k = the measured group's size), and its
-    uneven cost is its group_fixed times the measured group's uneven/fused ratio.
-    The estimate never falls when a member's rows grow, which lets the
-    space-time scheduler size batches by bisection.
-
-    `observe` keeps a multiplicative correction per tenant set (and one for
-    sets never launched yet), moved toward each measured launch in log space
-    with a clipped step: a profile that is off by 1000x converges within a few
-    dozen launches, while one 50 ms hiccup moves it by at most 32%.
-    `concurrent_ratio` only matters to `simulate`: a concurrent (space) launch
-    takes `concurrent_ratio * sum(solo costs)`, 1.0 meaning no overlap at all.
-    """
-
-    fixed: dict[str, float]
-    per_row: dict[str, float]
-    fused_fixed: dict[frozenset, float] = field(default_factory=dict)
-    uneven_fixed: dict[frozenset, float] = field(default_factory=dict)
-    concurrent_ratio: float = 1.0
-    default_fixed: float = 1e-3
-    default_per_row: float = 1e-4
-    correction: dict[frozenset, float] = field(default_factory=dict)
-
-    def solo(self, tenant: str, rows: int) -> float:
-        return self._fixed(tenant) + self._per_row(tenant) * rows
-
-    def estimate(self, rows: Mapping[str, int]) -> float:
-        """Seconds for one fused launch with `rows[t]` rows of each tenant t."""
-        if not rows:
-            return 0.0
-        key = frozenset(rows)
-        return self._model(rows, key)[0] * self.correction.get(key, self.correction.get(_ANY, 1.0))
-
-    def pad_to(self, rows: Mapping[str, int]) -> int | None:
-        """The batch size to pad every member to, where that beats running unequal sizes; else None."""
-        return self._model(rows, frozenset(rows))[1] if rows else None
-
-    def estimate_concurrent(self, rows: Mapping[str, int]) -> float:
-        return self.concurrent_ratio * sum(self.estimate({t: b}) for t, b in rows.items())
-
-    def group_fixed(self, tenants: frozenset) -> float:
-        base = sum(self._fixed(t) for t in tenants)
-        if len(tenants) <= 1:
-            return base
-        if tenants in self.fused_fixed:
-            return self.fused_fixed[tenants]
-        ref = self._reference(self.fused_fixed)
-        if ref is None:
-            return base
-        ratio = self.fused_fixed[ref] / max(sum(self._fixed(t) for t in ref), 1e-12)
-        frac = min(1.0, (len(tenants) - 1) / (len(ref) - 1))
-        return base * (1.0 + (ratio - 1.0) * frac)
-
-    def uneven_cost(self, tenants: frozenset) -> float:
-        """Extra seconds when the members' batch sizes differ and are not padded."""
-        if len(tenants) <= 1:
-            return 0.0
-        if tenants in self.uneven_fixed:
-            return self.uneven_fixed[tenants]
-        ref = self._reference(self.uneven_fixed)
-        if ref is None:
-            return 0.0
-        return self.group_fixed(tenants) * self.uneven_fixed[ref] / max(self.group_fixed(ref), 1e-12)
-
-    def observe(self, rows: Mapping[str, int], seconds: float, weight: float = 0.2) -> None:
-        """Fold one measured launch into the correction of its tenant set and the shared one."""
-        if not rows or seconds <= 0:
-            return
-        key = frozenset(rows)
-        model = self._model(rows, key)[0]
-        if model <= 0:
-            return
-        shared = self.correction.get(_ANY, 1.0)
-        for k, old in ((key, self.correction.get(key, shared)), (_ANY, shared)):
-            step = max(-_MAX_STEP, min(_MAX_STEP, math.log(seconds / (model * old))))
-            self.correction[k] = old * math.exp(weight * step)
-
-    def _model(self, rows: Mapping[str, int], key: frozenset) -> tuple[float, int | None]:
-        """Uncorrected seconds and pad_to: unequal sizes padded or not, whichever is cheaper."""
-        fixed = self.group_fixed(key)
-        work = sum(self._per_row(t) * b for t, b in rows.items())
-        most = max(rows.values())
-        if len(rows) < 2 or min(rows.values()) == most:
-            return fixed + work, None
-        padded = fixed + sum(self._per_row(t) for t in rows) * most
-        uneven = fixed + self.uneven_cost(key) + work
-        return (padded, most) if padded < uneven else (uneven, None)
-
-    @staticmethod
-    def _reference(table: Mapping[frozenset, float]) -> frozenset | None:
-        """The largest measured multi-tenant group (ties: the first by sorted names), or None."""
-        groups = [g for g in table if len(g) > 1]
-        return max(groups, key=lambda g: (len(g), sorted(g))) if groups else None
-
-    def _fixed(self, tenant: str) -> float:
-        return self.fixed.get(tenant, self.default_fixed)
-
-    def _per_row(self, tenant: str) -> float:
-        return self.per_row.get(tenant, self.default_per_row)
 
 
 # --------------------------------------------------------------------------- policies
@@ -232,7 +119,7 @@ class Scheduler:
         self._order = {t: i for i, t in enumerate(self.tenants)}
 
     def decide(self, queues: Mapping[str, Sequence[Pending]], now: float,
-               flush: bool = False) -> Launch | Wait | None:
+               flush: bool = False) -> Dispatch | Wait | None:
         """The next decision. `flush` (set while closing) forbids waiting."""
         raise NotImplementedError
 
@@ -272,7 +159,7 @@ class TimeScheduler(Scheduler):
             t = self.tenants[(self._next + i) % n]
             if queues.get(t):
                 self._next = (self._next + i + 1) % n
-                return Launch({t: 1})
+                return Dispatch({t: 1})
         return None
 
 
@@ -283,7 +170,7 @@ class SpaceScheduler(Scheduler):
 
     def decide(self, queues, now, flush=False):
         busy = self._busy(queues)
-        return Launch({t: 1 for t in busy}, mode="concurrent") if busy else None
+        return Dispatch({t: 1 for t in busy}, mode="concurrent") if busy else None
 
 
 class BatchScheduler(Scheduler):
@@ -306,7 +193,7 @@ class BatchScheduler(Scheduler):
         if not ready:
             return Wait(min(queues[t][0].arrival for t in busy) + self.slice_s)
         t = self._by_urgency(queues, ready, now)[0]
-        return Launch({t: len(prefix[t])})
+        return Dispatch({t: len(prefix[t])})
 
 
 class SpaceTimeScheduler(Scheduler):
@@ -376,7 +263,7 @@ class SpaceTimeScheduler(Scheduler):
             latency = prof.estimate(rows)
             if on_time:
                 slack = min(slack, left)
-        return Launch(take, pad_to=prof.pad_to(rows))
+        return Dispatch(take, pad_to=prof.pad_to(rows))
 
     def _worth_fusing(self, rows: dict[str, int], latency: float, t: str, pre: list[int], k: int) -> int:
         """The batch (at most k requests) with which t joins the launch for less than it costs alone
@@ -401,7 +288,59 @@ class SpaceTimeScheduler(Scheduler):
         return min(oldest + self.slice_s, latest_start)
 
 
-_SCHEDULERS = {cls.name: cls for cls in (TimeScheduler, SpaceScheduler, BatchScheduler, SpaceTimeScheduler)}
+class SliceScheduler(Scheduler):
+    """Launch when every *live* tenant has a call queued, or when the oldest queued call
+    has waited one slice; take the oldest call of every tenant with work.
+
+    A tenant is live when it had a call within the last LIVE_SLICES slices (at least
+    LIVE_S seconds): a backend group keeps tenants that no longer get calls (the static
+    graph of a model Dynamo has since recompiled with a dynamic batch), and waiting for
+    those would hold every call a full slice. Unlike "space-time" it does not weigh the
+    launch against a latency profile, so calls that share a slice are always fused.
+    """
+
+    name = "slice"
+    LIVE_SLICES, LIVE_S = 50, 1.0
+
+    def __init__(self, tenants: Sequence[str], **kwargs):
+        super().__init__(tenants, **kwargs)
+        self.horizon = max(self.LIVE_S, self.LIVE_SLICES * self.slice_s)
+        self.seen: dict[str, float] = {}  # tenant -> arrival of its latest call seen
+
+    def decide(self, queues, now, flush=False):
+        busy = self._busy(queues)
+        if not busy:
+            return None
+        for t in busy:
+            self.seen[t] = max(self.seen.get(t, -math.inf), queues[t][-1].arrival)
+        live = {t for t, at in self.seen.items() if now - at <= self.horizon}
+        if not flush and not live <= set(busy):
+            until = min(queues[t][0].arrival for t in busy) + self.slice_s
+            if until > now:
+                return Wait(until)
+        return Dispatch({t: 1 for t in busy})
+
+
+class OneRequestEach(Scheduler):
+    """``inner``'s decisions with at most one request per tenant in a launch.
+
+    The runtime would otherwise concatenate a tenant's queued requests along dim 0,
+    which is right only for models whose rows are independent; a Dynamo graph
+    promises no such thing.
+    """
+
+    def __init__(self, inner: Scheduler):
+        super().__init__(inner.tenants, slice_s=inner.slice_s, max_batch=inner.max_batch,
+                         profile=inner.profile, slo_s=inner.slo_s)
+        self.inner, self.name = inner, inner.name
+
+    def decide(self, queues, now, flush=False):
+        d = self.inner.decide(queues, now, flush)
+        return Dispatch({t: 1 for t in d.take}, d.mode) if isinstance(d, Dispatch) else d
+
+
+_SCHEDULERS = {cls.name: cls for cls in (TimeScheduler, SpaceScheduler, BatchScheduler, SpaceTimeScheduler,
+                                         SliceScheduler)}
 
 
 def make_scheduler(policy: str, tenants: Sequence[str], **kwargs) -> Scheduler:

@@ -1,0 +1,128 @@
+"""The latency model the policies plan with: a fit of each tenant's launch time and of
+fused groups, measured at start-up (``measure_profile`` in batching.py) and corrected
+by what launches really take (``observe``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+_ANY = frozenset()  # LatencyProfile.correction key for tenant sets not launched yet
+_MAX_STEP = math.log(4.0)  # an observation moves a correction by at most 4 ** weight
+
+
+@dataclass
+class LatencyProfile:
+    """Latency model of the fused program, per group of tenants and batch sizes.
+
+    A tenant alone with b rows costs `fixed[t] + per_row[t] * b`. A fused group
+    S with equal batch sizes costs `group_fixed(S) + sum(per_row[t] * b_t)`:
+    fusion shares the fixed part (dispatch and launch overhead) and adds up the
+    per-row work. With unequal batch sizes the program may lose its fast path
+    (on CPU stfuse stacks equal-size members into one bmm and loops over
+    unequal ones): that costs `uneven_cost(S)` more, unless the smaller batches
+    are padded up to the largest (padding rows cost per_row like real ones).
+    `estimate` is the cheaper of the two and `pad_to` says which it was.
+
+    `fused_fixed` and `uneven_fixed` hold measured groups; a group never
+    measured is scaled from the largest measured one: with r = fused_fixed /
+    (sum of its members' fixed), a k-tenant group gets a ratio interpolated
+    linearly between 1 (k = 1) and r (k = the measured group's size), and its
+    uneven cost is its group_fixed times the measured group's uneven/fused ratio.
+    The estimate never falls when a member's rows grow, which lets the
+    space-time scheduler size batches by bisection.
+
+    `observe` keeps a multiplicative correction per tenant set (and one for
+    sets never launched yet), moved toward each measured launch in log space
+    with a clipped step: a profile that is off by 1000x converges within a few
+    dozen launches, while one 50 ms hiccup moves it by at most 32%.
+    `concurrent_ratio` only matters to `simulate`: a concurrent (space) launch
+    takes `concurrent_ratio * sum(solo costs)`, 1.0 meaning no overlap at all.
+    """
+
+    fixed: dict[str, float]
+    per_row: dict[str, float]
+    fused_fixed: dict[frozenset, float] = field(default_factory=dict)
+    uneven_fixed: dict[frozenset, float] = field(default_factory=dict)
+    concurrent_ratio: float = 1.0
+    default_fixed: float = 1e-3
+    default_per_row: float = 1e-4
+    correction: dict[frozenset, float] = field(default_factory=dict)
+
+    def solo(self, tenant: str, rows: int) -> float:
+        return self._fixed(tenant) + self._per_row(tenant) * rows
+
+    def estimate(self, rows: Mapping[str, int]) -> float:
+        """Seconds for one fused launch with `rows[t]` rows of each tenant t."""
+        if not rows:
+            return 0.0
+        key = frozenset(rows)
+        return self._model(rows, key)[0] * self.correction.get(key, self.correction.get(_ANY, 1.0))
+
+    def pad_to(self, rows: Mapping[str, int]) -> int | None:
+        """The batch size to pad every member to, where that beats running unequal sizes; else None."""
+        return self._model(rows, frozenset(rows))[1] if rows else None
+
+    def estimate_concurrent(self, rows: Mapping[str, int]) -> float:
+        return self.concurrent_ratio * sum(self.estimate({t: b}) for t, b in rows.items())
+
+    def group_fixed(self, tenants: frozenset) -> float:
+        base = sum(self._fixed(t) for t in tenants)
+        if len(tenants) <= 1:
+            return base
+        if tenants in self.fused_fixed:
+            return self.fused_fixed[tenants]
+        ref = self._reference(self.fused_fixed)
+        if ref is None:
+            return base
+        ratio = self.fused_fixed[ref] / max(sum(self._fixed(t) for t in ref), 1e-12)
+        frac = min(1.0, (len(tenants) - 1) / (len(ref) - 1))
+        return base * (1.0 + (ratio - 1.0) * frac)
+
+    def uneven_cost(self, tenants: frozenset) -> float:
+        """Extra seconds when the members' batch sizes differ and are not padded."""
+        if len(tenants) <= 1:
+            return 0.0
+        if tenants in self.uneven_fixed:
+            return self.uneven_fixed[tenants]
+        ref = self._reference(self.uneven_fixed)
+        if ref is None:
+            return 0.0
+        return self.group_fixed(tenants) * self.uneven_fixed[ref] / max(self.group_fixed(ref), 1e-12)
+
+    def observe(self, rows: Mapping[str, int], seconds: float, weight: float = 0.2) -> None:
+        """Fold one measured launch into the correction of its tenant set and the shared one."""
+        if not rows or seconds <= 0:
+            return
+        key = frozenset(rows)
+        model = self._model(rows, key)[0]
+        if model <= 0:
+            return
+        shared = self.correction.get(_ANY, 1.0)
+        for k, old in ((key, self.correction.get(key, shared)), (_ANY, shared)):
+            step = max(-_MAX_STEP, min(_MAX_STEP, math.log(seconds / (model * old))))
+            self.correction[k] = old * math.exp(weight * step)
+
+    def _model(self, rows: Mapping[str, int], key: frozenset) -> tuple[float, int | None]:
+        """Uncorrected seconds and pad_to: unequal sizes padded or not, whichever is cheaper."""
+        fixed = self.group_fixed(key)
+        work = sum(self._per_row(t) * b for t, b in rows.items())
+        most = max(rows.values())
+        if len(rows) < 2 or min(rows.values()) == most:
+            return fixed + work, None
+        padded = fixed + sum(self._per_row(t) for t in rows) * most
+        uneven = fixed + self.uneven_cost(key) + work
+        return (padded, most) if padded < uneven else (uneven, None)
+
+    @staticmethod
+    def _reference(table: Mapping[frozenset, float]) -> frozenset | None:
+        """The largest measured multi-tenant group (ties: the first by sorted names), or None."""
+        groups = [g for g in table if len(g) > 1]
+        return max(groups, key=lambda g: (len(g), sorted(g))) if groups else None
+
+    def _fixed(self, tenant: str) -> float:
+        return self.fixed.get(tenant, self.default_fixed)
+
+    def _per_row(self, tenant: str) -> float:
+        return self.per_row.get(tenant, self.default_per_row)

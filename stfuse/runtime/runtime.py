@@ -1,0 +1,437 @@
+"""The multi-tenant runtime: per-tenant queues, latency SLOs, and a scheduler thread.
+
+    rt = stfuse.Runtime(fused, policy="space-time", slice_ms=2.0,
+                        slo_ms={"bert": 25, "resnet": 50}, max_batch=32)
+    fut = rt.submit("bert", ids)      # concurrent.futures.Future, from any thread
+    y = fut.result()
+    rt.stats()                        # latency percentiles, SLO misses, batches, launches
+    rt.close()                        # drain (default) or cancel_pending=True; also `with Runtime(...)`
+
+One worker thread owns the device. Whenever it is idle it asks the policy's
+`Scheduler` (policies.py) for a decision over the queues, pops the
+chosen requests, concatenates each tenant's requests along dim 0 (only for
+tenants whose rows are independent, plan.stats["rows_independent"]; the
+others run one request per launch), calls
+`fused.run` once, and splits every tensor leaf of each output back along
+dim 0 per request. When a call raises, each tenant is retried alone, then
+each request alone, so the fault stays with the request that caused it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Mapping
+
+import torch
+
+from stfuse.errors import InputError, StfuseError
+from stfuse.runtime.batching import (Spec, Unsplittable, as_args, concat, measure_profile, normalise_examples,
+                                     pad, split, synchronize)
+from stfuse.runtime.stats import StatsRecorder
+from stfuse.runtime.policies import Dispatch, Scheduler, Wait, make_scheduler
+from stfuse.runtime.profile import LatencyProfile
+
+__all__ = ["Runtime", "QueueFullError", "RuntimeClosedError", "measure_profile", "DEFAULT_SLO_MS",
+           "DEFAULT_MAX_QUEUE"]
+
+DEFAULT_SLO_MS = 100.0  # for tenants that slo_ms does not name
+DEFAULT_MAX_QUEUE = 1024  # requests per tenant before submit() pushes back
+
+
+def rows_independent(fused) -> set[str]:
+    """The tenants whose requests may be concatenated along dim 0: from the plan's
+    ``rows_independent`` (FusedProgram and loaded artifacts); none for a plan without it
+    (an older artifact); every tenant for a program without a plan (a test double)."""
+    plan = getattr(fused, "plan", None)
+    if plan is None:
+        return set(fused.tenants)
+    rows = plan.stats.get("rows_independent") or {}
+    return {t for t in fused.tenants if rows.get(t, False)}
+
+
+class QueueFullError(StfuseError):
+    """submit() found the tenant's queue full (and, with block=True, it stayed full until the timeout)."""
+
+
+class RuntimeClosedError(StfuseError):
+    """submit() after close(), or a blocked submit() interrupted by close()."""
+
+
+class _Request:
+    __slots__ = ("tenant", "args", "rows", "arrival", "deadline", "future")
+
+    def __init__(self, tenant, args, rows, arrival, deadline, future):
+        self.tenant, self.args, self.rows = tenant, args, rows
+        self.arrival, self.deadline, self.future = arrival, deadline, future
+
+
+def _ms(name: str, value, zero_ok: bool = False) -> float:
+    """A time in milliseconds: a finite number > 0 (>= 0 with ``zero_ok``), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not zero_ok):
+        raise StfuseError(f"Runtime: {name} must be a finite number of milliseconds "
+                          f"{'>= 0' if zero_ok else '> 0'}, got {value!r}")
+    return float(value)
+
+
+class Runtime:
+    """Serve many tenants of one FusedProgram through per-tenant queues and a scheduling policy.
+
+    policy: "time", "space", "batch", "space-time" (see policies.py) or a Scheduler.
+    slice_ms: the batching window: "batch" and "space-time" hold a request at
+        most this long for its batch or fusion partners (0 never holds).
+    slo_ms: a number for every tenant, or {tenant: ms}; others get DEFAULT_SLO_MS.
+        A request's deadline is its arrival plus its tenant's SLO.
+    max_batch: most rows of one tenant in one launch; a single request may not exceed it.
+    max_queue: most queued requests per tenant; see submit() for what happens beyond.
+    example_inputs: {tenant: args} or a list in tenant order; gives the startup
+        latency profile and the input checks of submit(). Without it, the checks
+        come from each tenant's first successful request and the profile is
+        learnt from launches as they run.
+    profile: a LatencyProfile to use instead of measuring one.
+    """
+
+    def __init__(self, fused, policy: str | Scheduler = "space-time", *, slice_ms: float = 2.0,
+                 slo_ms: float | Mapping[str, float] | None = None, max_batch: int = 32,
+                 max_queue: int = DEFAULT_MAX_QUEUE, example_inputs=None,
+                 profile: LatencyProfile | None = None, profile_reps: int = 5):
+        self._fused = fused
+        self.tenants = list(fused.tenants)
+        for name, value in (("max_queue", max_queue), ("max_batch", max_batch)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise StfuseError(f"Runtime: {name} must be an integer >= 1, got {value!r}")
+        _ms("slice_ms", slice_ms, zero_ok=True)
+        if isinstance(slo_ms, Mapping):
+            unknown = set(slo_ms) - set(self.tenants)
+            if unknown:
+                raise StfuseError(f"Runtime: slo_ms names unknown tenant(s) {sorted(unknown)}; "
+                                  f"tenants are {self.tenants}")
+            slo = {t: _ms(f"slo_ms[{t!r}]", slo_ms.get(t, DEFAULT_SLO_MS)) for t in self.tenants}
+        else:
+            slo = {t: _ms("slo_ms", DEFAULT_SLO_MS if slo_ms is None else slo_ms)
+                   for t in self.tenants}
+        self._slo_s = {t: ms / 1e3 for t, ms in slo.items()}
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        examples = normalise_examples(self.tenants, example_inputs) if example_inputs else {}
+        self._check = getattr(fused, "check_inputs", None)
+        for t, a in examples.items():
+            self._program_check(t, a)
+        if isinstance(policy, Scheduler):
+            self._scheduler = policy
+        else:
+            if profile is None:
+                profile = (measure_profile(fused, examples, max_batch, profile_reps) if examples
+                           else LatencyProfile({}, {}))
+            self._scheduler = make_scheduler(policy, self.tenants, slice_s=slice_ms / 1e3,
+                                             max_batch=max_batch, profile=profile, slo_s=self._slo_s)
+        self.policy = self._scheduler.name
+        self._specs = {t: Spec(a) for t, a in examples.items()}
+        self._stats = StatsRecorder(self.tenants, self._slo_s)
+        self._stats_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # the worker waits here for requests
+        self._room = threading.Condition(self._lock)  # blocked submitters wait here for queue space
+        self._queues: dict[str, deque[_Request]] = {t: deque() for t in self.tenants}
+        # Tenants whose requests are never merged: rows that depend on each other
+        # (plan.stats["rows_independent"], passes/rows.py), or outputs that cannot be split.
+        self._unbatchable: set[str] = set(self.tenants) - rows_independent(fused)
+        # Most rows per launch of tenants traced for a bounded batch range (issue 11, item 6):
+        # a loaded artifact refuses more, a compiled program would trace the tenant again.
+        self._row_cap = {t: spec.batch_range[1] for t, spec in getattr(fused, "_specs", {}).items()
+                         if spec.dynamic and spec.batch_range[1] is not None}
+        self._closed = False
+        self.error: BaseException | None = None  # what stopped the worker, if anything did
+        self._cancelled_some = False
+        self._inflight: list[_Request] = []  # the synchronous launch in flight
+        self._running: set[str] = set()  # tenants with a concurrent call in flight
+        self._pool: ThreadPoolExecutor | None = None
+        self._streams: dict[str, Any] = {}
+        self._local = threading.local()  # in_pool: set on the threads of concurrent launches
+        self._thread = threading.Thread(target=self._loop, name="stfuse-runtime", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+
+    def submit(self, tenant: str, args, *, block: bool = False, timeout: float | None = None) -> Future:
+        """Queue one request (a Tensor or a tuple of Tensors, batch on dim 0); returns its Future.
+
+        Bad input raises InputError here, before anything is queued. A full
+        queue raises QueueFullError at once, or with block=True waits for room
+        up to `timeout` seconds (None: no limit) and then raises it. After
+        close(), raises RuntimeClosedError. Thread-safe.
+        """
+        if tenant not in self._queues:
+            raise InputError(f"unknown tenant {tenant!r}; tenants are {self.tenants}")
+        args = as_args(tenant, args, self.max_batch)
+        spec = self._specs.get(tenant)
+        if spec is not None:
+            spec.check(tenant, args)
+        else:
+            self._program_check(tenant, args)
+        future = Future()
+        future.add_done_callback(self._on_done)
+        with self._lock:
+            queue = self._queues[tenant]
+            limit = None if timeout is None else time.monotonic() + timeout
+            while not self._closed and len(queue) >= self.max_queue:
+                left = None if limit is None else limit - time.monotonic()
+                if not block or (left is not None and left <= 0):
+                    with self._stats_lock:
+                        self._stats.count(tenant, "rejected")
+                    raise QueueFullError(f"tenant {tenant!r}: queue full ({self.max_queue} requests waiting)")
+                self._room.wait(left)
+            if self._closed:
+                raise RuntimeClosedError(f"tenant {tenant!r}: the runtime is closed")
+            now = time.perf_counter()
+            queue.append(_Request(tenant, args, args[0].shape[0], now, now + self._slo_s[tenant], future))
+            self._work.notify()
+        return future
+
+    def stats(self) -> dict:
+        """Per tenant: served, failed, cancelled, rejected, p50/p90/p99/mean latency (ms), SLO misses,
+        batch sizes, launches, fused launches, queued; overall: throughput, launches, mean tenants per launch."""
+        with self._lock:
+            queued = {t: len(q) for t, q in self._queues.items()}
+        with self._stats_lock:
+            snap = self._stats.snapshot()
+        for t, n in queued.items():
+            snap["tenants"][t]["queued"] = n
+            snap["tenants"][t]["merges_requests"] = t not in self._unbatchable
+        snap["policy"] = self.policy
+        return snap
+
+    def reset_stats(self) -> None:
+        with self._stats_lock:
+            self._stats.reset()
+
+    def close(self, cancel_pending: bool = False, timeout: float | None = None) -> None:
+        """Stop accepting requests, then finish the queued ones (default) or cancel them.
+
+        With a timeout, whatever is still queued after `timeout` seconds is
+        cancelled. The launch in flight always completes. Idempotent.
+        """
+        with self._lock:
+            self._closed = True
+            if cancel_pending:
+                self._cancel_queued()
+            self._work.notify_all()
+            self._room.notify_all()
+        if threading.current_thread() is self._thread or getattr(self._local, "in_pool", False):
+            return  # called from a future's callback: the worker stops by itself once drained
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._lock:
+                self._cancel_queued()
+                self._work.notify_all()
+            self._thread.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _program_check(self, tenant: str, args: tuple) -> None:
+        """The program's own check_inputs, where it has one, with any failure as an InputError.
+
+        Only needed until the tenant's spec is known: a spec comes from inputs
+        the program accepted (checked examples, or a request that ran), and
+        matching it in all but the batch size, which is dynamic, means the
+        program accepts the request too. Skipping it saves ~30 us per submit.
+        """
+        if self._check is None:
+            return
+        try:
+            self._check(tenant, args)
+        except StfuseError:
+            raise
+        except Exception as exc:
+            raise InputError(f"tenant {tenant!r}: {exc}") from exc
+
+    # ------------------------------------------------------------------ worker
+
+    def _on_done(self, future: Future) -> None:
+        if future.cancelled():
+            self._cancelled_some = True  # read by the worker, which then drops cancelled requests
+
+    def _cancel_queued(self) -> None:
+        for t, queue in self._queues.items():
+            for r in queue:
+                r.future.cancel()
+                r.future.set_running_or_notify_cancel()  # wakes concurrent.futures.wait() callers
+            with self._stats_lock:
+                self._stats.count(t, "cancelled", len(queue))
+            queue.clear()
+
+    def _drop_cancelled(self) -> None:
+        self._cancelled_some = False
+        for t, queue in self._queues.items():
+            keep = []
+            for r in queue:
+                if r.future.cancelled():
+                    r.future.set_running_or_notify_cancel()  # wakes concurrent.futures.wait() callers
+                else:
+                    keep.append(r)
+            if len(keep) != len(queue):
+                with self._stats_lock:
+                    self._stats.count(t, "cancelled", len(queue) - len(keep))
+                queue.clear()
+                queue.extend(keep)
+
+    def _next_launch(self) -> tuple[Dispatch, dict[str, list[_Request]]] | None:
+        """Block until the policy launches something; None once closed and drained."""
+        with self._lock:
+            while True:
+                if self._cancelled_some:
+                    self._drop_cancelled()
+                if not any(self._queues.values()):
+                    if self._closed:
+                        return None
+                    self._work.wait()
+                    continue
+                # a tenant with a concurrent call still running shows no work: one call per tenant at a time
+                view = {t: () if t in self._running else q for t, q in self._queues.items()}
+                if not any(view.values()):
+                    self._work.wait()
+                    continue
+                now = time.perf_counter()
+                decision = self._scheduler.decide(view, now, flush=self._closed)
+                if isinstance(decision, Wait):
+                    self._work.wait(max(0.0, decision.until - now))
+                    continue
+                if decision is None:
+                    raise StfuseError(f"policy {self.policy!r} launched nothing with requests queued")
+                batch = {}
+                for t, k in decision.take.items():
+                    queue = self._queues[t]
+                    k = min(k, 1) if t in self._unbatchable else k
+                    got, rows, cap = [], 0, self._row_cap.get(t)
+                    while queue and len(got) < k:
+                        if got and cap is not None and rows + queue[0].rows > cap:
+                            break  # more rows than the tenant's traced batch range holds
+                        r = queue.popleft()
+                        if r.future.set_running_or_notify_cancel():
+                            got.append(r)
+                            rows += r.rows
+                        else:
+                            with self._stats_lock:
+                                self._stats.count(t, "cancelled")
+                    if got:
+                        batch[t] = got
+                self._room.notify_all()
+                if batch:
+                    self._inflight = [r for reqs in batch.values() for r in reqs]
+                    return decision, batch
+
+    def _loop(self) -> None:
+        try:
+            while (item := self._next_launch()) is not None:
+                launch, batch = item
+                if launch.mode == "concurrent":
+                    # each tenant's call runs on its own thread (stream) and the worker does not wait:
+                    # the tenant shows work again as soon as its own call is done
+                    if self._pool is None:
+                        self._pool = ThreadPoolExecutor(len(self.tenants), thread_name_prefix="stfuse-space")
+                    with self._lock:
+                        self._running.update(batch)
+                    for t, reqs in batch.items():
+                        self._pool.submit(self._run_concurrently, t, reqs)
+                else:
+                    self._run_group(batch, launch.pad_to)
+                self._inflight = []
+        except BaseException as exc:  # a bug here must not leave futures unresolved
+            with self._lock:
+                self._closed = True
+                stranded = self._inflight + [r for q in self._queues.values() for r in q]
+                for q in self._queues.values():
+                    q.clear()
+                self._room.notify_all()
+            self.error = exc
+            for r in stranded:
+                if not r.future.done():
+                    if r.future.running() or r.future.set_running_or_notify_cancel():
+                        r.future.set_exception(StfuseError(f"runtime worker failed: {exc!r}"))
+
+    def _run_concurrently(self, tenant: str, reqs: list[_Request]) -> None:
+        """One tenant's call of a concurrent launch, on a pool thread (and its own CUDA stream)."""
+        self._local.in_pool = True
+        try:
+            device = reqs[0].args[0].device
+            if device.type != "cuda":
+                self._run_group({tenant: reqs})
+                return
+            stream = self._streams.setdefault(tenant, torch.cuda.Stream(device))
+            stream.wait_stream(torch.cuda.default_stream(device))
+            with torch.cuda.stream(stream):
+                self._run_group({tenant: reqs})
+        finally:
+            with self._lock:
+                self._running.discard(tenant)
+                self._work.notify()
+
+    def _run_group(self, batch: dict[str, list[_Request]], pad_to: int | None = None) -> None:
+        """One call of the program for `batch`; on failure, isolate the fault by retrying smaller groups."""
+        start = time.perf_counter()
+        if pad_to is not None and (len(batch) < 2 or self._unbatchable.intersection(batch)
+                                   or any(self._row_cap.get(t, pad_to) < pad_to for t in batch)):
+            pad_to = None
+        try:
+            inputs = {t: concat([r.args for r in reqs]) for t, reqs in batch.items()}
+            if pad_to is not None:
+                inputs = {t: pad(args, pad_to) for t, args in inputs.items()}
+            outs = self._fused.run(inputs)
+            if not isinstance(outs, Mapping) or set(outs) != set(batch):
+                raise StfuseError(f"fused.run returned {type(outs).__name__} "
+                                  f"{sorted(outs) if isinstance(outs, Mapping) else ''} for {sorted(batch)}")
+            synchronize(inputs)
+            results = {}
+            for t, reqs in batch.items():
+                sizes = [r.rows for r in reqs]
+                extra = inputs[t][0].shape[0] - sum(sizes)
+                if extra:
+                    results[t] = split(outs[t], sizes + [extra])[:-1]
+                else:
+                    results[t] = [outs[t]] if len(reqs) == 1 else split(outs[t], sizes)
+        except Exception as exc:
+            self._isolate(batch, exc)
+            return
+        finish = time.perf_counter()
+        rows = {t: sum(r.rows for r in reqs) for t, reqs in batch.items()}
+        with self._stats_lock:
+            self._stats.launch(rows)
+            self._scheduler.profile.observe(rows, finish - start)
+            for t, reqs in batch.items():
+                for r in reqs:
+                    self._stats.request(t, r.arrival, finish)
+        for t, reqs in batch.items():
+            if t not in self._specs:
+                self._specs[t] = Spec(reqs[0].args)
+            for r, out in zip(reqs, results[t]):
+                r.future.set_result(out)
+
+    def _isolate(self, batch: dict[str, list[_Request]], exc: Exception) -> None:
+        if len(batch) > 1:
+            groups = [{t: reqs} for t, reqs in batch.items()]
+        else:
+            (t, reqs), = batch.items()
+            if len(reqs) == 1:
+                with self._stats_lock:
+                    self._stats.request(t, reqs[0].arrival, time.perf_counter(), ok=False)
+                reqs[0].future.set_exception(exc)
+                return
+            if isinstance(exc, Unsplittable):
+                self._unbatchable.add(t)  # from now on this tenant runs one request per launch
+            groups = [{t: [r]} for r in reqs]
+        with self._stats_lock:
+            for g in groups:
+                for t, reqs in g.items():
+                    self._stats.count(t, "retries", len(reqs))
+        for g in groups:
+            self._run_group(g)
