@@ -5,7 +5,8 @@ from .api import compile
 from .backend import Group, backend
 from .artifact import load
 from .errors import InputError, PassError, StfuseError, TraceError
-from .program import FusedProgram, Plan
+from .plan import Plan
+from .program import FusedProgram
 from .runtime import QueueFullError, Runtime, RuntimeClosedError
 
 __version__ = "0.1.0"

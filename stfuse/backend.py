@@ -297,7 +297,7 @@ def _warm(fused: FusedProgram) -> None:
     from launch times (space-time) would take for the cost of fusing.
     """
     inputs = {n: tuple(torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in tg.inputs)
-              for n, tg in fused.graph.graph["tenants"].items()}
+              for n, tg in fused.tenant_graphs.items()}
     try:
         fused.run(inputs)
         for n, args in inputs.items():

@@ -288,7 +288,7 @@ def _random_inputs(prog, names: list[str], batch: int | None, seed: int, max_mb:
     import torch
     import torch.utils._pytree as pytree
 
-    need = sum(_input_bytes(prog._specs[n], batch) for n in names if n in prog._specs)
+    need = sum(_input_bytes(prog.specs[n], batch) for n in names if n in prog.specs)
     if need > max_mb * 2**20:
         raise StfuseError(f"the inputs at batch {batch} would take {need / 2**20:,.0f} MiB, more than "
                           f"--max-input-mb {max_mb}; pass a smaller --batch or raise the limit")
@@ -296,7 +296,7 @@ def _random_inputs(prog, names: list[str], batch: int | None, seed: int, max_mb:
     ranges = {t["name"]: [i.get("value_range") for i in t["inputs"]] for t in prog.manifest["tenants"]}
     inputs = {}
     for name in names:
-        spec = prog._specs.get(name)
+        spec = prog.specs.get(name)
         if spec is None:
             inputs[name] = None  # run() names the unknown tenant
             continue

@@ -77,7 +77,7 @@ def _differs(out, ref, k: int, tf32: bool) -> str | None:
 def mismatches(fused) -> dict[str, str]:
     """{tenant: why} for every tenant whose fused outputs differ from its traced graph's
     (or whose call raises), at the example batch and at another batch size."""
-    tenants: dict[str, TenantGraph] = fused.graph.graph["tenants"]
+    tenants = fused.tenant_graphs
     checked = {t: tg for t, tg in tenants.items() if tg.method == "export"}
     bad: dict[str, str] = {}
     if not checked:

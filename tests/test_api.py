@@ -188,8 +188,8 @@ def test_batch_branch_outside_traced_range_is_traced_again():
     torch.manual_seed(0)
     models = {"br": BranchOnBatch().eval(), "mlp": zoo.mlp(8, 16, 8)}
     fused = stfuse.compile(models, example_inputs={"br": torch.randn(4, 8), "mlp": torch.randn(4, 8)})
-    assert fused._specs["br"].batch_range == (1, 4)
-    assert fused._specs["mlp"].batch_range == (1, None)
+    assert fused.specs["br"].batch_range == (1, 4)
+    assert fused.specs["mlp"].batch_range == (1, None)
     for batch in (8, 3, 12, 1, 5):  # both branches, each traced once
         x, y = torch.randn(batch, 8), torch.randn(batch, 8)
         out_br, out_mlp = fused(x, y)
@@ -227,8 +227,8 @@ def test_batch_branch_at_one_is_found_and_runs_apart():
     torch.manual_seed(0)
     model = BranchOnBatchOfOne().eval()
     fused = stfuse.compile([model, zoo.mlp(8, 16, 8)], [torch.randn(4, 8), torch.randn(4, 8)])
-    assert fused._specs["0"].batch_range == (2, None)
-    assert fused._specs["1"].batch_range == (1, None)
+    assert fused.specs["0"].batch_range == (2, None)
+    assert fused.specs["1"].batch_range == (1, None)
     for batch in (1, 3, 1):
         x = torch.randn(batch, 8)
         assert_close(fused.run({"0": x})["0"], float64_reference(model, (x,)), msg=f"batch {batch}")

@@ -18,7 +18,7 @@ import stfuse
 from stfuse import zoo
 from stfuse.artifact import ArtifactError, check_graph as _check_graph
 from stfuse.errors import InputError, StfuseError
-from stfuse.program import ChainedPrograms
+from stfuse.artifact.loaded import ChainedPrograms
 from stfuse.tolerances import assert_close
 
 pytest.importorskip("safetensors")

@@ -16,10 +16,12 @@ import torch.utils._pytree as pytree
 
 from stfuse.errors import ArtifactError, StfuseError
 from stfuse.frontend import InputSpec, tenant_name_problem
-from stfuse.program import BoundProgram, LoadedProgram, Plan, TenantSpec
+from stfuse.plan import Plan
+from stfuse.program import TenantSpec
 
 from . import validate
 from .format import DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, PLAN, WEIGHTS
+from .loaded import BoundProgram, LoadedProgram
 
 _SAFE_FILE = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 

@@ -132,7 +132,7 @@ def _export_program(fused, active: tuple, stacked: bool, tensors: _Tensors, out:
 
     gm, counts = lower_program(fused.graph, active, stacked)
     wgm, weights = _weights_as_inputs(gm)
-    specs = [fused._specs[t] for t in active]
+    specs = [fused.specs[t] for t in active]
     args, dyn = list(weights), [None] * len(weights)
     shared = Dim("batch", min=1)
     for i, s in enumerate(specs):
@@ -203,14 +203,14 @@ def save(fused, path, *, subsets=(), example_inputs=None, progress=None) -> Path
     if path.exists() and not (path / MANIFEST).is_file():
         raise ArtifactError(f"{path} exists and is not an stfuse artifact; refusing to overwrite it")
     names = fused.tenants
-    for t, tg in fused._tenants.items():
+    for t, tg in fused.tenant_graphs.items():
         if tg.method != "export":
             raise ArtifactError(f"tenant {t!r} was traced with torch.fx (torch.export failed); "
                                 "it runs as one opaque call and cannot be saved")
     examples = dict(example_inputs or {})
-    tenants = [_spec_record(fused._specs[t], examples.get(t)) for t in names]
+    tenants = [_spec_record(fused.specs[t], examples.get(t)) for t in names]
     wanted = [("full", tuple(names), True)]
-    if sum(fused._specs[t].dynamic for t in names) >= 2:
+    if sum(fused.specs[t].dynamic for t in names) >= 2:
         wanted.append(("full_mixed", tuple(names), False))
     wanted += [(f"tenant_{i}", (t,), True) for i, t in enumerate(names) if len(names) > 1]
     for j, sub in enumerate(subsets):
@@ -221,7 +221,7 @@ def save(fused, path, *, subsets=(), example_inputs=None, progress=None) -> Path
         if sub == tuple(names):
             continue  # the full set is always saved
         wanted.append((f"subset_{j}", sub, True))
-        if sum(fused._specs[t].dynamic for t in sub) >= 2:
+        if sum(fused.specs[t].dynamic for t in sub) >= 2:
             wanted.append((f"subset_{j}_mixed", sub, False))
 
     try:

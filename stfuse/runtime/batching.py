@@ -146,7 +146,7 @@ def measure_profile(fused, example_inputs, max_batch: int = 32, reps: int = 5,
         one = timed({t: rows(t, 1)})
         # A tenant traced for a bounded batch range (a loaded artifact refuses more) is
         # timed at the top of its range.
-        spec = getattr(fused, "_specs", {}).get(t)
+        spec = getattr(fused, "specs", {}).get(t)
         high = spec.batch_range[1] if spec is not None and spec.dynamic else None
         big = max_batch if high is None else max(1, min(max_batch, high))
         per_row[t] = max(0.0, (timed({t: rows(t, big)}) - one) / (big - 1)) if big > 1 else 0.0

@@ -142,7 +142,7 @@ class Runtime:
         self._unbatchable: set[str] = set(self.tenants) - rows_independent(fused)
         # Most rows per launch of tenants traced for a bounded batch range (issue 11, item 6):
         # a loaded artifact refuses more, a compiled program would trace the tenant again.
-        self._row_cap = {t: spec.batch_range[1] for t, spec in getattr(fused, "_specs", {}).items()
+        self._row_cap = {t: spec.batch_range[1] for t, spec in getattr(fused, "specs", {}).items()
                          if spec.dynamic and spec.batch_range[1] is not None}
         self._closed = False
         self.error: BaseException | None = None  # what stopped the worker, if anything did
