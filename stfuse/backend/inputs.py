@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ir
-from .errors import StfuseError
-from .frontend import TenantGraph
+from stfuse import ir
+from stfuse.errors import StfuseError
+from stfuse.frontend import TenantGraph
 
 
 @dataclass(frozen=True)
