@@ -10,7 +10,7 @@ from stfuse.errors import PassError, StfuseError
 
 from .annotate import annotate
 from .cost import drop_unprofitable
-from .epilogue import fold_epilogues
+from .fold_epilogues import fold_epilogues
 from .horizontal import group_siblings
 from .lower import lower
 from .match import match_groups
