@@ -1,6 +1,6 @@
 """cost: keep a group only where one fused launch beats its members run apart.
 
-The model, per device (constants measured on the machines named below):
+The model, per device (rough constants, estimated rather than measured: see DEVICES):
 
     work_i    = max(flops_i / peak, bytes_i / bandwidth)
     separate  = sum_i (launch + work_i)
@@ -48,7 +48,8 @@ DEVICES = {
     # from an fx program, MKL ~50 GFLOP/s, ~10 GB/s copies,
     "cpu": DeviceModel(launch_us=6.0, member_us=5.0, gflops=50.0, gbps=10.0, stacks_inputs=True),
     # ~5 us per member inside a grouped loop of F.linear calls.
-    # H100-class GPU: ~5 us per launch from Python; one grouped Triton launch.
+    # H100-class GPU: guesses, never measured (no GPU has run stfuse yet): ~5 us per
+    # launch from Python, one grouped Triton launch, datasheet-order peak and bandwidth.
     "cuda": DeviceModel(launch_us=5.0, member_us=0.0, gflops=50_000.0, gbps=2_000.0,
                         stacks_inputs=False),
 }

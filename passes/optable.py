@@ -2,7 +2,7 @@
 
 Rules are rows, not if-chains: ``OP_CLASS`` maps an overload to its class,
 ``UNARY_STEPS`` / ``BINARY_STEPS`` map pointwise overloads to epilogue steps,
-``FLOPS`` maps a class to its FLOP count. Every pass asks this module.
+and ``flops`` counts a node's FLOPs from its class. Every pass asks this module.
 """
 
 from __future__ import annotations
