@@ -79,7 +79,7 @@ def compile_tenants(tenants: dict, verify: bool = False) -> FusedProgram:
     if len(set(devices.values())) > 1:
         raise StfuseError(f"all tenants must be on one device, got {devices}")
     graph, history = pipeline.run(ir.build(tenants), verify=verify)
-    fused = FusedProgram(graph, history)
+    fused = FusedProgram(graph, history, compile_tenants)
     bad = selfcheck.mismatches(fused) if graph.graph["groups"] else {}
     still = {}
     if bad:
@@ -87,7 +87,7 @@ def compile_tenants(tenants: dict, verify: bool = False) -> FusedProgram:
                     "traced graphs (%s)", sorted(bad), "; ".join(f"{t}: {w}" for t, w in bad.items()))
         graph, history = pipeline.run(ir.build(tenants), passes=pipeline.passes_without_fusing(bad),
                                       verify=verify)
-        fused = FusedProgram(graph, history)
+        fused = FusedProgram(graph, history, compile_tenants)
         still = selfcheck.mismatches(fused)
     # unfused: tenants taken out of fusion; still_differ: tenants that differ unfused too
     fused.plan.stats["self_check"] = {"unfused": sorted(bad), "reasons": dict(bad),

@@ -215,8 +215,11 @@ class TenantCalls:
 class FusedProgram(TenantCalls):
     """Compiled tenants; call with one argument per tenant, or ``run`` a subset."""
 
-    def __init__(self, graph, history):
+    def __init__(self, graph, history, compile_tenants=None):
+        """``compile_tenants`` (api.compile_tenants; passed in, so this module does not
+        import the compiler back) compiles a tenant traced again for another batch range."""
         self.graph = graph
+        self._compile_tenants = compile_tenants
         self._tenants: dict[str, TenantGraph] = graph.graph["tenants"]
         self.plan = Plan(graph, history)
         self._canonical = graph.graph["program"]
@@ -263,9 +266,7 @@ class FusedProgram(TenantCalls):
             eager = self._eager_batches.setdefault(name, set())
             if prog is None and batch not in eager and len(progs) < self.MAX_RESPECIALISATIONS:
                 try:
-                    from .api import compile_tenants
-
-                    prog = compile_tenants({name: trace_tenant(name, model, args)})
+                    prog = self._compile_tenants({name: trace_tenant(name, model, args)})
                     if prog.specs[name].in_range(batch):
                         progs.append(prog)
                     else:  # export traced something that does not hold at this batch either

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,9 +13,6 @@ from stfuse.errors import InputError, StfuseError
 from stfuse.program import FusedProgram
 
 from .registry import _GROUPS, _LOCK, _REGISTRY_LOCK
-
-if TYPE_CHECKING:
-    from .graph import Member
 
 log = logging.getLogger("stfuse.backend")
 
@@ -85,7 +81,7 @@ class Group:
         if policy not in POLICIES:
             raise StfuseError(f"group {name!r}: unknown policy {policy!r}; expected one of {POLICIES}")
         self.name, self.slice_ms, self.policy, self.slo_ms = name, float(slice_ms), policy, slo_ms
-        self.members: dict[str, Member] = {}
+        self.members: dict = {}  # tenant name -> graph.Member
         self.program: FusedProgram | None = None
         self.error: str | None = None  # why the last build failed (members then run alone)
         self._runtime = None
@@ -106,11 +102,11 @@ class Group:
     def tenants(self) -> list[str]:
         return list(self.members)
 
-    def add(self, member: Member) -> None:
+    def add(self, member) -> None:
         with _LOCK:
             self.members[member.name] = member
 
-    def remove(self, member: Member) -> None:
+    def remove(self, member) -> None:
         with _LOCK:
             self.members.pop(member.name, None)
 
@@ -178,7 +174,7 @@ class Group:
             log.warning("stfuse group %r: members run alone: %s", self.name, self.error)
         self._built_for = names
 
-    def call(self, member: Member, data: tuple):
+    def call(self, member, data: tuple):
         """Run one member's call, fused with whatever other members' calls share its slice."""
         from stfuse.runtime import RuntimeClosedError
 
