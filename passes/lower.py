@@ -151,6 +151,21 @@ class _Builder:
             self.stacks[keys] = self.graph.call_function(stack, ([self.value(k) for k in keys],))
         return self.stacks[keys]
 
+    def stack_operand(self, keys: list, out: str) -> torch.fx.Node:
+        """Members' epilogue operands stacked to [R, 1, ..., 1, *operand shape], so that
+        they broadcast against the stacked output [R, *out shape] dim for dim.
+
+        Broadcasting aligns trailing dims: a per-channel [C] operand stacked to [R, C]
+        against an output [R, B, C] would pair R with B (a crash, or with B == R or
+        B == 1 a silently wrong value). Members are uniform, so one rank serves all.
+        """
+        stacked = self.stack(keys)
+        pad = len(self.g.nodes[out]["shape"]) - len(self.g.nodes[keys[0]]["shape"])
+        unsqueeze = torch.unsqueeze if self.direct else aten.unsqueeze.default
+        for _ in range(pad):
+            stacked = self.graph.call_function(unsqueeze, (stacked, 1))
+        return stacked
+
     def kernel(self, name: str):
         """The custom op, or with ``direct`` its CPU kernel itself (the function the
         dispatcher would call), skipping about 3 us of boxing per call."""
@@ -181,7 +196,7 @@ class _Builder:
         stacked = self.stacked and len(members) >= 2 and _uniform(g, members)
         inputs = _member_inputs(g, grp.op_class, members)
         if stacked:
-            exts = [self.stack([e[j] for e in ext]) for j in range(len(ext[0]))]
+            exts = [self.stack_operand([e[j] for e in ext], outs[0]) for j in range(len(ext[0]))]
             args = self._stacked_args(grp, idx, inputs)
             y = self.graph.call_function(self.kernel(f"stacked_{grp.op_class}"),
                                          (*args, grp.epilogue, exts, scalars))
