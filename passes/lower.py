@@ -57,6 +57,15 @@ def _uniform(g, members) -> bool:
     return True
 
 
+def _uniform_operands(g, ext) -> bool:
+    """Every tensor step's operands have one sig across the members (equal shapes at
+    every common batch), so they stack. A [1, S, C] position embedding in one tenant
+    and a [B, S, C] one in another fold into the same ``add:tensor`` step but stack
+    only at batch 1: such a group runs grouped, each operand broadcasting on its own."""
+    return all(len({g.nodes[e[j]]["sig"] for e in ext}) == 1 and g.nodes[ext[0][j]]["sig"] is not None
+               for j in range(len(ext[0]) if ext else 0))
+
+
 def pack_weights(g):
     """Pack the weights of uniform groups into one tensor each; returns a new graph."""
     g = g.copy()
@@ -193,7 +202,8 @@ class _Builder:
         operands = [grp.operands[i] if grp.operands else () for i in idx]
         ext = [[v.key for v in ops if isinstance(v, Ref)] for ops in operands]
         scalars = [float(v) for ops in operands for v in ops if not isinstance(v, Ref)]
-        stacked = self.stacked and len(members) >= 2 and _uniform(g, members)
+        stacked = (self.stacked and len(members) >= 2 and _uniform(g, members)
+                   and _uniform_operands(g, ext))
         inputs = _member_inputs(g, grp.op_class, members)
         if stacked:
             exts = [self.stack_operand([e[j] for e in ext], outs[0]) for j in range(len(ext[0]))]

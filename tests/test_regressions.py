@@ -95,3 +95,64 @@ def test_layer_scale_on_conv_output():
     torch.manual_seed(0)
     models = [ConvLayerScale() for _ in range(2)]
     _check_batches(models, 2, [1, 2, 3], lambda i, b: torch.randn(b, 8, 6, 6))
+
+
+# --- 3. a tensor whose leading dim is a broadcast 1 (position embeddings) ------------
+
+
+class PositionAdd(nn.Module):
+    """``l(x) + pos`` (a [1, S, C] parameter) or ``l(x) + x``: the add folds into the
+    linear's epilogue in both, with a broadcast operand in one tenant only."""
+
+    def __init__(self, broadcast: bool, s=5, d=16):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+        self.pos = nn.Parameter(torch.randn(1, s, d)) if broadcast else None
+
+    def forward(self, x):
+        return self.l(x) + (self.pos if self.pos is not None else x)
+
+
+class ProjectedPosition(nn.Module):
+    """A linear over a [1, S, C] parameter, added to the [B, S, C] input: at batch 1
+    the projection has the sum's shape, at batch 8 it broadcasts."""
+
+    def __init__(self, s=5, d=16):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, s, d))
+        self.l = nn.Linear(d, d)
+
+    def forward(self, x):
+        return torch.relu(self.l(self.pos) + x)
+
+
+@pytest.mark.parametrize("example_batch,call_batches", [(1, [8, 1]), (2, [1, 3]), (3, [1])])
+@pytest.mark.parametrize("mix", ["operand", "main"])
+def test_broadcast_leading_one_is_not_batch(mix, example_batch, call_batches):
+    torch.manual_seed(example_batch)
+    if mix == "operand":
+        models = [PositionAdd(True), PositionAdd(False), PositionAdd(True)]
+    else:
+        models = [ProjectedPosition(), ProjectedPosition()]
+    _check_batches(models, example_batch, call_batches, lambda i, b: torch.randn(b, 5, 16))
+
+
+def _encoder(family: str):
+    import transformers
+
+    config_cls = getattr(transformers, f"{family}Config")
+    model_cls = getattr(transformers, f"{family}Model")
+    config = config_cls(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=64)
+    if hasattr(config, "embedding_size"):
+        config.embedding_size = 32  # ELECTRA projects embeddings otherwise
+    return model_cls(config).eval()
+
+
+@pytest.mark.parametrize("example_batch,call_batches", [(1, [8]), (2, [1, 3])])
+def test_bert_roberta_electra_across_batches(example_batch, call_batches):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    models = [_encoder(f) for f in ("Bert", "Roberta", "Electra")]
+    _check_batches(models, example_batch, call_batches,
+                   lambda i, b: torch.randint(5, 100, (b, 16)))
