@@ -156,3 +156,59 @@ def test_bert_roberta_electra_across_batches(example_batch, call_batches):
     models = [_encoder(f) for f in ("Bert", "Roberta", "Electra")]
     _check_batches(models, example_batch, call_batches,
                    lambda i, b: torch.randint(5, 100, (b, 16)))
+
+
+# --- 4. an in-place epilogue onto a broadcast operand (LeViT's attention bias) -------
+
+
+class BiasedAttention(nn.Module):
+    """LeViT-style attention: scores scaled and a per-head [H, N, N] bias added in place."""
+
+    def __init__(self, d=16, heads=2, n=6):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.bias = nn.Parameter(torch.randn(heads, n, n))
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = q @ k.transpose(-2, -1)
+        attn *= 0.5
+        attn += self.bias
+        out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+        out += self.proj(out)
+        return out
+
+
+@pytest.mark.parametrize("tenants", [2, 4])
+@pytest.mark.parametrize("example_batch", [1, 2])
+def test_inplace_add_of_broadcast_bias(example_batch, tenants):
+    torch.manual_seed(tenants)
+    models = [BiasedAttention() for _ in range(tenants)]
+    _check_batches(models, example_batch, [1, 3, tenants], lambda i, b: torch.randn(b, 6, 16))
+
+
+def _clear_levit_caches(model):
+    # LeViT caches its attention biases in eval mode; the cached non-leaf tensors
+    # cannot be deep-copied by float64_reference.
+    for m in model.modules():
+        if hasattr(m, "attention_bias_cache"):
+            m.attention_bias_cache = {}
+    return model
+
+
+def test_levit_four_tenants_at_batch_one():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LevitConfig(
+        image_size=32, patch_size=16, stride=2, hidden_sizes=[16, 24, 32],
+        num_attention_heads=[1, 2, 2], depths=[1, 1, 1], key_dim=[8, 8, 8],
+        down_ops=[["Subsample", 8, 2, 4, 2, 2], ["Subsample", 8, 3, 4, 2, 2]])
+    models = [transformers.LevitModel(config).eval() for _ in range(4)]
+    fused = stfuse.compile(models, [(torch.randn(1, 3, 32, 32),) for _ in models])
+    for b in (1, 4):
+        xs = [torch.randn(b, 3, 32, 32) for _ in models]
+        for i, (m, x, out) in enumerate(zip(models, xs, fused(*xs))):
+            assert_close(out, float64_reference(_clear_levit_caches(m), (x,)), msg=f"tenant {i} at batch {b}")
