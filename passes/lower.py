@@ -112,6 +112,7 @@ class _Builder:
         self.stacks: dict[tuple, torch.fx.Node] = {}  # member keys -> stacked node
         self.unbound: dict[torch.fx.Node, torch.fx.Node] = {}  # stacked node -> its unbind
         self.names: set[str] = set()
+        self.modules: dict[int, str] = {}  # id of a higher-order op's subgraph -> attr name
 
     # -- values ---------------------------------------------------------------
 
@@ -148,8 +149,20 @@ class _Builder:
         self.env[k] = self._attr(k, a["value"])
         return self.env[k]
 
+    def submodule(self, mod: torch.nn.Module) -> torch.fx.Node:
+        """A higher-order op's subgraph, registered once on the program's root."""
+        if id(mod) not in self.modules:
+            name = self.unique("subgraph")
+            self.root.add_module(name, mod)
+            self.modules[id(mod)] = name
+        return self.graph.get_attr(self.modules[id(mod)])
+
     def map(self, obj):
-        return pytree.tree_map(lambda v: self.value(v.key) if isinstance(v, Ref) else v, obj)
+        def one(v):
+            if isinstance(v, Ref):
+                return self.value(v.key)
+            return self.submodule(v) if isinstance(v, torch.nn.Module) else v
+        return pytree.tree_map(one, obj)
 
     def stack(self, keys: list) -> torch.fx.Node | None:
         if all(k is None for k in keys):

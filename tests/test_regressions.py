@@ -212,3 +212,57 @@ def test_levit_four_tenants_at_batch_one():
         xs = [torch.randn(b, 3, 32, 32) for _ in models]
         for i, (m, x, out) in enumerate(zip(models, xs, fused(*xs))):
             assert_close(out, float64_reference(_clear_levit_caches(m), (x,)), msg=f"tenant {i} at batch {b}")
+
+
+# --- 5. higher-order ops from export (torch.cond, autocast / grad-mode regions) ------
+
+
+class CondBranch(nn.Module):
+    """A data-dependent ``torch.cond`` between two linears."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.cond(h.sum() > 0, lambda t: self.b(t) * 2, lambda t: self.b(t) - 1, (h,))
+        return self.c(torch.relu(h))
+
+
+class AutocastRegion(nn.Module):
+    """EfficientViT's linear attention runs inside ``torch.autocast(enabled=False)``."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            kv = torch.relu(k).transpose(-2, -1) @ v
+            out = (torch.relu(q) @ kv) / (torch.relu(q).sum(-1, keepdim=True) + 1e-6)
+        return self.proj(out)
+
+
+class GradRegion(nn.Module):
+    """``torch.enable_grad()`` inside forward (export: wrap_with_set_grad_enabled)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        with torch.enable_grad():
+            h = torch.tanh(self.a(x))
+        return self.b(h)
+
+
+@pytest.mark.parametrize("model", [CondBranch, AutocastRegion, GradRegion])
+def test_higher_order_op_regions_run_unfused(model):
+    torch.manual_seed(0)
+    models = [model(), model(), nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))]
+    fused = _check_batches(models, 2, [1, 2, 3], lambda i, b: torch.randn(b, 4, 16))
+    # The region is the tenant's own op; what lies outside it still fuses.
+    assert fused.plan.stats["fused_groups"] > 0
+    assert fused.plan.stats["launches_after"] < fused.plan.stats["launches_before"]
