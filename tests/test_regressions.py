@@ -97,6 +97,35 @@ def test_layer_scale_on_conv_output():
     _check_batches(models, 2, [1, 2, 3], lambda i, b: torch.randn(b, 8, 6, 6))
 
 
+def _hf_pair(family: str):
+    import transformers as T
+
+    text = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=37)
+    make = {
+        "llama": lambda: T.LlamaModel(T.LlamaConfig(**text, num_key_value_heads=2, use_cache=False)),
+        "t5_encoder": lambda: T.T5EncoderModel(T.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=37,
+                                                          num_layers=1, num_heads=2)),
+        "deberta_v2": lambda: T.DebertaV2Model(T.DebertaV2Config(**text, max_position_embeddings=64)),
+        "convnext": lambda: T.ConvNextModel(T.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1],
+                                                             num_stages=2, image_size=32)),
+    }[family]
+    return [make().eval() for _ in range(2)]
+
+
+@pytest.mark.parametrize("family", ["llama", "t5_encoder", "deberta_v2", "convnext"])
+def test_per_channel_parameter_in_transformers_models(family):
+    """RMSNorm (Llama, T5), DeBERTa-v2's division and ConvNeXt's layer scale, 2 tenants."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    models = _hf_pair(family)
+    if family == "convnext":
+        make = lambda i, b: torch.randn(b, 3, 32, 32)  # noqa: E731
+    else:
+        make = lambda i, b: torch.randint(3, 100, (b, 12))  # noqa: E731
+    _check_batches(models, 1, [1, 2, 3], make)
+
+
 # --- 3. a tensor whose leading dim is a broadcast 1 (position embeddings) ------------
 
 
