@@ -172,6 +172,17 @@ def _run_residual(h, x, p):
     return x + h.m(x)
 
 
+def _run_scale_linear(h, x, p):
+    # The issue's minimal case: one [D] parameter read twice, around a linear.
+    return h.m(h.w * x) * h.w
+
+
+def _run_slice_inplace(h, x, p):
+    # An in-place op on a slice of an intermediate (how swin builds its attention mask).
+    x[..., :p["k"]] *= 2.0
+    return x
+
+
 def _run_attention(h, x, p):
     scores = (x @ x.transpose(-2, -1)) / math.sqrt(x.shape[-1])
     return scores.softmax(-1) @ x
@@ -211,6 +222,13 @@ OPS: dict[str, Op] = {
                 inplace=True),
     "residual": Op((1, 2), lambda d, s: {"inplace": d(st.booleans())}, _same,
                    lambda s, p: _holder(m=nn.Linear(s[-1], s[-1])), _run_residual),
+    "scale_linear": Op((1, 2), lambda d, s: {}, _same,
+                       lambda s, p: _holder(m=nn.Linear(s[-1], s[-1]), w=torch.randn(s[-1])),
+                       _run_scale_linear),
+    "slice_": Op((1, 2, 3), lambda d, s: {"k": d(st.integers(1, s[-1]))}, _same, _none,
+                 _run_slice_inplace, inplace=True),
+    "slice_rows": Op((2, 3), lambda d, s: {} if s[0] > 1 else None, lambda s, p: (s[0] - 1, *s[1:]),
+                     _none, lambda h, x, p: x[:, 1:]),
     "transpose": Op((2,), lambda d, s: {}, lambda s, p: (s[1], s[0]), _none,
                     lambda h, x, p: x.transpose(1, 2)),
     "slice": Op((1, 2, 3), lambda d, s: {"k": d(st.integers(1, s[-1] - 1))} if s[-1] > 1 else None,
@@ -238,8 +256,16 @@ OPS: dict[str, Op] = {
 
 # Ops that return a view of their input (an in-place op must not follow: it could write
 # through to the model's input).
-VIEWS = {"transpose", "slice", "to_seq", "flatten"}
+VIEWS = {"transpose", "slice", "slice_rows", "to_seq", "flatten"}
 
+
+# Ops the passes still get wrong, left out of the drawn grammar until fixed; each has an
+# explicit strict-xfail test below, which starts failing (XPASS) once the fix lands.
+KNOWN_BROKEN = {
+    # issue 11 item 2 (swin): normalize functionalizes an in-place op whose target is a
+    # view (``copy_(slice(x), y)`` -> ``copy(...)``), so the write to x is lost.
+    "slice_": "issue 11 item 2: in-place op on a slice of an intermediate is lost",
+}
 
 # Ops drawn twice as often: the fusable ones and the parameter ops that broke epilogues.
 FREQUENT = ("linear", "conv", "param_op", "param_op_")
@@ -279,7 +305,8 @@ def architectures(draw):
     in_shape, s, ops = shape, shape, []
     fresh = False  # the current value is a fresh intermediate (an in-place op may overwrite it)
     for _ in range(draw(st.integers(1, 6))):
-        names = [n for n, op in OPS.items() if len(s) in op.ranks and (fresh or not op.inplace)]
+        names = [n for n, op in OPS.items() if len(s) in op.ranks and (fresh or not op.inplace)
+                 and n not in KNOWN_BROKEN]
         names += [n for n in FREQUENT if n in names]  # twice as likely: what fuses
         name = draw(st.sampled_from(names))
         p = OPS[name].draw(draw, s)
@@ -354,3 +381,9 @@ def test_fuzz_tenant_sets(case):
 
 
 # --- failing examples the fuzzer found, kept as explicit tests ----------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_BROKEN["slice_"])
+def test_inplace_slice_of_intermediate():
+    arch = ((8,), [("layer_norm", {"affine": False}), ("slice_", {"k": 1})], False)
+    check_set([arch, arch], [1, 1], [1], [1, 1], 0)
