@@ -84,7 +84,8 @@ def _none(shape, p):
 
 # Parameter shapes broadcast against an activation of inner shape s, by name.
 def _param_shapes(s):
-    shapes = {"last": (s[-1],), "full": tuple(s), "lead1": (1, *s), "scalar": ()}
+    shapes = {"last": (s[-1],), "full": tuple(s), "lead1": (1, *s), "scalar": (),
+              "ones_last": (1,) * len(s) + (s[-1],)}
     if len(s) == 2:
         shapes["rows"] = (s[0], 1)
     if len(s) == 3:
@@ -320,8 +321,25 @@ def architectures(draw):
 
 
 @st.composite
+def variant(draw, arch):
+    """``arch`` with the shapes of its parameter operands redrawn: the same ops, so they
+    align and fuse, with operands broadcast along other dims (per-tenant [1, S, D]
+    against [D] against [S, D] made stacking go wrong)."""
+    in_shape, ops, two = arch
+    s, out = in_shape, []
+    for name, p in ops:
+        if name in ("param_op", "param_op_"):
+            p = {**p, "where": draw(st.sampled_from(sorted(_param_shapes(s))))}
+        out.append((name, p))
+        s = OPS[name].shape(s, p)
+    return in_shape, out, two
+
+
+@st.composite
 def tenant_sets(draw):
     archs = draw(st.lists(architectures(), min_size=1, max_size=3))
+    if draw(st.booleans()):
+        archs[-1] = draw(variant(archs[0]))
     n = draw(st.integers(2, 4))
     # Every architecture once (as far as n allows), then repeats: repeats fuse.
     picks = [i if i < len(archs) else draw(st.integers(0, len(archs) - 1)) for i in range(n)]
@@ -373,7 +391,7 @@ def check_set(archs, example_batches, call_batches, mixed, seed):
     return fused
 
 
-@settings(max_examples=_EXPLORE or 25, deadline=None, derandomize=not _EXPLORE, database=None,
+@settings(max_examples=_EXPLORE or 30, deadline=None, derandomize=not _EXPLORE, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(tenant_sets())
 def test_fuzz_tenant_sets(case):
