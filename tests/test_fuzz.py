@@ -373,8 +373,13 @@ def _well_conditioned(model, x) -> bool:
         return False
 
 
-def check_set(archs, example_batches, call_batches, mixed, seed):
-    """Compile the tenants, call them at each batch (all alike, then mixed); compare."""
+def _require(ok: bool) -> None:
+    assert ok, "an explicit example must be well conditioned in float32 eager"
+
+
+def check_set(archs, example_batches, call_batches, mixed, seed, require=assume):
+    """Compile the tenants, call them at each batch (all alike, then mixed); compare.
+    ``require`` rejects an ill-conditioned draw (``assume``), or fails an explicit one."""
     models = _build(archs, seed)
     gen = torch.Generator().manual_seed(seed)
     examples = [(_input(a[0], b, gen),) for a, b in zip(archs, example_batches)]
@@ -382,7 +387,7 @@ def check_set(archs, example_batches, call_batches, mixed, seed):
     inputs = [[_input(a[0], b, gen) for a, b in zip(archs, batches)] for batches in calls]
     for xs in inputs:
         for m, x in zip(models, xs):
-            assume(_well_conditioned(m, x))
+            require(_well_conditioned(m, x))
     fused = stfuse.compile(models, examples)
     for batches, xs in zip(calls, inputs):
         outs = fused(*[x.clone() for x in xs])
@@ -404,4 +409,30 @@ def test_fuzz_tenant_sets(case):
 @pytest.mark.xfail(strict=True, reason=KNOWN_BROKEN["slice_"])
 def test_inplace_slice_of_intermediate():
     arch = ((8,), [("layer_norm", {"affine": False}), ("slice_", {"k": 1})], False)
-    check_set([arch, arch], [1, 1], [1], [1, 1], 0)
+    check_set([arch, arch], [1, 1], [1], [1, 1], 0, require=_require)
+
+
+def _div(where):
+    return ("param_op", {"op": "div", "where": where, "param_first": False, "buffer": False})
+
+
+FOUND = {
+    # RMSNorm's ``y * w`` with w [D], stacked to [R, D] against [R, B, D] (issue 11 item 1).
+    "rms_norm_weight": ([((8,), [("rms_norm", {"weight_first": False})], False)] * 2,
+                        [1, 1], [1], [1, 1], 0),
+    # One op, its operand [S, D] in one tenant and [1, S, D] in the other: equal
+    # broadcasts, unequal ranks; stacking them failed (issue 11 item 3).
+    "operand_ranks_differ": ([((1, 8), [("layer_norm", {"affine": True}), _div("full")], False),
+                              ((1, 8), [("layer_norm", {"affine": True}), _div("lead1")], False)],
+                             [2, 1], [5, 3], [4, 1], 4894),
+    # A per-row [S, 1] operand beside a per-channel [D] one, at mixed batches.
+    "rows_beside_last": ([((3, 8), [("linear", {"out": 8, "bias": True}), _div("rows")], False),
+                          ((3, 8), [("linear", {"out": 8, "bias": True}), _div("last")], False),
+                          ((3, 8), [("linear", {"out": 8, "bias": True}), _div("rows")], True)],
+                         [1, 2, 3], [1, 2], [3, 1, 2], 7),
+}
+
+
+@pytest.mark.parametrize("name", list(FOUND))
+def test_found_examples(name):
+    check_set(*FOUND[name], require=_require)
