@@ -11,7 +11,9 @@ Two forms of each operator:
   of fused groups passes one tensor along without unstacking.
 
 Epilogue operands follow kernels/epilogue.py: grouped ops take ``ext`` flat
-member-major, stacked ops take one stacked [R, ...] tensor per tensor step.
+member-major, stacked ops take one stacked [R, ...] tensor per tensor step,
+broadcastable to the output [R, ...] dim for dim (passes/lower.py pads a
+member operand of lower rank, a per-channel [C] weight, to [R, 1, ..., C]).
 """
 
 from __future__ import annotations

@@ -57,6 +57,15 @@ def _uniform(g, members) -> bool:
     return True
 
 
+def _uniform_operands(g, ext) -> bool:
+    """Every tensor step's operands have one sig across the members (equal shapes at
+    every common batch), so they stack. A [1, S, C] position embedding in one tenant
+    and a [B, S, C] one in another fold into the same ``add:tensor`` step but stack
+    only at batch 1: such a group runs grouped, each operand broadcasting on its own."""
+    return all(len({g.nodes[e[j]]["sig"] for e in ext}) == 1 and g.nodes[ext[0][j]]["sig"] is not None
+               for j in range(len(ext[0]) if ext else 0))
+
+
 def pack_weights(g):
     """Pack the weights of uniform groups into one tensor each; returns a new graph."""
     g = g.copy()
@@ -103,6 +112,7 @@ class _Builder:
         self.stacks: dict[tuple, torch.fx.Node] = {}  # member keys -> stacked node
         self.unbound: dict[torch.fx.Node, torch.fx.Node] = {}  # stacked node -> its unbind
         self.names: set[str] = set()
+        self.modules: dict[int, str] = {}  # id of a higher-order op's subgraph -> attr name
 
     # -- values ---------------------------------------------------------------
 
@@ -139,8 +149,20 @@ class _Builder:
         self.env[k] = self._attr(k, a["value"])
         return self.env[k]
 
+    def submodule(self, mod: torch.nn.Module) -> torch.fx.Node:
+        """A higher-order op's subgraph, registered once on the program's root."""
+        if id(mod) not in self.modules:
+            name = self.unique("subgraph")
+            self.root.add_module(name, mod)
+            self.modules[id(mod)] = name
+        return self.graph.get_attr(self.modules[id(mod)])
+
     def map(self, obj):
-        return pytree.tree_map(lambda v: self.value(v.key) if isinstance(v, Ref) else v, obj)
+        def one(v):
+            if isinstance(v, Ref):
+                return self.value(v.key)
+            return self.submodule(v) if isinstance(v, torch.nn.Module) else v
+        return pytree.tree_map(one, obj)
 
     def stack(self, keys: list) -> torch.fx.Node | None:
         if all(k is None for k in keys):
@@ -150,6 +172,21 @@ class _Builder:
             stack = torch.stack if self.direct else aten.stack.default  # same op, less wrapping
             self.stacks[keys] = self.graph.call_function(stack, ([self.value(k) for k in keys],))
         return self.stacks[keys]
+
+    def stack_operand(self, keys: list, out: str) -> torch.fx.Node:
+        """Members' epilogue operands stacked to [R, 1, ..., 1, *operand shape], so that
+        they broadcast against the stacked output [R, *out shape] dim for dim.
+
+        Broadcasting aligns trailing dims: a per-channel [C] operand stacked to [R, C]
+        against an output [R, B, C] would pair R with B (a crash, or with B == R or
+        B == 1 a silently wrong value). Members are uniform, so one rank serves all.
+        """
+        stacked = self.stack(keys)
+        pad = len(self.g.nodes[out]["shape"]) - len(self.g.nodes[keys[0]]["shape"])
+        unsqueeze = torch.unsqueeze if self.direct else aten.unsqueeze.default
+        for _ in range(pad):
+            stacked = self.graph.call_function(unsqueeze, (stacked, 1))
+        return stacked
 
     def kernel(self, name: str):
         """The custom op, or with ``direct`` its CPU kernel itself (the function the
@@ -178,10 +215,11 @@ class _Builder:
         operands = [grp.operands[i] if grp.operands else () for i in idx]
         ext = [[v.key for v in ops if isinstance(v, Ref)] for ops in operands]
         scalars = [float(v) for ops in operands for v in ops if not isinstance(v, Ref)]
-        stacked = self.stacked and len(members) >= 2 and _uniform(g, members)
+        stacked = (self.stacked and len(members) >= 2 and _uniform(g, members)
+                   and _uniform_operands(g, ext))
         inputs = _member_inputs(g, grp.op_class, members)
         if stacked:
-            exts = [self.stack([e[j] for e in ext]) for j in range(len(ext[0]))]
+            exts = [self.stack_operand([e[j] for e in ext], outs[0]) for j in range(len(ext[0]))]
             args = self._stacked_args(grp, idx, inputs)
             y = self.graph.call_function(self.kernel(f"stacked_{grp.op_class}"),
                                          (*args, grp.epilogue, exts, scalars))

@@ -64,13 +64,18 @@ def pointwise_step(g, k):
     """
     a = g.nodes[k]
     target, args, kwargs = a["target"], a["args"], a["kwargs"]
-    out_shape, out_dtype = a["shape"], a["dtype"]
+    out_shape, out_sig, out_dtype = a["shape"], a["sig"], a["dtype"]
     if out_shape is None or not _is_float(out_dtype) or not args or not isinstance(args[0], Ref):
         return None
 
-    def full(v):  # a tensor input with exactly the output's shape and dtype
+    def full(v):
+        # A tensor input with exactly the output's shape and dtype at EVERY batch size:
+        # the sig, not just the example shape. Compiled at batch 1, a [1, S, C] position
+        # embedding has the shape of the [B, S, C] sum, but is no main operand at batch 8
+        # (stacking it with another tenant's [8, S, C] main, or adding in place onto it,
+        # crashed).
         return (isinstance(v, Ref) and g.nodes[v.key]["shape"] == out_shape
-                and g.nodes[v.key]["dtype"] == out_dtype)
+                and g.nodes[v.key]["sig"] == out_sig and g.nodes[v.key]["dtype"] == out_dtype)
 
     if target in UNARY_STEPS and not kwargs and len(args) == 1 and full(args[0]):
         return args[0], Step(UNARY_STEPS[target]), None

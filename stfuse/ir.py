@@ -13,7 +13,10 @@ kind       "input" (a user input), "param" (parameter / buffer / constant),
            "call" (an operator), "output" (the tenant's flat outputs)
 target     the operator (an OpOverload, a Python callable, or an nn.Module
            for an opaque fallback tenant); None unless kind == "call"
-args       positional args; references to other nodes are ``Ref(key)``
+args       positional args; references to other nodes are ``Ref(key)``; a
+           higher-order op's subgraph (``torch.cond`` branches, a
+           ``wrap_with_autocast`` region) is the GraphModule itself, so the
+           op runs as the tenant's own unfused call
 kwargs     keyword args, same convention
 pos        position in the tenant's original order (new nodes take the
            position of the node they replace); ties sort by name
@@ -112,9 +115,19 @@ def node_attrs(**kw) -> dict:
     return attrs
 
 
-def _to_refs(tenant: str, obj):
+def _to_refs(tenant: str, obj, modules: dict | None = None):
+    """fx args with nodes as Refs, and subgraph get_attrs as the subgraphs themselves."""
+    modules = modules or {}
     return pytree.tree_map(
-        lambda a: Ref(key(tenant, a.name)) if isinstance(a, torch.fx.Node) else a, obj)
+        lambda a: (modules[a] if a in modules else Ref(key(tenant, a.name)))
+        if isinstance(a, torch.fx.Node) else a, obj)
+
+
+def _fetch_attr(gm: torch.fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _mutated_args(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -134,8 +147,23 @@ def build(tenants: dict) -> nx.DiGraph:
     for tname, tg in tenants.items():
         user = {spec.name: i for i, spec in enumerate(tg.inputs)}
         order = {n: i for i, n in enumerate(tg.gm.graph.nodes)}
+        modules: dict[torch.fx.Node, torch.nn.Module] = {}  # subgraph get_attrs
         for n in tg.gm.graph.nodes:
             k = key(tname, n.name)
+            if n.op == "get_attr":
+                # export turns torch.cond, autocast and set_grad_enabled regions into
+                # higher-order ops over submodules: the op keeps its subgraph as a
+                # constant arg and runs unfused; a tensor attr is a parameter.
+                attr = _fetch_attr(tg.gm, n.target)
+                if isinstance(attr, torch.nn.Module):
+                    modules[n] = attr
+                    continue
+                if not isinstance(attr, torch.Tensor):
+                    raise StfuseError(f"tenant {tname!r}: unsupported fx node get_attr {n.name} "
+                                      f"({type(attr).__name__})")
+                g.add_node(k, **node_attrs(tenant=tname, name=n.name, kind="param",
+                                           pos=order[n], value=attr.detach()))
+                continue
             if n.op == "placeholder":
                 if n.name in user:
                     g.add_node(k, **node_attrs(tenant=tname, name=n.name, kind="input",
@@ -146,8 +174,8 @@ def build(tenants: dict) -> nx.DiGraph:
             elif n.op in ("call_function", "call_module"):
                 target = tg.gm.get_submodule(n.target) if n.op == "call_module" else n.target
                 g.add_node(k, **node_attrs(tenant=tname, name=n.name, kind="call", target=target,
-                                           args=_to_refs(tname, n.args),
-                                           kwargs=_to_refs(tname, n.kwargs), pos=order[n]))
+                                           args=_to_refs(tname, n.args, modules),
+                                           kwargs=_to_refs(tname, n.kwargs, modules), pos=order[n]))
             elif n.op == "output":
                 g.add_node(k, **node_attrs(tenant=tname, name=n.name, kind="output",
                                            args=_to_refs(tname, n.args), pos=order[n]))

@@ -131,7 +131,7 @@ def test_graph_break():
 
 
 class WithCond(nn.Module):
-    """torch.cond: a higher-order op the stfuse IR does not take."""
+    """torch.cond: a higher-order op, run unfused as the tenant's own op."""
 
     def __init__(self):
         super().__init__()
@@ -141,7 +141,19 @@ class WithCond(nn.Module):
         return torch.cond(x.sum() > 0, lambda t: t * 2, lambda t: t - 1, (self.lin(x),))
 
 
-def test_unsupported_graph_runs_eagerly():
+class MutatesInput(nn.Module):
+    """Overwrites its input in forward: no inference program can replay that."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x.mul_(2)
+        return self.lin(x)
+
+
+def test_higher_order_op_runs_through_stfuse():
     torch.manual_seed(0)
     model = WithCond().eval()
     compiled = torch.compile(model, backend="stfuse")
@@ -149,12 +161,23 @@ def test_unsupported_graph_runs_eagerly():
         with torch.no_grad():
             assert_close(compiled(x), model(x))
     (cg,) = graphs()
+    assert cg.eager_reason is None and cg.stats["stfuse_calls"] == 2
+
+
+def test_unsupported_graph_runs_eagerly():
+    torch.manual_seed(0)
+    model = MutatesInput().eval()
+    compiled = torch.compile(model, backend="stfuse")
+    for x in (torch.ones(3, 4), -torch.ones(3, 4)):
+        with torch.no_grad():
+            assert_close(compiled(x.clone()), model(x.clone()))
+    (cg,) = graphs()
     assert cg.eager_reason is not None and cg.stats["eager_calls"] == 2 and cg.stats["stfuse_calls"] == 0
 
 
 def test_strict_raises_instead():
-    compiled = torch.compile(WithCond().eval(), backend="stfuse", options={"strict": True})
-    with pytest.raises(StfuseError, match="get_attr"):
+    compiled = torch.compile(MutatesInput().eval(), backend="stfuse", options={"strict": True})
+    with pytest.raises(StfuseError, match="overwrites input"):
         _run(compiled, torch.ones(3, 4))
 
 

@@ -89,6 +89,10 @@ def _weights_as_inputs(gm: torch.fx.GraphModule):
     graph, env, weights = torch.fx.Graph(), {}, []
     for n in gm.graph.nodes:
         if n.op == "get_attr":
+            if isinstance(getattr(gm, n.target), torch.nn.Module):
+                raise ArtifactError("the program calls a higher-order op over a subgraph (a "
+                                    "torch.cond, autocast or grad-mode region, run unfused); "
+                                    "such programs cannot be saved yet")
             env[n] = graph.placeholder(f"w_{n.target}")
             weights.append(gm.get_buffer(n.target))
         elif n.op == "call_module":
