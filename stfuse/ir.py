@@ -128,6 +128,21 @@ def _mutated_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     return out
 
 
+def returns_alias(target) -> bool:
+    """True if the op's output may share storage with an input (a view such as
+    ``slice`` or ``view``, or an in-place op's result), per its schema."""
+    schema = getattr(target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+def _alias_root(n: torch.fx.Node) -> torch.fx.Node:
+    """The node owning the storage that n's value lives in (n itself unless n is a view)."""
+    while (n.op == "call_function" and returns_alias(n.target) and n.args
+           and isinstance(n.args[0], torch.fx.Node)):
+        n = n.args[0]
+    return n
+
+
 def build(tenants: dict) -> nx.DiGraph:
     """The multi-tenant graph of ``tenants`` (name -> TenantGraph)."""
     g = nx.DiGraph(tenants=dict(tenants), groups={})
@@ -155,19 +170,26 @@ def build(tenants: dict) -> nx.DiGraph:
                 raise StfuseError(f"tenant {tname!r}: unsupported fx node {n.op} {n.name}")
             for src in refs((g.nodes[k]["args"], g.nodes[k]["kwargs"])):
                 g.add_edge(src, k)
-        # In-place ops: keep every other reader of the overwritten tensor on its side.
+        # In-place ops: keep every other reader of the overwritten storage on its side.
+        # That is every reader of the tensor and of every view sharing its storage:
+        # ``m[0:2] = 1`` writes through a slice into m, which later ops read directly.
+        views: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        for n in tg.gm.graph.nodes:
+            views.setdefault(_alias_root(n), []).append(n)
         for n in tg.gm.graph.nodes:
             for m in _mutated_args(n) if n.op == "call_function" else ():
-                if m.op == "placeholder":
+                root = _alias_root(m)
+                if root.op == "placeholder":
                     # A program replayed for every request cannot overwrite its weights
                     # or the caller's inputs (e.g. BatchNorm statistics in training mode).
                     raise StfuseError(f"tenant {tname!r}: {n.target} overwrites "
-                                      f"{'input' if m.name in user else 'parameter/buffer'} "
-                                      f"{m.name!r} in forward; an inference program cannot")
-                for u in m.users:
-                    if u is not n:
-                        a, b = (u, n) if order[u] < order[n] else (n, u)
-                        g.add_edge(key(tname, a.name), key(tname, b.name), order_only=True)
+                                      f"{'input' if root.name in user else 'parameter/buffer'} "
+                                      f"{root.name!r} in forward; an inference program cannot")
+                for u in {u for v in views[root] for u in v.users}:
+                    a, b = (u, n) if order[u] < order[n] else (n, u)
+                    ka, kb = key(tname, a.name), key(tname, b.name)
+                    if u is not n and not g.has_edge(ka, kb):  # never relabel a data edge
+                        g.add_edge(ka, kb, order_only=True)
     return g
 
 
