@@ -17,6 +17,9 @@ import torch
 
 VOCAB = 100
 TEXT_LENGTHS = (8, 5)  # two sequence lengths; 5 is odd on purpose
+SEEDS = (0, 1)  # two tenants of one architecture, different random weights
+EXAMPLE_BATCH = 2  # same-architecture sets compile here and are called at CALL_BATCHES
+CALL_BATCHES = (1, 3)
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,12 @@ import torch
 
 import stfuse
 
-from archs import ARCHS, KNOWN_FAILURES, MIXES
+from archs import ARCHS, CALL_BATCHES, EXAMPLE_BATCH, KNOWN_FAILURES, MIXES, SEEDS
 from conftest import check_tenants, float64_reference
 
 pytest.importorskip("transformers", reason="transformers is in the test extra")
 
 pytestmark = pytest.mark.slow
-
-EXAMPLE_BATCH = 2
-SEEDS = (0, 1)  # two tenants, different random weights
 
 
 def _known(name: str, case: str):
@@ -31,7 +28,7 @@ def _known(name: str, case: str):
 def _cases():
     for name, arch in ARCHS.items():
         for length in arch.lengths:
-            for batch in (1, 3):
+            for batch in CALL_BATCHES:
                 case = f"{name}-L{length}-B{batch}"
                 yield pytest.param(name, length, batch, id=case, marks=_known(name, case))
 
