@@ -87,3 +87,34 @@ def test_slice_assignment_reaches_the_tensor(make_model, shape, n):
     assert "fill_" in fused.program.code  # kept in place, not turned into a dead `fill`
     check_tenants(fused, models, args)
     check_tenants(fused, models, [(torch.randn(1, *shape[1:]),) for _ in range(n)])
+
+
+class _Writes(nn.Module):
+    """In-place writes into a fused linear's output, read before and after the write."""
+
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern, self.l1, self.l2 = pattern, nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.l1(x)
+        if self.pattern == "slice_after_read":
+            z = y * 2
+            y[:, 0] += 1
+            return self.l2(z + y)
+        if self.pattern == "view_of_view":
+            y.view(-1, 2, 4)[:, 0].zero_()
+            return self.l2(y)
+        a = self.l2(y)  # "whole_after_fused_read"
+        y.add_(1)
+        return a, self.l2(y)
+
+
+@pytest.mark.parametrize("pattern", ["slice_after_read", "view_of_view", "whole_after_fused_read"])
+def test_writes_into_fused_outputs_keep_their_order(pattern):
+    torch.manual_seed(0)
+    models = [_Writes(pattern).eval() for _ in range(2)]
+    fused = stfuse.compile(models, [(torch.randn(2, 8),)] * 2)
+    assert fused.plan.stats["fused_groups"] >= 1
+    for batch in (2, 3):
+        check_tenants(fused, models, [(torch.randn(batch, 8),) for _ in range(2)])
