@@ -73,6 +73,15 @@ def _tokens(batch, length, seed):
     return (torch.randint(3, VOCAB, (batch, length), generator=g),)
 
 
+def _tokens_and_mask(batch, length, seed):
+    """(input_ids, attention_mask): row i has i % 3 padded positions at its end."""
+    (ids,) = _tokens(batch, length, seed)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for i in range(batch):
+        mask[i, length - i % 3:] = 0
+    return ids, mask
+
+
 def _images(size: int, channels: int = 3):
     def make(batch, _length, seed):
         g = torch.Generator().manual_seed(2000 + seed)
@@ -100,8 +109,11 @@ _VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermed
             image_size=16, patch_size=8)
 
 
-def _text(cls_name, cfg_name, family="decoder", **cfg):
-    return Arch(family, _model(cls_name, cfg_name, **cfg), _tokens, TEXT_LENGTHS)
+def _text(cls_name, cfg_name, family="decoder", mask=True, **cfg):
+    """A text model called with (input_ids, attention_mask), or input_ids alone where
+    its second positional parameter is not the mask (``mask=False``)."""
+    inputs = _tokens_and_mask if mask else _tokens
+    return Arch(family, _model(cls_name, cfg_name, **cfg), inputs, TEXT_LENGTHS)
 
 
 ARCHS: dict[str, Arch] = {
@@ -111,15 +123,15 @@ ARCHS: dict[str, Arch] = {
     "mistral": _text("MistralModel", "MistralConfig", **_LM, num_key_value_heads=2),
     "gemma": _text("GemmaModel", "GemmaConfig", **_LM, num_key_value_heads=2, head_dim=8),
     "phi": _text("PhiModel", "PhiConfig", **_LM),
-    "gpt2": _text("GPT2Model", "GPT2Config", n_embd=32, n_layer=2, n_head=4, n_inner=64,
+    "gpt2": _text("GPT2Model", "GPT2Config", mask=False, n_embd=32, n_layer=2, n_head=4, n_inner=64,
                   vocab_size=VOCAB, n_positions=64, use_cache=False),
     "gpt_neox": _text("GPTNeoXModel", "GPTNeoXConfig", **_LM),
     "opt": _text("OPTModel", "OPTConfig", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  ffn_dim=64, word_embed_proj_dim=32, vocab_size=VOCAB, max_position_embeddings=64,
                  use_cache=False),
-    "falcon": _text("FalconModel", "FalconConfig", hidden_size=32, num_hidden_layers=2,
+    "falcon": _text("FalconModel", "FalconConfig", mask=False, hidden_size=32, num_hidden_layers=2,
                     num_attention_heads=4, vocab_size=VOCAB, use_cache=False),
-    "bloom": _text("BloomModel", "BloomConfig", hidden_size=32, n_layer=2, n_head=4,
+    "bloom": _text("BloomModel", "BloomConfig", mask=False, hidden_size=32, n_layer=2, n_head=4,
                    vocab_size=VOCAB, use_cache=False),
     # --- encoders ------------------------------------------------------------------
     "bert": _text("BertModel", "BertConfig", "encoder", **_ENC),
