@@ -19,7 +19,7 @@ VOCAB = 100
 TEXT_LENGTHS = (8, 5)  # two sequence lengths; 5 is odd on purpose
 SEEDS = (0, 1)  # two tenants of one architecture, different random weights
 EXAMPLE_BATCH = 2  # same-architecture sets compile here and are called at CALL_BATCHES
-CALL_BATCHES = (1, 3)
+CALL_BATCHES = (1, 2, 3)  # 2 = the example batch = the tenant count (where misaligned stacks hide)
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,15 @@ def _model(cls_name: str, cfg_name: str, **cfg):
 
 
 def _lively(model: torch.nn.Module) -> torch.nn.Module:
-    """PyTorch's default init for every layer and random BatchNorm statistics.
+    """PyTorch's default init for every layer, random BatchNorm statistics, and
+    noise on every parameter.
 
     transformers' init (normal, std 0.02) makes deep tiny CNNs output almost nothing
     (MobileNetV2: |y| < 1e-25, EfficientNet: 0), which would make every tolerance
     check vacuous; with this, every model's outputs are of order 0.1 to 10, and
-    BatchNorm folding sees non-trivial statistics.
+    BatchNorm folding sees non-trivial statistics. The noise makes every parameter
+    differ between tenants: deterministic inits (zero attention biases, sinusoidal
+    positions, constant layer scales) would hide one tenant reading another's.
     """
     with torch.no_grad():
         for m in model.modules():
@@ -64,6 +67,8 @@ def _lively(model: torch.nn.Module) -> torch.nn.Module:
                 if m.affine:
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.uniform_(-0.5, 0.5)
+        for p in model.parameters():
+            p.add_(torch.empty_like(p).uniform_(-0.1, 0.1))
     return model
 
 
