@@ -39,6 +39,7 @@ Graph attributes: ``tenants`` (name -> TenantGraph, in order), ``groups``
 from __future__ import annotations
 
 from dataclasses import dataclass
+import operator
 from typing import Any
 
 import networkx as nx
@@ -129,8 +130,11 @@ def _mutated_args(node: torch.fx.Node) -> list[torch.fx.Node]:
 
 
 def returns_alias(target) -> bool:
-    """True if the op's output may share storage with an input (a view such as
-    ``slice`` or ``view``, or an in-place op's result), per its schema."""
+    """True if the op's output may share storage with its first input: a view such as
+    ``slice`` or ``view``, or an in-place op's result (per its schema), or ``getitem``
+    (an item of ``chunk`` / ``split`` / ``unbind`` is a view of their input)."""
+    if target is operator.getitem:
+        return True
     schema = getattr(target, "_schema", None)
     return schema is not None and any(r.alias_info is not None for r in schema.returns)
 

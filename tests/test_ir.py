@@ -105,12 +105,16 @@ class _Writes(nn.Module):
         if self.pattern == "view_of_view":
             y.view(-1, 2, 4)[:, 0].zero_()
             return self.l2(y)
+        if self.pattern == "item_of_chunk":  # getitem of chunk is a view too (under no_grad)
+            y.chunk(2, dim=1)[1].mul_(0)
+            return self.l2(y)
         a = self.l2(y)  # "whole_after_fused_read"
         y.add_(1)
         return a, self.l2(y)
 
 
-@pytest.mark.parametrize("pattern", ["slice_after_read", "view_of_view", "whole_after_fused_read"])
+@pytest.mark.parametrize("pattern", ["slice_after_read", "view_of_view", "item_of_chunk",
+                                     "whole_after_fused_read"])
 def test_writes_into_fused_outputs_keep_their_order(pattern):
     torch.manual_seed(0)
     models = [_Writes(pattern).eval() for _ in range(2)]
