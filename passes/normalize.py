@@ -188,7 +188,9 @@ def _functionalize_inplace(g, k) -> None:
     mutated = a["args"][0]
     if not isinstance(mutated, Ref) or g.nodes[mutated.key]["kind"] != "call":
         return
-    if ir.returns_alias(g.nodes[mutated.key]["target"]):
+    view = g.nodes[mutated.key]
+    src = view["args"][0] if view["args"] else None
+    if ir.returns_alias(view["target"], g.nodes[src.key]["target"] if isinstance(src, Ref) else None):
         return  # a write through a view (``m[0:2].fill_(1)``) must reach the viewed tensor
     if any(True for u in g.successors(mutated.key) if u != k):
         return

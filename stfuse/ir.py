@@ -129,21 +129,23 @@ def _mutated_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     return out
 
 
-def returns_alias(target) -> bool:
-    """True if the op's output may share storage with its first input: a view such as
-    ``slice`` or ``view``, or an in-place op's result (per its schema), or ``getitem``
-    (an item of ``chunk`` / ``split`` / ``unbind`` is a view of their input)."""
+def returns_alias(target, source=None) -> bool:
+    """True if a call of ``target`` may return storage of its first input: a view such
+    as ``slice`` or ``view``, or an in-place op's result (per the op's schema), or a
+    ``getitem`` of such a ``source`` op (an item of ``chunk`` / ``split`` / ``unbind``)."""
     if target is operator.getitem:
-        return True
+        return source is not None and returns_alias(source)
     schema = getattr(target, "_schema", None)
     return schema is not None and any(r.alias_info is not None for r in schema.returns)
 
 
 def _alias_root(n: torch.fx.Node) -> torch.fx.Node:
     """The node owning the storage that n's value lives in (n itself unless n is a view)."""
-    while (n.op == "call_function" and returns_alias(n.target) and n.args
-           and isinstance(n.args[0], torch.fx.Node)):
-        n = n.args[0]
+    while n.op == "call_function" and n.args and isinstance(n.args[0], torch.fx.Node):
+        src = n.args[0]
+        if not returns_alias(n.target, src.target if src.op == "call_function" else None):
+            break
+        n = src
     return n
 
 
