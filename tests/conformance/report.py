@@ -64,9 +64,11 @@ def _run(names, seeds, example_batches, calls):
 
 
 def _status(row) -> str:
+    wrong = row["max_error"] > TOL
     if row["error"]:
-        return "**fail** (" + row["error"].replace("|", "\\|") + ")"
-    return "pass" if row["max_error"] <= TOL else "**wrong values**"
+        return ("**fail** (" + row["error"].replace("|", "\\|") + ")"
+                + ("; **wrong values** in another call" if wrong else ""))
+    return "**wrong values**" if wrong else "pass"
 
 
 def _cells(row):
@@ -92,7 +94,7 @@ def main() -> None:
         "",
         "Per architecture: 2 tenants with different random weights from a tiny config "
         f"(tests/conformance/archs.py), compiled at batch {EXAMPLE_BATCH} per sequence length "
-        "and called at batch 1 and 3. Coverage is `fused.plan.stats['coverage']` "
+        f"and called at batch {', '.join(map(str, CALL_BATCHES))}. Coverage is `fused.plan.stats['coverage']` "
         "(fused ops / fusable ops); max error is the largest |fused - ref| / (1 + |ref|) "
         f"against the float64 reference over all outputs and calls (pass: <= {TOL:g}). "
         "Known failures name the issue item that tracks them; the tests xfail exactly these. "
