@@ -9,7 +9,8 @@ Rewrites, one table row each (``RULES``):
   with the normalisation folded into new parameters;
 - ``dropout(x, p, train=False)``  ->  ``x``;
 - an in-place op on a tensor nobody else reads (``add_``)  ->  its functional
-  form (``add``).
+  form (``add``); never one that writes through a view (``slice(m).fill_``),
+  whose write must reach ``m``.
 
 Before/after for one tenant (GPT-2's Conv1D, then an eval dropout)::
 
@@ -187,6 +188,10 @@ def _functionalize_inplace(g, k) -> None:
     mutated = a["args"][0]
     if not isinstance(mutated, Ref) or g.nodes[mutated.key]["kind"] != "call":
         return
+    view = g.nodes[mutated.key]
+    src = view["args"][0] if view["args"] else None
+    if ir.returns_alias(view["target"], g.nodes[src.key]["target"] if isinstance(src, Ref) else None):
+        return  # a write through a view (``m[0:2].fill_(1)``) must reach the viewed tensor
     if any(True for u in g.successors(mutated.key) if u != k):
         return
     functional = getattr(getattr(aten, packet[:-1], None), target._overloadname, None)

@@ -42,6 +42,7 @@ Graph attributes: ``tenants`` (name -> TenantGraph, in order), ``groups``
 from __future__ import annotations
 
 from dataclasses import dataclass
+import operator
 from typing import Any
 
 import networkx as nx
@@ -141,6 +142,26 @@ def _mutated_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     return out
 
 
+def returns_alias(target, source=None) -> bool:
+    """True if a call of ``target`` may return storage of its first input: a view such
+    as ``slice`` or ``view``, or an in-place op's result (per the op's schema), or a
+    ``getitem`` of such a ``source`` op (an item of ``chunk`` / ``split`` / ``unbind``)."""
+    if target is operator.getitem:
+        return source is not None and returns_alias(source)
+    schema = getattr(target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+def _alias_root(n: torch.fx.Node) -> torch.fx.Node:
+    """The node owning the storage that n's value lives in (n itself unless n is a view)."""
+    while n.op == "call_function" and n.args and isinstance(n.args[0], torch.fx.Node):
+        src = n.args[0]
+        if not returns_alias(n.target, src.target if src.op == "call_function" else None):
+            break
+        n = src
+    return n
+
+
 def build(tenants: dict) -> nx.DiGraph:
     """The multi-tenant graph of ``tenants`` (name -> TenantGraph)."""
     g = nx.DiGraph(tenants=dict(tenants), groups={})
@@ -183,19 +204,26 @@ def build(tenants: dict) -> nx.DiGraph:
                 raise StfuseError(f"tenant {tname!r}: unsupported fx node {n.op} {n.name}")
             for src in refs((g.nodes[k]["args"], g.nodes[k]["kwargs"])):
                 g.add_edge(src, k)
-        # In-place ops: keep every other reader of the overwritten tensor on its side.
+        # In-place ops: keep every other reader of the overwritten storage on its side.
+        # That is every reader of the tensor and of every view sharing its storage:
+        # ``m[0:2] = 1`` writes through a slice into m, which later ops read directly.
+        views: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        for n in tg.gm.graph.nodes:
+            views.setdefault(_alias_root(n), []).append(n)
         for n in tg.gm.graph.nodes:
             for m in _mutated_args(n) if n.op == "call_function" else ():
-                if m.op == "placeholder":
+                root = _alias_root(m)
+                if root.op == "placeholder":
                     # A program replayed for every request cannot overwrite its weights
                     # or the caller's inputs (e.g. BatchNorm statistics in training mode).
                     raise StfuseError(f"tenant {tname!r}: {n.target} overwrites "
-                                      f"{'input' if m.name in user else 'parameter/buffer'} "
-                                      f"{m.name!r} in forward; an inference program cannot")
-                for u in m.users:
-                    if u is not n:
-                        a, b = (u, n) if order[u] < order[n] else (n, u)
-                        g.add_edge(key(tname, a.name), key(tname, b.name), order_only=True)
+                                      f"{'input' if root.name in user else 'parameter/buffer'} "
+                                      f"{root.name!r} in forward; an inference program cannot")
+                for u in {u for v in views[root] for u in v.users}:
+                    a, b = (u, n) if order[u] < order[n] else (n, u)
+                    ka, kb = key(tname, a.name), key(tname, b.name)
+                    if u is not n and not g.has_edge(ka, kb):  # never relabel a data edge
+                        g.add_edge(ka, kb, order_only=True)
     return g
 
 

@@ -50,3 +50,23 @@ def assert_close(actual, expected, *, k: int = 0, tf32: bool = False, msg: str =
         tol = tolerance(a.dtype, k, tf32)
         torch.testing.assert_close(a.double(), e.double().to(a.device), rtol=tol, atol=tol,
                                    msg=lambda m: f"{msg} leaf {i} ({a.dtype}, tol {tol}): {m}")
+
+
+def max_error(actual, expected) -> float:
+    """The largest ``|a - e| / (1 + |e|)`` over the floating leaves (inf where shapes or
+    structures differ): ``assert_close`` passes a float32 result iff this is <= 1e-4.
+    Reports print it; tests assert with ``assert_close``."""
+    try:
+        pairs = list(_pairs(actual, expected))
+    except AssertionError:
+        return float("inf")
+    worst = 0.0
+    for a, e in pairs:
+        if not isinstance(a, torch.Tensor) or not a.dtype.is_floating_point:
+            continue
+        if a.shape != e.shape:
+            return float("inf")
+        if a.numel():
+            err = (a.double() - e.double().to(a.device)).abs() / (1 + e.double().to(a.device).abs())
+            worst = max(worst, err.nan_to_num(nan=float("inf")).max().item())
+    return worst
