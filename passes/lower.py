@@ -29,7 +29,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from stfuse.ir import Ref
-from stfuse.kernels.ops import OPS, op
+from stfuse.kernels.ops import op
 
 from . import optable
 from .match import uniform_key
@@ -102,8 +102,8 @@ def pack_weights(g):
 class _Builder:
     """Writes one program: the schedule restricted to ``active`` tenants."""
 
-    def __init__(self, g, active: tuple[str, ...], stacked: bool, direct: bool = False):
-        self.g, self.active, self.stacked, self.direct = g, set(active), stacked, direct
+    def __init__(self, g, active: tuple[str, ...], stacked: bool):
+        self.g, self.active, self.stacked = g, set(active), stacked
         self.order = active
         self.graph = torch.fx.Graph()
         self.root = torch.nn.Module()
@@ -139,8 +139,7 @@ class _Builder:
         if k in self.lazy:
             stacked, i = self.lazy.pop(k)
             if stacked not in self.unbound:  # one unbind serves every member
-                unbind = torch.unbind if self.direct else aten.unbind.int
-                self.unbound[stacked] = self.graph.call_function(unbind, (stacked,))
+                self.unbound[stacked] = self.graph.call_function(aten.unbind.int, (stacked,))
             self.env[k] = self.graph.call_function(operator.getitem, (self.unbound[stacked], i))
             return self.env[k]
         a = self.g.nodes[k]
@@ -169,8 +168,7 @@ class _Builder:
             return None
         keys = tuple(keys)
         if keys not in self.stacks:
-            stack = torch.stack if self.direct else aten.stack.default  # same op, less wrapping
-            self.stacks[keys] = self.graph.call_function(stack, ([self.value(k) for k in keys],))
+            self.stacks[keys] = self.graph.call_function(aten.stack.default, ([self.value(k) for k in keys],))
         return self.stacks[keys]
 
     def stack_operand(self, keys: list, out: str) -> torch.fx.Node:
@@ -183,15 +181,13 @@ class _Builder:
         """
         stacked = self.stack(keys)
         pad = len(self.g.nodes[out]["shape"]) - len(self.g.nodes[keys[0]]["shape"])
-        unsqueeze = torch.unsqueeze if self.direct else aten.unsqueeze.default
         for _ in range(pad):
-            stacked = self.graph.call_function(unsqueeze, (stacked, 1))
+            stacked = self.graph.call_function(aten.unsqueeze.default, (stacked, 1))
         return stacked
 
     def kernel(self, name: str):
-        """The custom op, or with ``direct`` its CPU kernel itself (the function the
-        dispatcher would call), skipping about 3 us of boxing per call."""
-        return OPS[name].reference if self.direct else op(name)
+        """The registered custom op (kernels/bind.py picks what runs on the device)."""
+        return op(name)
 
     # -- stages ---------------------------------------------------------------
 
@@ -307,15 +303,14 @@ def _member_inputs(g, cls: str, members) -> dict:
     return xw
 
 
-def lower_program(g, active: tuple[str, ...], stacked: bool, direct: bool = False):
-    """(GraphModule, output counts per tenant) running ``active`` tenants.
+def lower_program(g, active: tuple[str, ...], stacked: bool):
+    """(GraphModule, output counts per tenant) running ``active`` tenants: the
+    canonical program (aten and stfuse:: ops; kernels/bind.py binds it to a device).
 
     ``stacked`` says all active tenants with a dynamic batch share one batch size
-    in this call, so uniform groups may run in stacked form. ``direct`` calls the
-    CPU kernels of the stfuse:: ops without the dispatcher (CPU programs only; the
-    program then cannot be exported with its custom ops).
+    in this call, so uniform groups may run in stacked form.
     """
-    b = _Builder(g, active, stacked, direct)
+    b = _Builder(g, active, stacked)
     for t in active:
         for k, a in sorted(((k, a) for k, a in g.nodes(data=True)
                             if a["tenant"] == t and a["kind"] == "input"), key=lambda x: x[1]["index"]):

@@ -23,6 +23,7 @@ import torch.utils._pytree as pytree
 
 from .errors import InputError
 from .frontend import InputSpec, TenantGraph
+from .kernels.bind import bind
 from .plan import Plan
 
 
@@ -224,10 +225,10 @@ class FusedProgram(TenantCalls):
         self.plan = Plan(graph, history)
         self._canonical = graph.graph["program"]
         self._init_calls({n: TenantSpec.of(tg) for n, tg in self._tenants.items()})
-        # On CPU the programs that run call the ops' CPU kernels directly (lower.py).
-        self._direct = all(tg.device.type == "cpu" for tg in self._tenants.values())
-        if not self._direct:
-            self._programs[(self._names, True)] = self._canonical
+        # Every program that runs is a canonical one bound to the tenants' device, once.
+        self.device = next(iter(self._tenants.values())).device
+        gm, counts = self._canonical
+        self._programs[(self._names, True)] = (bind(gm, self.device), counts)
         self._lowering = threading.Lock()
         # Tenants traced again for batch sizes outside their graph's range: name -> [FusedProgram]
         self.respecialised: dict[str, list[FusedProgram]] = {}
@@ -238,7 +239,13 @@ class FusedProgram(TenantCalls):
 
     @property
     def program(self) -> torch.fx.GraphModule:
-        """The fx program running every tenant at one batch size, calling stfuse:: ops."""
+        """The fx program that runs every tenant at one batch size: the canonical program
+        bound to the device (kernels/bind.py): on CPU it calls the ops' torch kernels."""
+        return self._programs[(self._names, True)][0]
+
+    @property
+    def canonical_program(self) -> torch.fx.GraphModule:
+        """The same program before binding: aten and stfuse:: custom ops (what export sees)."""
         return self._canonical[0]
 
     @property
@@ -286,7 +293,8 @@ class FusedProgram(TenantCalls):
             if key not in self._programs:
                 from stfuse.passes.lower import lower_program
 
-                self._programs[key] = lower_program(self.graph, active, stacked, direct=self._direct)
+                gm, counts = lower_program(self.graph, active, stacked)
+                self._programs[key] = (bind(gm, self.device), counts)
         return self._programs[key]
 
     def save(self, path, **kwargs):

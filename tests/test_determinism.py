@@ -20,7 +20,7 @@ CHILD = textwrap.dedent("""
     record = fused.plan.record()
     print(json.dumps({"groups": record["groups"], "tenants": record["tenants"],
                       "stats": {k: v for k, v in fused.plan.stats.items() if k != "self_check"},
-                      "program": fused.program.code}))
+                      "program": fused.canonical_program.code}))
 """)
 
 

@@ -262,11 +262,8 @@ VIEWS = {"transpose", "slice", "slice_rows", "to_seq", "flatten"}
 
 # Ops the passes still get wrong, left out of the drawn grammar until fixed; each has an
 # explicit strict-xfail test below, which starts failing (XPASS) once the fix lands.
-KNOWN_BROKEN = {
-    # issue 11 item 2 (swin): normalize functionalizes an in-place op whose target is a
-    # view (``copy_(slice(x), y)`` -> ``copy(...)``), so the write to x is lost.
-    "slice_": "issue 11 item 2: in-place op on a slice of an intermediate is lost",
-}
+KNOWN_BROKEN: dict[str, str] = {}
+
 
 # Ops drawn twice as often: the fusable ones and the parameter ops that broke epilogues.
 FREQUENT = ("linear", "conv", "param_op", "param_op_")
@@ -406,8 +403,8 @@ def test_fuzz_tenant_sets(case):
 # --- failing examples the fuzzer found, kept as explicit tests ----------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_BROKEN["slice_"])
 def test_inplace_slice_of_intermediate():
+    """issue 11 item 2 (swin): an in-place op on a slice of an intermediate was lost."""
     arch = ((8,), [("layer_norm", {"affine": False}), ("slice_", {"k": 1})], False)
     check_set([arch, arch], [1, 1], [1], [1, 1], 0, require=_require)
 

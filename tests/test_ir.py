@@ -69,13 +69,9 @@ def test_write_through_slice_orders_readers_of_the_base():
         assert g.has_edge(f, add) and g.edges[f, add]["order_only"]
 
 
-ITEM1 = pytest.mark.xfail(strict=True, reason="issue 11 item 1: the [4, 4] mask stacked to "
-                          "[R, 4, 4] is added to the stacked [R, B, 4, 4] without aligning dims")
-
-
 @pytest.mark.parametrize("make_model,shape,n", [
     (SliceWrittenMask, (3, 4, 4), 1),
-    pytest.param(SliceWrittenMask, (3, 4, 4), 2, marks=ITEM1),
+    (SliceWrittenMask, (3, 4, 4), 2),  # the [4, 4] mask stacked against [R, B, 4, 4] (item 1)
     (ShiftedWindowAttention, (2, 8, 8, 8), 1),
     (ShiftedWindowAttention, (2, 8, 8, 8), 2),
 ])

@@ -48,7 +48,7 @@ def test_stacked_chain_keeps_one_stack():
     torch.manual_seed(0)
     models = [zoo.mlp(16, 32, 4, depth=4) for _ in range(3)]
     fused = stfuse.compile(models, [(torch.randn(2, 16),)] * 3)
-    code = fused.program.code
+    code = fused.canonical_program.code
     assert code.count("aten.stack") == 1
     assert code.count("stfuse.stacked_linear") == 4
     assert "aten.linear" not in code
@@ -80,7 +80,7 @@ def test_mixed_shapes_grouped_path_on_cuda_cost_model(monkeypatch):
     models = [zoo.mlp(32, 64, 8), zoo.mlp(24, 96, 8)]
     args = [(torch.randn(3, 32),), (torch.randn(5, 24),)]
     fused = stfuse.compile(models, args)
-    assert "stfuse.grouped_linear" in fused.program.code
+    assert "stfuse.grouped_linear" in fused.canonical_program.code
     assert fused.plan.stats["coverage"] == 1.0
     check_tenants(fused, models, args)
 

@@ -188,6 +188,7 @@ def _weights(manifest, blob: bytes, device) -> dict[str, torch.Tensor]:
 def _program_of(meta, blob, tensors, specs, device, saved_device):
     from torch._export.serde.serialize import SerializedArtifact, deserialize
 
+    from stfuse.kernels.bind import bind
     from stfuse.kernels.ops import OPS
 
     where = f"program {meta['file']}"
@@ -207,13 +208,7 @@ def _program_of(meta, blob, tensors, specs, device, saved_device):
         from torch.export.passes import move_to_device_pass
 
         ep = move_to_device_pass(ep, device)
-    gm = ep.graph_module
-    if device.type == "cpu":
-        # Like FusedProgram on CPU: call the ops' CPU kernels without the dispatcher.
-        for n in gm.graph.nodes:
-            if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "stfuse":
-                n.target = OPS[n.target.name().split("::")[1]].reference
-        gm.recompile()
+    gm = bind(ep.graph_module, device)  # as FusedProgram binds its programs
     return (active, meta["stacked"]), (BoundProgram(gm, weights), list(meta["counts"]))
 
 

@@ -210,29 +210,4 @@ MIXES: dict[str, tuple[str, ...]] = {
 # strictly, so they flip to pass when the fix lands): architecture or mixed set ->
 # reason; "<mix>-B<batches>" where only the call with those batch sizes fails (a
 # call whose tenants differ in batch size runs unstacked and passes).
-_ITEM1 = ("issue 11 item 1: a stacked [R, ...] operand of lower rank than the stacked "
-          "activation [R, B, ...] ({}) is combined without aligning dims")
-KNOWN_FAILURES: dict[str, str] = {
-    "llama": _ITEM1.format("RMSNorm weight"),
-    "qwen2": _ITEM1.format("RMSNorm weight"),
-    "mistral": _ITEM1.format("RMSNorm weight"),
-    "gemma": _ITEM1.format("RMSNorm 1 + weight"),
-    "gpt_neox": _ITEM1.format("rotary inv_freq buffer"),
-    "t5_encoder": _ITEM1.format("T5 layer norm weight"),
-    "deberta_v2": _ITEM1.format("a div by a stacked 0-d log"),
-    "dinov2": _ITEM1.format("layer-scale lambda"),
-    "beit": _ITEM1.format("layer-scale lambda"),
-    "convnext": _ITEM1.format("layer-scale gamma"),
-    "levit": _ITEM1.format("[1, N, N] attention biases") + "; then item 4",
-    "whisper_encoder": _ITEM1.format("[S, D] position embeddings"),
-    "llama+qwen2+mistral-B333": _ITEM1.format("RMSNorm weight"),
-    "bert+roberta+electra-B333": ("issue 11 item 3: position embeddings [1, S, D] are batch-"
-                                  "dependent in one tenant and not in another: stack of "
-                                  "[1, 8, 32] and [3, 8, 32]"),
-}
-
-# Known failures of one tenant alone (test_one_tenant_of_a_known_failure).
-SINGLE_TENANT_FAILURES: dict[str, str] = {
-    "deberta_v2": ("issue 11 item 1, through group_siblings: two sibling divs by 0-d scales "
-                   "stacked to [2] are applied to [2, B*H, S, S] without aligning dims"),
-}
+KNOWN_FAILURES: dict[str, str] = {}

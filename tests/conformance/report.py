@@ -25,8 +25,7 @@ import transformers  # noqa: E402
 import stfuse  # noqa: E402
 from stfuse.tolerances import max_error, tolerance  # noqa: E402
 
-from archs import (ARCHS, CALL_BATCHES, EXAMPLE_BATCH, KNOWN_FAILURES, MIXES, SEEDS,  # noqa: E402
-                   SINGLE_TENANT_FAILURES)
+from archs import ARCHS, CALL_BATCHES, EXAMPLE_BATCH, KNOWN_FAILURES, MIXES, SEEDS  # noqa: E402
 from conftest import float64_reference  # noqa: E402
 
 TOL = tolerance(torch.float32)
@@ -112,7 +111,7 @@ def main() -> None:
         alone = _run((name,), SEEDS[:1], (EXAMPLE_BATCH,), {arch.lengths[-1]: [(3,)]})
         families.setdefault(arch.family, []).append(row)
         cov, ops, launches, status, err = _cells(row)
-        known = KNOWN_FAILURES.get(name, "") or SINGLE_TENANT_FAILURES.get(name, "")
+        known = KNOWN_FAILURES.get(name, "")
         lines.append(f"| {name} | {arch.family} | {cov} | {ops} | {launches} | {status} | {err} "
                      f"| {_status(alone)} | {known} |")
         print(lines[-1], flush=True)

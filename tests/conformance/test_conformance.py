@@ -12,8 +12,7 @@ import torch
 
 import stfuse
 
-from archs import (ARCHS, CALL_BATCHES, EXAMPLE_BATCH, KNOWN_FAILURES, MIXES, SEEDS,
-                   SINGLE_TENANT_FAILURES)
+from archs import (ARCHS, CALL_BATCHES, EXAMPLE_BATCH, KNOWN_FAILURES, MIXES, SEEDS)
 from conftest import check_tenants, float64_reference
 
 pytest.importorskip("transformers", reason="transformers is in the test extra")
@@ -76,17 +75,6 @@ def test_same_architecture(compiled, name, length, batch):
     fused, models = compiled.get_or_build((name, length), build)
     args = [_inputs(name, batch, length, 10 + s) for s in SEEDS]
     check_tenants(fused, models, args)
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=_xfail(SINGLE_TENANT_FAILURES.get(n))) for n in ARCHS if n in KNOWN_FAILURES])
-def test_one_tenant_of_a_known_failure(name):
-    """The architectures xfailed above, as one tenant: their traced program is still
-    checked (a wrong trace, like issue 11 item 2's, shows up even unfused)."""
-    arch = ARCHS[name]
-    model, length = arch.make_model(0), arch.lengths[-1]
-    fused = stfuse.compile([model], [_inputs(name, EXAMPLE_BATCH, length, 0)])
-    check_tenants(fused, [model], [_inputs(name, 3, length, 10)])
 
 
 def test_references_are_not_vanishing():
