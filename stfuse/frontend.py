@@ -36,6 +36,41 @@ class InputSpec:
         return f"Tensor[{', '.join(dims)}] {str(self.dtype).removeprefix('torch.')} on {self.device}"
 
 
+def describe_value(t) -> str:
+    """A call argument as error messages show it."""
+    if not isinstance(t, torch.Tensor):
+        return f"{type(t).__name__} {t!r}"[:80]
+    return (f"Tensor[{', '.join(map(str, t.shape))}] {str(t.dtype).removeprefix('torch.')} "
+            f"on {t.device}")
+
+
+def input_problem(name: str, inputs, leaves) -> tuple[str | None, int | None]:
+    """THE input check: why the flat ``leaves`` do not fit a tenant's ``inputs``
+    (InputSpecs; None when they do), and their batch size (None: no batched input).
+
+    Used by FusedProgram and loaded programs (``check_inputs``, which the runtime
+    calls too) and by the torch.compile backend (which picks a specialisation)."""
+    batch = None
+    for i, (x, s) in enumerate(zip(leaves, inputs)):
+        where = f"tenant {name!r}, argument {i} ({s.name})"
+        if not isinstance(x, torch.Tensor):
+            return f"{where}: expected {s.describe()}, got {describe_value(x)}", None
+        if x.dtype != s.dtype:
+            return f"{where}: expected dtype {s.dtype}, got {describe_value(x)}", None
+        if x.device != s.device:
+            return f"{where}: expected device {s.device}, got {describe_value(x)}", None
+        fixed = s.shape[1:] if s.batched else s.shape
+        got = tuple(x.shape[1:]) if s.batched else tuple(x.shape)
+        if x.dim() != len(s.shape) or got != fixed:
+            return f"{where}: expected shape {s.describe()}, got {describe_value(x)}", None
+        if s.batched:
+            if x.shape[0] < 1 or (batch is not None and x.shape[0] != batch):
+                return (f"{where}: batch size {x.shape[0]} differs from the tenant's other inputs "
+                        f"({batch}) or is empty"), None
+            batch = x.shape[0]
+    return None, batch
+
+
 @dataclass
 class TenantGraph:
     """A traced tenant: its graph, lifted tensors and input/output specs."""

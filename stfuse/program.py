@@ -22,16 +22,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import InputError
-from .frontend import InputSpec, TenantGraph
+from .frontend import InputSpec, TenantGraph, describe_value, input_problem
 from .kernels.bind import bind
 from .plan import Plan
-
-
-def _describe(t) -> str:
-    if not isinstance(t, torch.Tensor):
-        return f"{type(t).__name__} {t!r}"[:80]
-    return (f"Tensor[{', '.join(map(str, t.shape))}] {str(t.dtype).removeprefix('torch.')} "
-            f"on {t.device}")
 
 
 @dataclass(frozen=True)
@@ -86,11 +79,16 @@ class TenantCalls:
 
     @staticmethod
     def _fast_spec(spec: TenantSpec):
-        if spec.in_spec != pytree.tree_flatten((None,))[1] or not spec.inputs[0].batched:
+        """For a tenant that takes plain batched tensors (one, or a tuple): per input
+        (dtype, device, shape after dim 0, rank), and the batch range; else None."""
+        n = len(spec.inputs)
+        if spec.in_spec != pytree.tree_flatten((None,) * n)[1]:
             return None
-        s = spec.inputs[0]
+        if not all(s.batched for s in spec.inputs):
+            return None
         low, high = spec.batch_range if spec.dynamic else (1, None)
-        return s.dtype, s.device, torch.Size(s.shape[1:]), len(s.shape), low, high or float("inf")
+        return ([(s.dtype, s.device, torch.Size(s.shape[1:]), len(s.shape)) for s in spec.inputs],
+                low, high or float("inf"))
 
     @property
     def tenants(self) -> list[str]:
@@ -171,13 +169,17 @@ class TenantCalls:
             raise InputError(f"unknown tenant {name!r}; tenants are {self.tenants}")
         ts = self._specs[name]
         fast = self._fast_in[name]
-        if type(args) is torch.Tensor and fast is not None:
-            dtype, device, rest, ndim, low, high = fast
-            if (args.dtype is dtype and args.dim() == ndim and args.shape[1:] == rest
-                    and low <= args.shape[0] <= high and args.device == device):
-                return [args], args.shape[0]
-            leaves, spec = [args], ts.in_spec  # the checks below say what is wrong
-        elif isinstance(args, torch.Tensor) and len(ts.inputs) == 1:
+        if fast is not None:  # plain tensors: checked without pytree work (a few us per call)
+            inputs, low, high = fast
+            leaves = (args,) if type(args) is torch.Tensor else args if type(args) is tuple else ()
+            if len(leaves) == len(inputs) and type(leaves[0]) is torch.Tensor and leaves[0].dim():
+                batch = leaves[0].shape[0]
+                if low <= batch <= high and all(
+                        type(x) is torch.Tensor and x.dtype is dtype and x.dim() == ndim and x.shape[0] == batch
+                        and x.shape[1:] == rest and x.device == device
+                        for x, (dtype, device, rest, ndim) in zip(leaves, inputs)):
+                    return list(leaves), batch
+        if isinstance(args, torch.Tensor) and len(ts.inputs) == 1:
             leaves, spec = [args], ts.in_spec
         else:
             args = args if isinstance(args, tuple) else (args,)
@@ -185,25 +187,10 @@ class TenantCalls:
         if spec != ts.in_spec:
             raise InputError(f"tenant {name!r}: expected {ts.in_spec.num_leaves} input(s) "
                              f"{[s.describe() for s in ts.inputs]}, got {len(leaves)}: "
-                             f"{[_describe(x) for x in leaves]}")
-        batch = None
-        for i, (x, s) in enumerate(zip(leaves, ts.inputs)):
-            where = f"tenant {name!r}, argument {i} ({s.name})"
-            if not isinstance(x, torch.Tensor):
-                raise InputError(f"{where}: expected {s.describe()}, got {_describe(x)}")
-            if x.dtype != s.dtype:
-                raise InputError(f"{where}: expected dtype {s.dtype}, got {_describe(x)}")
-            if x.device != s.device:
-                raise InputError(f"{where}: expected device {s.device}, got {_describe(x)}")
-            fixed = s.shape[1:] if s.batched else s.shape
-            got = tuple(x.shape[1:]) if s.batched else tuple(x.shape)
-            if x.dim() != len(s.shape) or got != fixed:
-                raise InputError(f"{where}: expected shape {s.describe()}, got {_describe(x)}")
-            if s.batched:
-                if x.shape[0] < 1 or (batch is not None and x.shape[0] != batch):
-                    raise InputError(f"{where}: batch size {x.shape[0]} differs from the "
-                                     f"tenant's other inputs ({batch}) or is empty")
-                batch = x.shape[0]
+                             f"{[describe_value(x) for x in leaves]}")
+        problem, batch = input_problem(name, ts.inputs, leaves)
+        if problem is not None:
+            raise InputError(problem)
         if batch is not None and not ts.in_range(batch) and not self._can_run_outside_range(name):
             arg = next(i for i, s in enumerate(ts.inputs) if s.batched)
             raise InputError(f"tenant {name!r}, argument {arg} ({ts.inputs[arg].name}): batch size {batch} "

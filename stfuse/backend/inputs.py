@@ -13,7 +13,7 @@ import torch
 
 from stfuse import ir
 from stfuse.errors import StfuseError
-from stfuse.frontend import TenantGraph
+from stfuse.frontend import TenantGraph, input_problem
 
 
 @dataclass(frozen=True)
@@ -112,21 +112,13 @@ def tenant_module(gm: torch.fx.GraphModule, slots: list[Slot], state, scalars) -
 
 
 def accepts(tg: TenantGraph, data: tuple) -> bool:
-    """Whether the tenant's program takes these data tensors (the checks of FusedProgram.check_inputs)."""
+    """Whether the tenant's program takes these data tensors: frontend.input_problem, the
+    check FusedProgram.check_inputs makes, and the tenant's batch range."""
     if len(data) != len(tg.inputs):
         return False
-    batch = None
-    for x, s in zip(data, tg.inputs):
-        if not isinstance(x, torch.Tensor) or x.dtype != s.dtype or x.device != s.device:
-            return False
-        if x.dim() != len(s.shape):
-            return False
-        if (tuple(x.shape[1:]) if s.batched else tuple(x.shape)) != (s.shape[1:] if s.batched else s.shape):
-            return False
-        if s.batched:
-            if x.shape[0] < 1 or (batch is not None and x.shape[0] != batch):
-                return False
-            batch = x.shape[0]
+    problem, batch = input_problem(tg.name, tg.inputs, data)
+    if problem is not None:
+        return False
     low, high = tg.batch_range
     return batch is None or not tg.dynamic or (low <= batch and (high is None or batch <= high))
 

@@ -10,6 +10,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from stfuse.errors import InputError, StfuseError
+from stfuse.frontend import InputSpec
 from stfuse.runtime.profile import LatencyProfile
 
 
@@ -17,24 +18,10 @@ class Unsplittable(StfuseError):
     """A batched output has a tensor leaf without the batch dimension, so it cannot be split per request."""
 
 
-class Spec:
-    """What one tenant's arguments must look like, apart from the batch size."""
-
-    def __init__(self, args: tuple):
-        self.items = [(a.dim(), tuple(a.shape[1:]), a.dtype) for a in args]
-        self.device = args[0].device
-
-    def check(self, tenant: str, args: tuple) -> None:
-        if len(args) != len(self.items):
-            raise InputError(f"tenant {tenant!r}: expected {len(self.items)} argument(s), got {len(args)}")
-        for i, (a, (ndim, rest, dtype)) in enumerate(zip(args, self.items)):
-            got = (a.dim(), tuple(a.shape[1:]), a.dtype)
-            if got != (ndim, rest, dtype):
-                raise InputError(
-                    f"tenant {tenant!r}, argument {i}: expected shape (batch, {', '.join(map(str, rest))}) "
-                    f"of {dtype}, got {tuple(a.shape)} of {a.dtype}")
-            if a.device != self.device:
-                raise InputError(f"tenant {tenant!r}, argument {i}: expected device {self.device}, got {a.device}")
+def inputs_seen(args: tuple) -> tuple[InputSpec, ...]:
+    """A tenant's inputs as seen in ``args`` (batched on dim 0): what requests to a program
+    without its own ``check_inputs`` must match, checked by frontend.input_problem."""
+    return tuple(InputSpec(f"arg{i}", tuple(a.shape), a.dtype, a.device, True) for i, a in enumerate(args))
 
 
 def as_args(tenant: str, args: Any, max_batch: int | None) -> tuple:
