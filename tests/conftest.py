@@ -65,3 +65,30 @@ def rehash(path, name):
     data = (path / name).read_bytes()
     m["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (path / "manifest.json").write_text(json.dumps(m))
+
+
+# ---------------------------------------------------------------------------- shared test models
+
+
+class BranchOnBatch(torch.nn.Module):
+    """Branches on its batch size: export narrows the batch symbol's range (issue 11, item 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.l(x)
+        return y * 2 if x.shape[0] > 4 else y * 3
+
+
+class Center(torch.nn.Module):
+    """Mixes rows: each output row depends on every row of its batch (issue 11, item 7)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.l(x)
+        return y - y.mean(0)

@@ -7,7 +7,7 @@ import stfuse
 from stfuse import zoo
 from stfuse.errors import InputError, StfuseError, TraceError
 
-from conftest import check_tenants, float64_reference
+from conftest import BranchOnBatch, check_tenants, float64_reference
 from stfuse.tolerances import assert_close
 
 
@@ -170,18 +170,6 @@ class BufferCounter(torch.nn.Module):
 def test_model_mutating_its_buffer_is_refused():
     with pytest.raises(StfuseError, match=r"tenant '0': .*overwrites parameter/buffer"):
         stfuse.compile([BufferCounter()], [torch.randn(2, 4)])
-
-
-class BranchOnBatch(torch.nn.Module):
-    """Branches on its batch size: export narrows the batch symbol's range (issue 11, item 6)."""
-
-    def __init__(self):
-        super().__init__()
-        self.l = torch.nn.Linear(8, 8)
-
-    def forward(self, x):
-        y = self.l(x)
-        return y * 2 if x.shape[0] > 4 else y * 3
 
 
 def test_batch_branch_outside_traced_range_is_traced_again():

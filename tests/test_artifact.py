@@ -21,6 +21,8 @@ from stfuse.errors import InputError, StfuseError
 from stfuse.artifact.loaded import ChainedPrograms
 from stfuse.tolerances import assert_close
 
+from conftest import BranchOnBatch
+
 pytest.importorskip("safetensors")
 
 
@@ -326,16 +328,6 @@ def test_save_rejects_bad_subsets_and_fx_tenants(tmp_path):
     with pytest.raises(ArtifactError, match="tenant '1' was traced with torch.fx"):
         fused.save(tmp_path / "f")
     assert not (tmp_path / "s").exists() and not (tmp_path / "f").exists()
-
-
-class BranchOnBatch(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l = torch.nn.Linear(8, 8)
-
-    def forward(self, x):
-        y = self.l(x)
-        return y * 2 if x.shape[0] > 4 else y * 3
 
 
 def test_loaded_program_checks_the_traced_batch_range(tmp_path):

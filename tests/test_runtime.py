@@ -27,7 +27,7 @@ from stfuse.runtime.policies import POLICIES, Scheduler
 from stfuse.runtime.profile import LatencyProfile
 from stfuse.tolerances import assert_close
 
-from conftest import float64_reference
+from conftest import Center, float64_reference
 
 TIMEOUT = 60  # seconds; only a guard against hangs
 
@@ -671,18 +671,6 @@ def test_stats_report_every_tenant():
     assert sum(n * c for n, c in mlp["batch_sizes"].items()) == 6 and mlp["queued"] == 0
     rt.reset_stats()
     assert rt.stats()["served"] == 0
-
-
-class Center(nn.Module):
-    """Mixes rows: each output row depends on every row of its batch (issue 11, item 7)."""
-
-    def __init__(self):
-        super().__init__()
-        self.l = nn.Linear(8, 8)
-
-    def forward(self, x):
-        y = self.l(x)
-        return y - y.mean(0)
 
 
 def test_requests_of_a_tenant_that_mixes_rows_are_never_merged():
