@@ -26,6 +26,14 @@ def float64_reference(model, args):
         return ref(*args)
 
 
+def tenant_graph(models, args):
+    """The IR graph of traced tenants "0", "1", ... (what the first pass takes)."""
+    from stfuse import ir
+    from stfuse.frontend import trace_tenant
+
+    return ir.build({str(i): trace_tenant(str(i), m, a) for i, (m, a) in enumerate(zip(models, args))})
+
+
 def check_tenants(fused, models, args):
     """Every tenant's fused output within tolerance of its float64 eager reference."""
     outs = fused(*[a[0] if len(a) == 1 else a for a in args])

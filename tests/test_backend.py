@@ -183,8 +183,10 @@ def test_strict_raises_instead():
 
 def test_unknown_option_is_an_error():
     compiled = torch.compile(nn.Linear(4, 4), backend="stfuse", options={"gruop": "x"})
-    with pytest.raises(Exception, match="unknown option"):
+    # dynamo wraps whatever a backend raises in BackendCompilerFailed; the cause must be stfuse's own error
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=r"unknown option\(s\) \['gruop'\]") as info:
         _run(compiled, torch.ones(3, 4))
+    assert isinstance(info.value.inner_exception, StfuseError)
 
 
 def test_autograd_calls_run_eagerly_with_gradients():

@@ -276,13 +276,64 @@ def test_measure_profile_times_each_tenant_and_the_fused_group():
     prog = FakeProgram(fake_models())
     examples = {t: make_args(t, 2) for t in prog.tenants}
     prof = measure_profile(prog, examples, max_batch=4, reps=2, warmup=1)
-    assert set(prof.fixed) == set(prog.tenants) and all(v > 0 for v in prof.fixed.values())
-    assert all(v >= 0 for v in prof.per_row.values())
+    # (the values come from wall-clock timings: the next tests check them on a fake clock)
+    assert set(prof.fixed) == set(prog.tenants) == set(prof.per_row)
     assert set(prof.fused_fixed) == set(prof.uneven_fixed) == {frozenset(prog.tenants)}
     # (1 warm-up + 2 timed) per setting: each tenant at 1 and 4 rows, all fused at 1 row and at 1, 2, 3, 4 rows
     assert len(prog.calls) == 3 * (2 * 4 + 2)
     assert {1, 4} == {c["mlp"] for c in prog.calls if list(c) == ["mlp"]}
     assert {"mlp": 1, "cnn": 2, "pair": 3, "twin": 4} in prog.calls
+
+
+class ClockProgram:
+    """Launches that take exactly what a known linear model says, on a fake clock: a tenant
+    alone costs FIXED[t] + PER_ROW[t] * rows; all tenants together FUSED + their rows' work,
+    plus UNEVEN when their batch sizes differ."""
+
+    FIXED = {"a": 3e-3, "b": 5e-3}
+    PER_ROW = {"a": 1e-4, "b": 4e-4}
+    FUSED, UNEVEN = 6e-3, 2e-3
+
+    def __init__(self, per_row=None):
+        self.now = 0.0
+        self.per_row = per_row or self.PER_ROW
+        self.tenants = list(self.per_row)
+
+    def perf_counter(self):
+        return self.now
+
+    def run(self, inputs):
+        rows = {t: a[0].shape[0] for t, a in inputs.items()}
+        work = sum(self.per_row[t] * b for t, b in rows.items())
+        if len(rows) == 1:
+            (t,) = rows
+            self.now += self.FIXED[t] + work
+        else:
+            self.now += self.FUSED + work + (self.UNEVEN if len(set(rows.values())) > 1 else 0.0)
+
+
+def test_measure_profile_recovers_the_launch_cost_model(monkeypatch):
+    from stfuse.runtime import batching
+
+    prog = ClockProgram()
+    monkeypatch.setattr(batching, "time", prog)  # measure_profile reads time.perf_counter()
+    prof = measure_profile(prog, {t: (torch.randn(2, 3),) for t in prog.tenants}, max_batch=8, reps=2, warmup=1)
+    assert prof.fixed == pytest.approx(ClockProgram.FIXED)
+    assert prof.per_row == pytest.approx(ClockProgram.PER_ROW)
+    assert prof.fused_fixed == pytest.approx({frozenset("ab"): ClockProgram.FUSED})
+    assert prof.uneven_fixed == pytest.approx({frozenset("ab"): ClockProgram.UNEVEN})
+
+
+def test_measure_profile_reads_a_faster_big_batch_as_no_per_row_cost(monkeypatch):
+    """Noise can make max_batch rows time faster than one row: per-row cost 0, and the fixed
+    cost is then the one-row time, not one-row time minus a negative slope."""
+    from stfuse.runtime import batching
+
+    prog = ClockProgram(per_row={"a": -1e-4})
+    monkeypatch.setattr(batching, "time", prog)
+    prof = measure_profile(prog, {"a": (torch.randn(2, 3),)}, max_batch=8, reps=2, warmup=1)
+    assert prof.per_row == {"a": 0.0}
+    assert prof.fixed == pytest.approx({"a": ClockProgram.FIXED["a"] - 1e-4})
 
 
 # ------------------------------------------------------------------ scheduling visible in calls
@@ -726,13 +777,25 @@ def test_launches_stay_inside_a_loaded_tenants_batch_range(tmp_path):
     prog = stfuse.load(tmp_path / "br")
     examples = {t: torch.randn(2, 8) for t in models}
     with Runtime(prog, "batch", max_batch=16, slice_ms=1.0, example_inputs=examples, profile_reps=1) as rt:
-        prog_run, calls = prog.run, []
-        prog.run = lambda inputs: calls.append({t: a[0].shape[0] for t, a in inputs.items()}) or prog_run(inputs)
+        prog_run, calls, entered, gate = prog.run, [], threading.Event(), threading.Event()
+
+        def run(inputs):
+            calls.append({t: a[0].shape[0] for t, a in inputs.items()})
+            entered.set()
+            assert gate.wait(TIMEOUT)
+            return prog_run(inputs)
+
+        prog.run = run
+        first = rt.submit("mlp", torch.randn(1, 8))
+        assert entered.wait(TIMEOUT)  # the device is busy: everything below queues up
         sent = [(t, torch.randn(2, 8)) for _ in range(6) for t in models]
         futs = [rt.submit(t, a) for t, a in sent]
-        settle(futs)
+        gate.set()
+        settle(futs + [first])
         stats = rt.stats()
     for (t, a), f in zip(sent, futs):
         assert_close(f.result(), float64_reference(models[t], (a,)), msg=f"tenant {t}")
-    assert max(c["br"] for c in calls if "br" in c) <= 4
+    # 12 rows of br were queued and max_batch is 16: only the batch range splits them, at 4 rows
+    assert [c["br"] for c in calls if "br" in c] == [4, 4, 4]
+    assert [c["mlp"] for c in calls if "mlp" in c] == [1, 12]
     assert stats["tenants"]["br"]["retries"] == 0 and stats["tenants"]["br"]["failed"] == 0

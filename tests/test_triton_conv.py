@@ -70,12 +70,6 @@ def test_grouped_conv2d_mixed_shapes(dtype, epilogue):
         assert [y.shape for y in ys] == [o.shape for o in out]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_grouped_conv2d_single_member(dtype):
-    x, w, b, params = make_conv(MIXED[:1], dtype, seed=2)
-    check_grouped(x, w, b, params, "sigmoid,add:scalar", [], [0.5])
-
-
 def test_grouped_conv2d_strided_input_and_weight():
     # channels-last input and a permuted weight are read through their strides, uncopied
     g = torch.Generator().manual_seed(3)

@@ -62,12 +62,6 @@ def test_grouped_linear_mixed_shapes(dtype, epilogue):
         assert [tuple(y.shape) for y in ys] == out_shapes
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_grouped_linear_single_member(dtype):
-    x, w, b = make_linear([((33, 17), 17)], dtype, seed=2)
-    check_grouped(x, w, b, "relu,sub:scalar", [], [0.25])
-
-
 def test_grouped_linear_no_members():
     assert IMPLS["grouped_linear"]([], [], [], "", [], []) == []
 
