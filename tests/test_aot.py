@@ -44,7 +44,9 @@ def test_every_kernel_compiles_for_sm80_and_sm90(rows):
             assert {(kernel, d, arch) for d in ("fp32", "fp16", "bf16")} <= seen
     for r in rows:
         assert r["ok"] and r["error"] is None, r
-        assert 0 < r["regs"] <= 255 and r["spill_bytes"] >= 0 and r["smem"] >= 0, r
+        assert 0 < r["regs"] <= 255 and isinstance(r["spill_bytes"], int) and isinstance(r["smem"], int), r
+        if r["kernel"] in ("layer_norm", "pointwise"):  # row kernels: no reason to spill (RESULTS.md)
+            assert r["spill_bytes"] == 0, r
         assert r["blocks_per_sm"] >= 1 and 0 < r["occupancy"] <= 1, r
 
 
