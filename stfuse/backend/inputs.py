@@ -1,7 +1,7 @@
 """Dynamo graphs as stfuse tenants: which graph inputs are model state, call data
 or sizes, and the module that the frontend traces for one set of state tensors.
 
-Used by the torch.compile backend (stfuse/backend.py).
+Used by the torch.compile backend (stfuse/backend/graph.py).
 """
 
 from __future__ import annotations
