@@ -66,16 +66,13 @@ class KernelTemplate:
     float_columns: tuple[str, ...] = ()  # per-member floats ahead of the epilogue scalars
 
 
-# op name -> (module in kernels/, template attribute): which template an op renders.
+# op class -> (module in kernels/, template attribute): the template both of its ops
+# (``grouped_<class>`` and ``stacked_<class>``) render.
 TEMPLATE_OF = {
-    "grouped_linear": ("triton_gemm", "GEMM"),
-    "stacked_linear": ("triton_gemm", "GEMM"),
-    "grouped_conv2d": ("triton_conv", "CONV"),
-    "stacked_conv2d": ("triton_conv", "CONV"),
-    "grouped_layer_norm": ("triton_norm", "LAYER_NORM"),
-    "stacked_layer_norm": ("triton_norm", "LAYER_NORM"),
-    "grouped_pointwise": ("triton_norm", "POINTWISE"),
-    "stacked_pointwise": ("triton_norm", "POINTWISE"),
+    "linear": ("triton_gemm", "GEMM"),
+    "conv2d": ("triton_conv", "CONV"),
+    "layer_norm": ("triton_norm", "LAYER_NORM"),
+    "pointwise": ("triton_norm", "POINTWISE"),
 }
 
 # Helpers the TRITON_UNARY / TRITON_BINARY expressions call. Written with
@@ -285,7 +282,11 @@ def load_kernel(template: KernelTemplate, epilogue: str):
 
 
 def template_for(op_name: str) -> KernelTemplate:
-    module_name, attr = TEMPLATE_OF[op_name]
+    """The template ``op_name`` (``grouped_linear``, ``stacked_conv2d``, ...) renders."""
+    kind, _, op_class = op_name.partition("_")
+    if kind not in ("grouped", "stacked"):
+        raise KeyError(op_name)
+    module_name, attr = TEMPLATE_OF[op_class]
     module = importlib.import_module(f"{__package__}.{module_name}")
     return getattr(module, attr)
 

@@ -36,25 +36,11 @@ from .match import uniform_key
 
 aten = torch.ops.aten
 
-# op class -> positions of (weight, bias) in the member's args
-PARAM_POS = {"linear": (1, 2), "conv2d": (1, 2), "layer_norm": (2, 3)}
-
-
-def _arg(args, i, default=None):
-    return args[i] if len(args) > i else default
-
-
-def _pair(v) -> list[int]:
-    v = [v] if isinstance(v, int) else list(v)
-    return v * 2 if len(v) == 1 else v
-
-
 def _uniform(g, members) -> bool:
     if len({uniform_key(g, k) for k in members}) != 1:
         return False
-    if g.nodes[members[0]]["op_class"] == "layer_norm":
-        return len({_arg(g.nodes[k]["args"], 4, 1e-5) for k in members}) == 1
-    return True
+    row = optable.OP_CLASSES[g.nodes[members[0]]["op_class"]]
+    return row.uniform(row.extras([g.nodes[k]["args"] for k in members]))
 
 
 def _uniform_operands(g, ext) -> bool:
@@ -71,12 +57,12 @@ def pack_weights(g):
     g = g.copy()
     packed = {}
     for gid, grp in g.graph["groups"].items():
-        pos = PARAM_POS.get(grp.op_class)
+        pos = optable.OP_CLASSES[grp.op_class].params
         if pos is None or not _uniform(g, grp.members):
             continue
         entry = {}
         for role, p in zip(("w", "b"), pos):
-            refs = [_arg(g.nodes[m]["args"], p) for m in grp.members]
+            refs = [optable.arg_or(g.nodes[m]["args"], p) for m in grp.members]
             if not all(isinstance(r, Ref) and g.nodes[r.key]["kind"] == "param" for r in refs):
                 continue
             if len({r.key for r in refs}) != len(refs) or any(
@@ -235,14 +221,10 @@ class _Builder:
 
     def _grouped_args(self, cls, inputs):
         x = self._tensors(inputs["x"])
-        if cls == "pointwise":
+        row = optable.OP_CLASSES[cls]
+        if row.params is None:
             return (x,)
-        w, b = self._tensors(inputs["w"]), self._tensors(inputs["b"])
-        if cls == "linear":
-            return x, w, b
-        if cls == "conv2d":
-            return (x, w, b, *inputs["conv"])
-        return x, w, b, inputs["eps"]
+        return (x, self._tensors(inputs["w"]), self._tensors(inputs["b"]), *row.grouped_extras(inputs))
 
     def _packed(self, grp, idx, role, keys):
         """The stacked weight of the active members: a view of the packed tensor where
@@ -254,16 +236,12 @@ class _Builder:
 
     def _stacked_args(self, grp, idx, inputs):
         x = self.stack(inputs["x"])
-        if grp.op_class == "pointwise":
+        row = optable.OP_CLASSES[grp.op_class]
+        if row.params is None:
             return (x,)
         w = self._packed(grp, idx, "w", inputs["w"])
         b = self._packed(grp, idx, "b", inputs["b"])
-        if grp.op_class == "linear":
-            return x, w, b
-        if grp.op_class == "conv2d":
-            stride, padding, dilation, groups = inputs["conv"]
-            return x, w, b, stride[:2], padding[:2], dilation[:2], groups[0]
-        return x, w, b, inputs["eps"][0]
+        return (x, w, b, *row.stacked_extras(inputs))
 
     def output(self) -> list[int]:
         flat, counts = [], []
@@ -279,28 +257,18 @@ class _Builder:
 
 
 def _member_inputs(g, cls: str, members) -> dict:
-    """Per role, the members' input keys (None for an absent bias/affine)."""
+    """Per role, the members' input keys (None for an absent bias/affine), and the
+    class's other arguments (optable.OpClass.extras)."""
     def key_of(v):
         return v.key if isinstance(v, Ref) else None
 
-    rows = [g.nodes[m]["args"] for m in members]
-    if cls == "pointwise":
+    row = optable.OP_CLASSES[cls]
+    if row.params is None:  # pointwise: the main operand of each member's step
         return {"x": [optable.pointwise_step(g, m)[0].key for m in members]}
-    xw = {"x": [key_of(r[0]) for r in rows]}
-    wp, bp = PARAM_POS[cls]
-    xw["w"] = [key_of(_arg(r, wp)) for r in rows]
-    xw["b"] = [key_of(_arg(r, bp)) for r in rows]
-    if cls == "conv2d":
-        stride, padding, dilation, groups = [], [], [], []
-        for r in rows:
-            stride += _pair(_arg(r, 3, 1))
-            padding += _pair(_arg(r, 4, 0))
-            dilation += _pair(_arg(r, 5, 1))
-            groups.append(_arg(r, 6, 1))
-        xw["conv"] = (stride, padding, dilation, groups)
-    if cls == "layer_norm":
-        xw["eps"] = [float(_arg(r, 4, 1e-5)) for r in rows]
-    return xw
+    rows = [g.nodes[m]["args"] for m in members]
+    wp, bp = row.params
+    return {"x": [key_of(r[0]) for r in rows], "w": [key_of(optable.arg_or(r, wp)) for r in rows],
+            "b": [key_of(optable.arg_or(r, bp)) for r in rows], **row.extras(rows)}
 
 
 def lower_program(g, active: tuple[str, ...], stacked: bool):

@@ -27,8 +27,6 @@ from stfuse.ir import Group, Ref
 
 from . import optable
 
-# How much a match is worth: fusing GEMMs saves most, pointwise ops least.
-WEIGHT = {"linear": 4, "conv2d": 4, "layer_norm": 2, "pointwise": 1}
 
 
 def class_key(g, k) -> tuple:
@@ -66,7 +64,7 @@ def _score_fn(g, keys):
     def score(a, b):
         if ck[a] != ck[b]:
             return 0
-        return WEIGHT[ck[a][0]] + (uk[a] == uk[b])
+        return optable.OP_CLASSES[ck[a][0]].match_weight + (uk[a] == uk[b])
 
     return score
 

@@ -2,13 +2,16 @@
 
 Rules are rows, not if-chains: ``OP_CLASS`` maps an overload to its class,
 ``UNARY_STEPS`` / ``BINARY_STEPS`` map pointwise overloads to epilogue steps,
-and ``flops`` counts a node's FLOPs from its class. Every pass asks this module.
+and ``OP_CLASSES`` holds one row per fusable class (match weight, parameter
+positions, FLOPs, the grouped/stacked ops' other arguments). Every pass asks this module.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -48,9 +51,6 @@ BINARY_STEPS = {
     aten.mul.Tensor: ("mul", "mul"),
     aten.div.Tensor: ("div", "rdiv"),
 }
-
-FUSABLE = ("linear", "conv2d", "layer_norm", "pointwise")
-
 
 def _is_float(t) -> bool:
     return isinstance(t, torch.dtype) and t.is_floating_point
@@ -119,16 +119,82 @@ def _numel(shape) -> int:
     return math.prod(shape) if shape is not None else 0
 
 
+def arg_or(args, i, default=None):
+    """``args[i]``, or ``default`` where the call left that argument out."""
+    return args[i] if len(args) > i else default
+
+
+def _pair(v) -> list[int]:
+    v = [v] if isinstance(v, int) else list(v)
+    return v * 2 if len(v) == 1 else v
+
+
+def _conv_extras(rows) -> dict:
+    stride, padding, dilation, groups = [], [], [], []
+    for r in rows:
+        stride += _pair(arg_or(r, 3, 1))
+        padding += _pair(arg_or(r, 4, 0))
+        dilation += _pair(arg_or(r, 5, 1))
+        groups.append(arg_or(r, 6, 1))
+    return {"conv": (stride, padding, dilation, groups)}
+
+
+def _weight_shape(g, a, i=1):
+    return g.nodes[a["args"][i].key]["shape"]
+
+
+@dataclass(frozen=True)
+class OpClass:
+    """Everything the passes know about one fusable op class: one row of OP_CLASSES.
+
+    Its kernels (``stfuse::grouped_<name>`` / ``stacked_<name>``: reference, fake,
+    Triton) are rows of kernels/ops.py; adding an op class is a row here, its
+    ATen ops in OP_CLASS, and its kernels there.
+    """
+
+    name: str
+    match_weight: int  # what fusing two such ops is worth (match.py): GEMMs save most
+    params: tuple[int, int] | None  # positions of (weight, bias) in a member's args; None: none
+    flops: Callable  # (g, node attrs, output numel) -> FLOPs of one call
+    extras: Callable = lambda rows: {}  # members' other arguments (conv stride, eps), by role
+    # the non-tensor arguments of the grouped and the stacked op, from ``extras``
+    grouped_extras: Callable = lambda extras: ()
+    stacked_extras: Callable = lambda extras: ()
+
+    def uniform(self, extras: dict) -> bool:
+        """Whether the members' other arguments allow one stacked call."""
+        return all(len({repr(v) for v in values}) <= 1 for values in _per_member(extras))
+
+
+def _per_member(extras: dict):
+    """Each role's per-member values (conv's four lists hold 2 ints per member for stride...)."""
+    for role, values in extras.items():
+        if role == "conv":
+            stride, padding, dilation, groups = values
+            yield [tuple(stride[i:i + 2]) + tuple(padding[i:i + 2]) + tuple(dilation[i:i + 2])
+                   for i in range(0, len(stride), 2)]
+            yield groups
+        else:
+            yield values
+
+
+OP_CLASSES: dict[str, OpClass] = {c.name: c for c in (
+    OpClass("linear", match_weight=4, params=(1, 2),
+            flops=lambda g, a, out: 2 * out * _weight_shape(g, a)[1]),
+    OpClass("conv2d", match_weight=4, params=(1, 2),
+            flops=lambda g, a, out: 2 * out * math.prod(_weight_shape(g, a)[1:4]),
+            extras=_conv_extras,
+            grouped_extras=lambda e: e["conv"],
+            stacked_extras=lambda e: (e["conv"][0][:2], e["conv"][1][:2], e["conv"][2][:2], e["conv"][3][0])),
+    OpClass("layer_norm", match_weight=2, params=(2, 3), flops=lambda g, a, out: 8 * out,
+            extras=lambda rows: {"eps": [float(arg_or(r, 4, 1e-5)) for r in rows]},
+            grouped_extras=lambda e: (e["eps"],), stacked_extras=lambda e: (e["eps"][0],)),
+    OpClass("pointwise", match_weight=1, params=None, flops=lambda g, a, out: out),
+)}
+FUSABLE = tuple(OP_CLASSES)
+
+
 def flops(g, k, op_class: str) -> int:
     a = g.nodes[k]
-    out = _numel(a["shape"])
-    if op_class == "linear":
-        return 2 * out * g.nodes[a["args"][1].key]["shape"][1]
-    if op_class == "conv2d":
-        w = g.nodes[a["args"][1].key]["shape"]
-        return 2 * out * w[1] * w[2] * w[3]
-    if op_class == "layer_norm":
-        return 8 * out
-    if op_class == "pointwise":
-        return out
-    return 0
+    row = OP_CLASSES.get(op_class)
+    return row.flops(g, a, _numel(a["shape"])) if row is not None else 0
