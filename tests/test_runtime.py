@@ -799,3 +799,23 @@ def test_launches_stay_inside_a_loaded_tenants_batch_range(tmp_path):
     assert [c["br"] for c in calls if "br" in c] == [4, 4, 4]
     assert [c["mlp"] for c in calls if "mlp" in c] == [1, 12]
     assert stats["tenants"]["br"]["retries"] == 0 and stats["tenants"]["br"]["failed"] == 0
+
+
+@pytest.mark.gpu
+def test_requests_written_on_another_stream_are_waited_for():
+    """The input is still being written on the submitter's own stream when submit returns:
+    the launch waits for that stream, and the output is handed over to it (record_stream)."""
+    torch.manual_seed(0)
+    models = [zoo.mlp(8, 16, 8).cuda(), zoo.mlp(8, 16, 8).cuda()]
+    fused = stfuse.compile(models, [torch.randn(2, 8, device="cuda"), torch.randn(2, 8, device="cuda")])
+    side = torch.cuda.Stream()
+    with Runtime(fused, policy="space-time", slo_ms=10_000) as rt:
+        with torch.cuda.stream(side):
+            x = torch.zeros(4, 8, device="cuda")
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of spinning before the real values land
+            x.copy_(torch.full((4, 8), 3.0, device="cuda"))
+            fut = rt.submit("0", x)
+            y = fut.result(TIMEOUT)
+            want = models[0](torch.full((4, 8), 3.0, device="cuda"))
+        side.synchronize()
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)

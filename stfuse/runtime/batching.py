@@ -80,6 +80,36 @@ def split(output: Any, sizes: list[int]) -> list:
     return [pytree.tree_unflatten([p[i] for p in parts], spec) for i in range(len(sizes))]
 
 
+def caller_stream(args: tuple):
+    """(the submitting thread's current CUDA stream, an event recorded on it now) for CUDA
+    inputs, else (None, None): the launch waits for the event (the inputs may still be
+    being written on that stream), and the outputs are recorded as used on that stream."""
+    first = args[0]
+    if not first.is_cuda:
+        return None, None
+    stream = torch.cuda.current_stream(first.device)
+    return stream, stream.record_event()
+
+
+def wait_for_callers(events) -> None:
+    """Make the launching thread's current stream wait for every request's caller event
+    (``events``: (event or None, device) pairs)."""
+    for event, device in events:
+        if event is not None:
+            torch.cuda.current_stream(device).wait_event(event)
+
+
+def hand_over(out, stream) -> None:
+    """Outputs allocated on the runtime's stream, read on the caller's: tell the caching
+    allocator (record_stream), so their memory is not reused while the caller's stream
+    may still read them."""
+    if stream is None:
+        return
+    for leaf in pytree.tree_leaves(out):
+        if isinstance(leaf, torch.Tensor) and leaf.is_cuda:
+            leaf.record_stream(stream)
+
+
 def synchronize(inputs: Mapping[str, tuple]) -> None:
     first = next(iter(inputs.values()))[0]
     if first.is_cuda:

@@ -30,8 +30,9 @@ import torch
 
 from stfuse.errors import InputError, StfuseError
 from stfuse.frontend import input_problem
-from stfuse.runtime.batching import (Unsplittable, inputs_seen, as_args, concat, measure_profile, normalise_examples,
-                                     pad, split, synchronize)
+from stfuse.runtime.batching import (Unsplittable, as_args, caller_stream, concat, hand_over, inputs_seen,
+                                     measure_profile, normalise_examples, pad, split, synchronize,
+                                     wait_for_callers)
 from stfuse.runtime.stats import StatsRecorder
 from stfuse.runtime.policies import Dispatch, Scheduler, Wait, make_scheduler
 from stfuse.runtime.profile import LatencyProfile
@@ -63,11 +64,12 @@ class RuntimeClosedError(StfuseError):
 
 
 class _Request:
-    __slots__ = ("tenant", "args", "rows", "arrival", "deadline", "future")
+    __slots__ = ("tenant", "args", "rows", "arrival", "deadline", "future", "stream", "event")
 
     def __init__(self, tenant, args, rows, arrival, deadline, future):
         self.tenant, self.args, self.rows = tenant, args, rows
         self.arrival, self.deadline, self.future = arrival, deadline, future
+        self.stream, self.event = caller_stream(args)  # CUDA: the submitter's stream
 
 
 def _ms(name: str, value, zero_ok: bool = False) -> float:
@@ -374,8 +376,8 @@ class Runtime:
             if device.type != "cuda":
                 self._run_group({tenant: reqs})
                 return
+            # Its own stream; _run_group makes it wait for each request's caller stream.
             stream = self._streams.setdefault(tenant, torch.cuda.Stream(device))
-            stream.wait_stream(torch.cuda.default_stream(device))
             with torch.cuda.stream(stream):
                 self._run_group({tenant: reqs})
         finally:
@@ -390,6 +392,7 @@ class Runtime:
                                    or any(self._row_cap.get(t, pad_to) < pad_to for t in batch)):
             pad_to = None
         try:
+            wait_for_callers((r.event, r.args[0].device) for reqs in batch.values() for r in reqs)
             inputs = {t: concat([r.args for r in reqs]) for t, reqs in batch.items()}
             if pad_to is not None:
                 inputs = {t: pad(args, pad_to) for t, args in inputs.items()}
@@ -421,6 +424,7 @@ class Runtime:
             if t not in self._inputs:
                 self._inputs[t] = inputs_seen(reqs[0].args)
             for r, out in zip(reqs, results[t]):
+                hand_over(out, r.stream)
                 r.future.set_result(out)
 
     def _isolate(self, batch: dict[str, list[_Request]], exc: Exception) -> None:
