@@ -27,7 +27,7 @@ from stfuse.runtime.policies import POLICIES, Scheduler
 from stfuse.runtime.profile import LatencyProfile
 from stfuse.tolerances import assert_close
 
-from conftest import Center, float64_reference
+from conftest import BranchOnBatch, Center, float64_reference
 
 TIMEOUT = 60  # seconds; only a guard against hangs
 
@@ -755,16 +755,6 @@ def test_requests_of_a_tenant_that_mixes_rows_are_never_merged():
     assert [c["mlp"] for c in prog.calls[1:] if "mlp" in c] == [8]  # four requests merged
     assert stats["tenants"]["center"]["merges_requests"] is False
     assert stats["tenants"]["mlp"]["merges_requests"] is True
-
-
-class BranchOnBatch(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l = nn.Linear(8, 8)
-
-    def forward(self, x):
-        y = self.l(x)
-        return y * 2 if x.shape[0] > 4 else y * 3
 
 
 def test_launches_stay_inside_a_loaded_tenants_batch_range(tmp_path):
