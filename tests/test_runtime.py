@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from concurrent.futures import wait
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -245,29 +246,40 @@ def test_compiled_program_results_equal_eager_from_many_threads(policy, compiled
     assert rt.stats()["served"] == len(sent)
 
 
+class Gate:
+    """Wraps a program's ``run``: every launch waits until ``open`` is set; ``calls`` records
+    each launch's rows per tenant."""
+
+    def __init__(self, run):
+        self.inner, self.calls = run, []
+        self.entered, self.open = threading.Event(), threading.Event()
+
+    def __call__(self, inputs):
+        self.calls.append({t: a[0].shape[0] for t, a in inputs.items()})
+        self.entered.set()
+        assert self.open.wait(TIMEOUT)
+        return self.inner(inputs)
+
+
+def queue_behind_one_launch(rt, gate: Gate, first, sent) -> list:
+    """Submit ``first`` and wait until its launch holds the device, queue every request of
+    ``sent`` behind it, then open the gate; returns the futures of ``sent`` once all are done."""
+    held = rt.submit(*first)
+    assert gate.entered.wait(TIMEOUT)
+    futs = [rt.submit(t, a) for t, a in sent]
+    gate.open.set()
+    settle(futs + [held])
+    return futs
+
+
 def test_compiled_program_fuses_queued_tenants(compiled):
     fused, models, examples = compiled
-    gate, entered = threading.Event(), threading.Event()
-
-    class Held:  # the compiled program behind a gate, to queue work deterministically
-        tenants = fused.tenants
-        calls = []
-
-        def run(self, inputs):
-            self.calls.append(sorted(inputs))
-            entered.set()
-            assert gate.wait(TIMEOUT)
-            return fused.run(inputs)
-
-    prog = Held()
+    gate = Gate(fused.run)
+    prog = SimpleNamespace(tenants=fused.tenants, run=gate)  # the compiled program behind a gate
     with Runtime(prog, "space-time", profile=cheap_fusion(fused.tenants)) as rt:
-        first = rt.submit("m0", make_args("m0", 1))
-        assert entered.wait(TIMEOUT)
         sent = [(t, make_args(t, 2)) for t in fused.tenants for _ in range(3)]
-        futs = [rt.submit(t, a) for t, a in sent]
-        gate.set()
-        settle(futs + [first])
-    assert prog.calls[1] == sorted(fused.tenants)  # all four tenants in one fused call
+        futs = queue_behind_one_launch(rt, gate, ("m0", make_args("m0", 1)), sent)
+    assert sorted(gate.calls[1]) == sorted(fused.tenants)  # all four tenants in one fused call
     for (t, a), f in zip(sent, futs):
         assert_close(f.result(), float64_reference(models[t], a), msg=f"tenant {t}")
 
@@ -729,30 +741,16 @@ def test_requests_of_a_tenant_that_mixes_rows_are_never_merged():
     models = {"center": Center().eval(), "mlp": zoo.mlp(8, 16, 8)}
     fused = stfuse.compile(models, {t: torch.randn(4, 8) for t in models})
     assert fused.plan.stats["rows_independent"] == {"center": False, "mlp": True}
-    gate, entered = threading.Event(), threading.Event()
-
-    class Held:  # the compiled program (and its plan) behind a gate
-        tenants, plan, calls = fused.tenants, fused.plan, []
-
-        def run(self, inputs):
-            self.calls.append({t: a[0].shape[0] for t, a in inputs.items()})
-            entered.set()
-            assert gate.wait(TIMEOUT)
-            return fused.run(inputs)
-
-    prog = Held()
+    gate = Gate(fused.run)
+    prog = SimpleNamespace(tenants=fused.tenants, plan=fused.plan, run=gate)  # the program behind a gate
     with Runtime(prog, "batch", slice_ms=0.0, profile=cheap_fusion(fused.tenants)) as rt:
-        first = rt.submit("mlp", torch.randn(1, 8))
-        assert entered.wait(TIMEOUT)
         sent = [(t, torch.randn(2, 8)) for _ in range(4) for t in ("center", "mlp")]
-        futs = [rt.submit(t, a) for t, a in sent]
-        gate.set()
-        settle(futs + [first])
+        futs = queue_behind_one_launch(rt, gate, ("mlp", torch.randn(1, 8)), sent)
         stats = rt.stats()
     for (t, a), f in zip(sent, futs):
         assert_close(f.result(), float64_reference(models[t], (a,)), msg=f"tenant {t}")
-    assert [c["center"] for c in prog.calls if "center" in c] == [2, 2, 2, 2]  # one request each
-    assert [c["mlp"] for c in prog.calls[1:] if "mlp" in c] == [8]  # four requests merged
+    assert [c["center"] for c in gate.calls if "center" in c] == [2, 2, 2, 2]  # one request each
+    assert [c["mlp"] for c in gate.calls[1:] if "mlp" in c] == [8]  # four requests merged
     assert stats["tenants"]["center"]["merges_requests"] is False
     assert stats["tenants"]["mlp"]["merges_requests"] is True
 
@@ -767,27 +765,15 @@ def test_launches_stay_inside_a_loaded_tenants_batch_range(tmp_path):
     prog = stfuse.load(tmp_path / "br")
     examples = {t: torch.randn(2, 8) for t in models}
     with Runtime(prog, "batch", max_batch=16, slice_ms=1.0, example_inputs=examples, profile_reps=1) as rt:
-        prog_run, calls, entered, gate = prog.run, [], threading.Event(), threading.Event()
-
-        def run(inputs):
-            calls.append({t: a[0].shape[0] for t, a in inputs.items()})
-            entered.set()
-            assert gate.wait(TIMEOUT)
-            return prog_run(inputs)
-
-        prog.run = run
-        first = rt.submit("mlp", torch.randn(1, 8))
-        assert entered.wait(TIMEOUT)  # the device is busy: everything below queues up
+        gate = prog.run = Gate(prog.run)  # after the latency profile was measured
         sent = [(t, torch.randn(2, 8)) for _ in range(6) for t in models]
-        futs = [rt.submit(t, a) for t, a in sent]
-        gate.set()
-        settle(futs + [first])
+        futs = queue_behind_one_launch(rt, gate, ("mlp", torch.randn(1, 8)), sent)
         stats = rt.stats()
     for (t, a), f in zip(sent, futs):
         assert_close(f.result(), float64_reference(models[t], (a,)), msg=f"tenant {t}")
     # 12 rows of br were queued and max_batch is 16: only the batch range splits them, at 4 rows
-    assert [c["br"] for c in calls if "br" in c] == [4, 4, 4]
-    assert [c["mlp"] for c in calls if "mlp" in c] == [1, 12]
+    assert [c["br"] for c in gate.calls if "br" in c] == [4, 4, 4]
+    assert [c["mlp"] for c in gate.calls if "mlp" in c] == [1, 12]
     assert stats["tenants"]["br"]["retries"] == 0 and stats["tenants"]["br"]["failed"] == 0
 
 
