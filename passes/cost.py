@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stfuse import config, ir
-from stfuse.ir import Group
+from stfuse.ir import FusedOp
 
 from .match import uniform_key
 
@@ -143,7 +143,7 @@ def drop_unprofitable(g):
         parts = best_split(g, grp.members, dev)
         for j, members in enumerate(parts):
             sub = gid if len(parts) == 1 else f"{gid}.{j}"
-            kept[sub] = Group(sub, grp.op_class, members)
+            kept[sub] = FusedOp(sub, grp.op_class, members)
             for k in members:
                 g.nodes[k]["group"] = sub
     g.graph["groups"] = kept

@@ -20,12 +20,12 @@ from __future__ import annotations
 import networkx as nx
 
 from stfuse import ir
-from stfuse.ir import Group
+from stfuse.ir import FusedOp
 
 from . import optable
 
 
-def _next_steps(g, grp: Group):
+def _next_steps(g, grp: FusedOp):
     """The pointwise successors that can be folded into grp, or None."""
     outs = grp.outputs()
     nodes = set(grp.nodes())
@@ -46,20 +46,20 @@ def _next_steps(g, grp: Group):
     return found
 
 
-def _own_steps(g, grp: Group) -> Group:
+def _own_steps(g, grp: FusedOp) -> FusedOp:
     """A pointwise group's epilogue begins with its members' own step."""
     steps = [optable.pointwise_step(g, k) for k in grp.members]
     operands = tuple(() if operand is None else (operand,) for _, _, operand in steps)
-    return Group(grp.id, grp.op_class, grp.members, str(steps[0][1]),
+    return FusedOp(grp.id, grp.op_class, grp.members, str(steps[0][1]),
                  tuple(() for _ in grp.members), operands)
 
 
-def _fold(grp: Group, found) -> Group:
+def _fold(grp: FusedOp, found) -> FusedOp:
     step = found[0][1]
     epilogue = ",".join(filter(None, [grp.epilogue, str(step)]))
     folded = grp.folded or tuple(() for _ in grp.members)
     operands = grp.operands or tuple(() for _ in grp.members)
-    return Group(grp.id, grp.op_class, grp.members, epilogue,
+    return FusedOp(grp.id, grp.op_class, grp.members, epilogue,
                  tuple(f + (u,) for f, (u, _, _) in zip(folded, found)),
                  tuple(ops + ((operand,) if operand is not None else ())
                        for ops, (_, _, operand) in zip(operands, found)))
@@ -102,7 +102,7 @@ def _release(groups: dict, gid: str, node: str) -> dict:
     keep = [i for i, m in enumerate(grp.members) if m != node]
     del groups[gid]
     if len(keep) >= 2:
-        groups[gid] = Group(gid, grp.op_class, tuple(grp.members[i] for i in keep), grp.epilogue,
+        groups[gid] = FusedOp(gid, grp.op_class, tuple(grp.members[i] for i in keep), grp.epilogue,
                             tuple(grp.folded[i] for i in keep), tuple(grp.operands[i] for i in keep))
     return groups
 

@@ -44,7 +44,7 @@ import networkx as nx
 
 from stfuse import ir
 from stfuse.errors import StfuseError
-from stfuse.ir import Group
+from stfuse.ir import FusedOp
 
 from . import optable
 from .cost import best_split, device_model, estimate
@@ -108,7 +108,7 @@ def group_siblings(g):
             gid = f"{PREFIX}{i}" if len(parts) == 1 else f"{PREFIX}{i}.{j}"
             if gid in groups:
                 raise StfuseError(f"group_siblings: group id {gid} already taken")
-            groups[gid] = Group(gid, g.nodes[members[0]]["op_class"], members)
+            groups[gid] = FusedOp(gid, g.nodes[members[0]]["op_class"], members)
             for k in members:
                 g.nodes[k]["group"] = gid
     if not nx.is_directed_acyclic_graph(ir.quotient(g, groups)):

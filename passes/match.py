@@ -23,7 +23,7 @@ Before/after (two MLP tenants)::
 from __future__ import annotations
 
 from stfuse import ir
-from stfuse.ir import Group, Ref
+from stfuse.ir import FusedOp, Ref
 
 from . import optable
 
@@ -119,7 +119,7 @@ def merge_groups(g, columns) -> object:
         if len(col) < 2:
             continue
         gid = f"g{len(groups)}"
-        groups[gid] = Group(gid, g.nodes[col[0]]["op_class"], tuple(col))
+        groups[gid] = FusedOp(gid, g.nodes[col[0]]["op_class"], tuple(col))
         for k in col:
             g.nodes[k]["group"] = gid
     g.graph["groups"] = groups

@@ -13,7 +13,7 @@ Before/after, ungrouping tenant "b"::
 
 from __future__ import annotations
 
-from stfuse.ir import Group
+from stfuse.ir import FusedOp
 
 
 def ungroup(tenants):
@@ -26,7 +26,7 @@ def ungroup(tenants):
         for gid, grp in g.graph["groups"].items():
             members = tuple(m for m in grp.members if g.nodes[m]["tenant"] not in tenants)
             if len(members) >= 2:
-                kept[gid] = Group(gid, grp.op_class, members)  # before fold_epilogues: nothing folded yet
+                kept[gid] = FusedOp(gid, grp.op_class, members)  # before fold_epilogues: nothing folded yet
             for k in grp.nodes():
                 if k not in members or len(members) < 2:
                     g.nodes[k]["group"] = None

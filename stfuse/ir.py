@@ -35,7 +35,7 @@ group      fusion group id, or None
 =========  ===============================================================
 
 Graph attributes: ``tenants`` (name -> TenantGraph, in order), ``groups``
-(id -> Group), ``schedule`` (list of Stage, after schedule), ``program``
+(id -> FusedOp), ``schedule`` (list of Stage, after schedule), ``program``
 (after lower).
 """
 
@@ -68,7 +68,7 @@ class Ref:
 
 
 @dataclass(frozen=True)
-class Group:
+class FusedOp:
     """A horizontally fused operator over independent member nodes: one per tenant
     (match_groups, in tenant order) or several of one tenant (group_siblings, in
     that tenant's order); no member depends on another.
@@ -131,7 +131,8 @@ def _fetch_attr(gm: torch.fx.GraphModule, target: str):
     return obj
 
 
-def _mutated_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+def mutated_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The node arguments an in-place or out= op writes to (from its schema's alias info)."""
     schema = getattr(node.target, "_schema", None)
     if schema is None:
         return []
@@ -211,7 +212,7 @@ def build(tenants: dict) -> nx.DiGraph:
         for n in tg.gm.graph.nodes:
             views.setdefault(_alias_root(n), []).append(n)
         for n in tg.gm.graph.nodes:
-            for m in _mutated_args(n) if n.op == "call_function" else ():
+            for m in mutated_args(n) if n.op == "call_function" else ():
                 root = _alias_root(m)
                 if root.op == "placeholder":
                     # A program replayed for every request cannot overwrite its weights
@@ -309,7 +310,7 @@ def verify(g: nx.DiGraph) -> None:
         _verify_schedule(g)
 
 
-def _verify_independent(g: nx.DiGraph, grp: Group) -> None:
+def _verify_independent(g: nx.DiGraph, grp: FusedOp) -> None:
     """No member (with its folded nodes) reads another member's: members may share a
     tenant but must be independent. A longer path between two members leaves the group
     and comes back, which the quotient's acyclicity check below catches."""

@@ -38,9 +38,9 @@ class Plan:
     def groups(self) -> dict:
         if self.graph is not None:
             return self.graph.graph["groups"]
-        from .ir import Group
+        from .ir import FusedOp
 
-        return {r["id"]: Group(r["id"], r["op_class"], tuple(f"{t}:{n}" for t, n, _ in r["members"]),
+        return {r["id"]: FusedOp(r["id"], r["op_class"], tuple(f"{t}:{n}" for t, n, _ in r["members"]),
                                r["epilogue"], tuple(tuple(f) for f in r["folded"]))
                 for r in self.record()["groups"]}
 

@@ -12,7 +12,7 @@ import stfuse
 from stfuse import ir
 from stfuse.errors import StfuseError
 from stfuse.frontend import trace_tenant
-from stfuse.ir import Group
+from stfuse.ir import FusedOp
 from stfuse.passes import pipeline
 from stfuse.passes.horizontal import group_siblings, levels
 
@@ -209,7 +209,7 @@ def test_verify_rejects_a_member_reading_another():
 
     g = _passes_until(_graph([Two()], [(torch.randn(2, 4),)]), "annotate")
     a, b = [k for k, d in g.nodes(data=True) if d["op_class"] == "linear"]
-    g.graph["groups"] = {"h0": Group("h0", "linear", (a, b))}
+    g.graph["groups"] = {"h0": FusedOp("h0", "linear", (a, b))}
     g.nodes[a]["group"] = g.nodes[b]["group"] = "h0"
     with pytest.raises(StfuseError, match="depends on"):
         ir.verify(g)

@@ -140,4 +140,4 @@ def mutates_state(tg: TenantGraph) -> bool:
     user = {spec.name for spec in tg.inputs}
     return any(m.op == "placeholder" and m.name not in user
                for n in tg.gm.graph.nodes if n.op == "call_function"
-               for m in ir._mutated_args(n))  # the IR builder's own test for in-place ops
+               for m in ir.mutated_args(n))
