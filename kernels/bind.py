@@ -26,8 +26,16 @@ from .ops import OPS
 
 aten = torch.ops.aten
 
+def unbind_contiguous(x: torch.Tensor, dim: int = 0):
+    """``torch.unbind`` of a stacked value, each member laid out as its own model
+    would have it: a stacked channels-last conv output (kernels/reference.py) is
+    made contiguous once, where it leaves the stacked chain, so the tenant's
+    next ops (a ``view`` that flattens channels, say) see what eager gives."""
+    return torch.unbind(x if x.is_contiguous() else x.contiguous(), dim)
+
+
 # aten overloads lowering emits around fused groups -> the torch function that runs the same kernel.
-_CPU_FUNCTIONS = {aten.stack.default: torch.stack, aten.unbind.int: torch.unbind,
+_CPU_FUNCTIONS = {aten.stack.default: torch.stack, aten.unbind.int: unbind_contiguous,
                   aten.unsqueeze.default: torch.unsqueeze}
 
 
