@@ -65,13 +65,19 @@ def grouped_linear(x, w, b, epilogue, ext, scalars):
 
 def stacked_linear(x, w, b, epilogue, ext, scalars):
     """x [R, ..., K], w [R, N, K], b [R, N] or None -> [R, ..., N] with one baddbmm."""
+    return stacked_linear_kn(x, w.transpose(1, 2), None if b is None else b.unsqueeze(1),
+                             epilogue, ext, scalars)
+
+
+def stacked_linear_kn(x, wt, b1, epilogue, ext, scalars):
+    """``stacked_linear`` given the weight as [R, K, N] and the bias as [R, 1, N]: the
+    views the CPU program takes once, at binding (kernels/bind.py), not per call."""
     # Python overhead matters at batch 1 (about 1 us per tensor call on a 2-core CPU),
     # so the common 3-D case skips the reshape and view.
     x3 = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
-    wt = w.transpose(1, 2)
-    y = torch.bmm(x3, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x3, wt)
+    y = torch.bmm(x3, wt) if b1 is None else torch.baddbmm(b1, x3, wt)
     if x.dim() != 3:
-        y = y.view(*x.shape[:-1], w.shape[1])
+        y = y.view(*x.shape[:-1], wt.shape[2])
     return _stacked_epilogue(y, epilogue, ext, scalars)
 
 
