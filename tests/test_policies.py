@@ -320,8 +320,11 @@ def test_simulated_slo_accounting_matches_finish_times(policy):
     res = simulate(s, poisson("ab", 700, 0.3, slo, seed=2), profile("ab", fused_fixed=1.5 * MS), slo_s=slo)
     assert 0 < sum(t["slo_misses"] for t in res.stats["tenants"].values()) < len(res.requests)
     for t in "ab":
-        misses = sum(r.finish - r.arrival > slo[t] for r in res.requests if r.tenant == t)
+        ran = [r for r in res.requests if r.tenant == t and not r.shed]
+        assert all(r.finish is not None for r in ran)
+        misses = sum(r.finish - r.arrival > slo[t] for r in ran)
         assert res.stats["tenants"][t]["slo_misses"] == misses
+        assert res.stats["tenants"][t]["shed"] == sum(r.shed for r in res.requests if r.tenant == t)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
