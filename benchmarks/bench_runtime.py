@@ -13,8 +13,8 @@ ends (as long again after the last arrival), counts as an SLO miss.
 
 Loads are multiples of a measured capacity: the throughput of the "time"
 policy kept saturated (one request per launch). Per policy and load it prints
-throughput, p50/p99 latency over all tenants, the SLO-miss rate (late +
-rejected + failed, over offered) and mean tenants per launch, then the best
+throughput, p50/p99 latency over the requests served, the SLO-miss rate (late +
+rejected + shed + failed, over offered) and mean tenants per launch, then the best
 throughput each policy reached with at most --miss-target of its requests
 missing. --plot writes p99 latency and throughput against load (matplotlib,
 the optional "plot" extra); --json keeps the raw numbers.
@@ -25,12 +25,21 @@ thread (--threads), the GIL switch interval is 0.5 ms (--switch-interval-ms),
 each point reports the CPU other processes used meanwhile ("others' CPU", in
 cores), and without --quick every point runs 3 times, interleaved across the
 policies, keeping the least disturbed run.
+
+--simulate runs the same arrivals on a fake clock (stfuse.runtime.simulate),
+with the measured latency profile, or the one --profile names (a JSON file
+that --save-profile writes), as the device. There the load unit is what
+per-tenant batching sustains at max_batch rows per launch (one full batch of
+every tenant in turn), so that 1x is the simulated device's capacity:
+
+    python benchmarks/bench_runtime.py --simulate --profile benchmarks/profiles/mlp-small-x4.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
 import json
 import os
@@ -49,6 +58,7 @@ from stfuse.runtime import QueueFullError, Runtime, measure_profile
 from stfuse.runtime.simulate import SimRequest, simulate
 from stfuse.runtime.stats import percentile
 from stfuse.runtime.policies import POLICIES, make_scheduler
+from stfuse.runtime.profile import LatencyProfile
 
 MODELS = {  # name: (model factory, input shape without the batch dimension)
     "mlp-small": (lambda: zoo.mlp(64, 256, 10, depth=3), (64,)),
@@ -125,6 +135,13 @@ def others_load(before, after, wall: float) -> float | None:
     return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / wall
 
 
+def _served(latencies: list, lock, sent: float, fut) -> None:
+    """A future's done callback: keep its latency if it was served (not shed, failed or cancelled)."""
+    if not fut.cancelled() and fut.exception() is None:
+        with lock:
+            latencies.append(time.perf_counter() - sent)
+
+
 def run_point(fused, examples, shape, profile, policy: str, rate: float, args) -> dict:
     tenants = list(examples)
     arrivals = schedule(tenants, rate / len(tenants), args.duration, args.seed)
@@ -147,8 +164,7 @@ def run_point(fused, examples, shape, profile, policy: str, rate: float, args) -
         except QueueFullError:
             rejected += 1
             continue
-        fut.add_done_callback(lambda f, sent=sent: (lock.acquire(), latencies.append(time.perf_counter() - sent),
-                                                    lock.release()))
+        fut.add_done_callback(functools.partial(_served, latencies, lock, sent))
         futures.append(fut)
     submit_span = time.perf_counter() - start
     wait(futures, timeout=args.duration)  # what is still queued after as long again counts as missed
@@ -157,7 +173,7 @@ def run_point(fused, examples, shape, profile, policy: str, rate: float, args) -
     stats = rt.stats()
     offered = len(arrivals)
     per = stats["tenants"].values()
-    late = sum(s["slo_misses"] + s["failed"] + s["cancelled"] for s in per)
+    late = sum(s["slo_misses"] + s["failed"] + s["cancelled"] + s["shed"] for s in per)
     launches = sum(s["launches"] for s in per)
     lat = sorted(latencies)
     return {
@@ -186,7 +202,7 @@ def simulate_point(profile, tenants, policy: str, rate: float, args) -> dict:
     per = res.stats["tenants"].values()
     lat = sorted(r.finish - r.arrival for r in res.requests if r.finish is not None)
     launches = sum(s["launches"] for s in per)
-    missed = sum(s["slo_misses"] + s["rejected"] for s in per)
+    missed = sum(s["slo_misses"] + s["rejected"] + s["shed"] for s in per)
     return {
         "policy": policy, "load": rate / args.capacity, "offered_rps": rate, "submitted_rps": rate,
         "throughput_rps": res.stats["throughput_rps"],
@@ -196,6 +212,26 @@ def simulate_point(profile, tenants, policy: str, rate: float, args) -> dict:
         "mean_batch": sum(s["mean_batch"] * s["launches"] for s in per) / launches if launches else 0.0,
         "others_load": None,
     }
+
+
+def batch_capacity(profile, tenants, max_batch: int) -> float:
+    """Requests/s (one row each) of per-tenant batching kept saturated on the simulated device:
+    a full batch of every tenant in turn. The load unit of --simulate."""
+    return len(tenants) * max_batch / sum(profile.solo(t, max_batch) for t in tenants)
+
+
+def device_profile(args, model: str, n: int):
+    """(profile, tenants): from --profile, else measured on the compiled tenants (and kept with --save-profile)."""
+    if args.profile:
+        profile = LatencyProfile.from_json(json.loads(Path(args.profile).read_text()))
+        return profile, sorted(profile.fixed)
+    fused, _, examples, _ = build(model, n, args.seed)
+    warm(fused, examples)
+    profile = measure_profile(fused, examples, args.max_batch, reps=5)
+    if args.save_profile:
+        Path(args.save_profile).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save_profile).write_text(json.dumps(profile.to_json(), indent=1))
+    return profile, list(examples)
 
 
 def table(rows: list[dict], markdown: bool) -> str:
@@ -272,25 +308,29 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     ap.add_argument("--simulate", action="store_true",
                     help="run the policies on a fake clock against the measured profile instead (seconds)")
+    ap.add_argument("--profile", default=None,
+                    help="--simulate: the device's latency profile from this JSON file instead of measuring it")
+    ap.add_argument("--save-profile", default=None, help="write the measured latency profile as JSON")
     args = ap.parse_args(argv)
     args.duration = args.duration or (0.25 if args.simulate else 2.0 if args.quick else 3.0)
     args.repeat = args.repeat or (1 if args.quick else 3)
     loads = [float(x) for x in args.loads.split(",")] if args.loads else (
-        [1, 4, 16, 32, 48] if args.simulate else [0.5, 1.0, 1.5, 2.0] if args.quick
+        [0.25, 0.5, 1.0, 1.5, 2.0] if args.simulate else [0.5, 1.0, 1.5, 2.0] if args.quick
         else [0.25, 0.5, 1.0, 1.5, 2.0, 2.5])
 
     torch.set_num_threads(args.threads)
     sys.setswitchinterval(args.switch_interval_ms / 1e3)
+    if args.simulate:
+        profile, tenants = device_profile(args, args.model, args.tenants)
+        args.capacity = batch_capacity(profile, tenants, args.max_batch)
+        return report([simulate_point(profile, tenants, p, load * args.capacity, args)
+                       for load in loads for p in POLICIES],
+                      args, f"simulated: {len(tenants)} tenants, slo {args.slo_ms:g} ms, slice {args.slice_ms:g} ms, "
+                            f"max_batch {args.max_batch}, device profile {args.profile or 'measured'}; "
+                            f"load unit (batch, saturated) {args.capacity:.0f} requests/s")
     fused, _, examples, shape = build(args.model, args.tenants, args.seed)
     warm(fused, examples)
     profile = measure_profile(fused, examples, args.max_batch, reps=5)
-    if args.simulate:
-        # the unit: one tenant's single-row launch, back to back ("time", saturated, on the simulated device)
-        args.capacity = len(examples) / sum(profile.solo(t, 1) for t in examples)
-        return report([simulate_point(profile, list(examples), p, load * args.capacity, args)
-                       for load in loads for p in POLICIES],
-                      args, f"simulated: {args.tenants} x {args.model}, slo {args.slo_ms:g} ms, slice "
-                            f"{args.slice_ms:g} ms, max_batch {args.max_batch}, measured profile as the device")
     args.capacity = capacity(fused, examples, profile, args)
     title = (f"{args.tenants} x {args.model}, slo {args.slo_ms:g} ms, slice {args.slice_ms:g} ms, "
              f"max_batch {args.max_batch}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
