@@ -142,13 +142,15 @@ def _served(latencies: list, lock, sent: float, fut) -> None:
             latencies.append(time.perf_counter() - sent)
 
 
-def run_point(fused, examples, shape, profile, policy: str, rate: float, args) -> dict:
+def serve(fused, examples, shape, profile, policy: str, arrivals, args) -> dict:
+    """Submit `arrivals` ([(seconds, tenant)]) at their times to a fresh Runtime (open loop), then
+    wait as long again; what is still queued is cancelled. Per tenant: latencies of what was served
+    (s) and requests refused at submit; the runtime's stats; the submit span; others' CPU."""
     tenants = list(examples)
-    arrivals = schedule(tenants, rate / len(tenants), args.duration, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     pool = {t: [(torch.randn(1, *shape, generator=gen),) for _ in range(64)] for t in tenants}
-    latencies, lock = [], threading.Lock()
-    rejected = 0
+    latencies, lock = {t: [] for t in tenants}, threading.Lock()
+    rejected = {t: 0 for t in tenants}
     rt = Runtime(fused, policy, slice_ms=args.slice_ms, slo_ms=args.slo_ms, max_batch=args.max_batch,
                  max_queue=args.max_queue, example_inputs=examples, profile=copy.deepcopy(profile))
     futures = []
@@ -162,43 +164,55 @@ def run_point(fused, examples, shape, profile, policy: str, rate: float, args) -
         try:
             fut = rt.submit(t, pool[t][i % 64])
         except QueueFullError:
-            rejected += 1
+            rejected[t] += 1
             continue
-        fut.add_done_callback(functools.partial(_served, latencies, lock, sent))
+        fut.add_done_callback(functools.partial(_served, latencies[t], lock, sent))
         futures.append(fut)
     submit_span = time.perf_counter() - start
     wait(futures, timeout=args.duration)  # what is still queued after as long again counts as missed
     rt.close(cancel_pending=True)
     others = others_load(cpu_before, _cpu_sample(), time.perf_counter() - start)
-    stats = rt.stats()
-    offered = len(arrivals)
+    return {"latencies": latencies, "rejected": rejected, "stats": rt.stats(), "submit_span": submit_span,
+            "others_load": others}
+
+
+def run_point(fused, examples, shape, profile, policy: str, rate: float, args) -> dict:
+    arrivals = schedule(list(examples), rate / len(examples), args.duration, args.seed)
+    run = serve(fused, examples, shape, profile, policy, arrivals, args)
+    stats = run["stats"]
+    offered, rejected = len(arrivals), sum(run["rejected"].values())
     per = stats["tenants"].values()
     late = sum(s["slo_misses"] + s["failed"] + s["cancelled"] + s["shed"] for s in per)
     launches = sum(s["launches"] for s in per)
-    lat = sorted(latencies)
+    lat = sorted(x for xs in run["latencies"].values() for x in xs)
     return {
         "policy": policy, "load": rate / args.capacity, "offered_rps": rate,
-        "submitted_rps": offered / submit_span, "throughput_rps": stats["throughput_rps"],
+        "submitted_rps": offered / run["submit_span"], "throughput_rps": stats["throughput_rps"],
         "p50_ms": percentile(lat, 50) * 1e3 if lat else None, "p99_ms": percentile(lat, 99) * 1e3 if lat else None,
         "slo_miss_rate": (late + rejected) / offered if offered else 0.0, "rejected": rejected,
         "tenants_per_launch": stats["mean_tenants_per_launch"],
         "mean_batch": sum(s["mean_batch"] * s["launches"] for s in per) / launches if launches else 0.0,
-        "others_load": others,
+        "others_load": run["others_load"],
     }
 
 
-def simulate_point(profile, tenants, policy: str, rate: float, args) -> dict:
-    """The same point on a fake clock: the policy's decisions against the measured profile as the device.
+def replay(profile, tenants, policy: str, arrivals, args):
+    """`arrivals` on a fake clock: the policy's decisions against `profile` as the device (a SimResult).
 
     No Python overhead, no GIL, no other processes: what the scheduling alone
     does with these costs. The concurrent (space) launches of the simulated
     device do not overlap (LatencyProfile.concurrent_ratio 1.0), as on CPU.
     """
     slo = args.slo_ms / 1e3
-    reqs = [SimRequest(t, at, at + slo) for at, t in schedule(tenants, rate / len(tenants), args.duration, args.seed)]
     sched = make_scheduler(policy, tenants, slice_s=args.slice_ms / 1e3, max_batch=args.max_batch,
                            profile=copy.deepcopy(profile), slo_s={t: slo for t in tenants})
-    res = simulate(sched, reqs, profile, slo_s={t: slo for t in tenants}, max_queue=args.max_queue)
+    return simulate(sched, [SimRequest(t, at, at + slo) for at, t in arrivals], profile,
+                    slo_s={t: slo for t in tenants}, max_queue=args.max_queue)
+
+
+def simulate_point(profile, tenants, policy: str, rate: float, args) -> dict:
+    """The same point on a fake clock (`replay`)."""
+    res = replay(profile, tenants, policy, schedule(tenants, rate / len(tenants), args.duration, args.seed), args)
     per = res.stats["tenants"].values()
     lat = sorted(r.finish - r.arrival for r in res.requests if r.finish is not None)
     launches = sum(s["launches"] for s in per)
@@ -207,7 +221,8 @@ def simulate_point(profile, tenants, policy: str, rate: float, args) -> dict:
         "policy": policy, "load": rate / args.capacity, "offered_rps": rate, "submitted_rps": rate,
         "throughput_rps": res.stats["throughput_rps"],
         "p50_ms": percentile(lat, 50) * 1e3 if lat else None, "p99_ms": percentile(lat, 99) * 1e3 if lat else None,
-        "slo_miss_rate": missed / len(reqs) if reqs else 0.0, "rejected": sum(s["rejected"] for s in per),
+        "slo_miss_rate": missed / len(res.requests) if res.requests else 0.0,
+        "rejected": sum(s["rejected"] for s in per),
         "tenants_per_launch": res.stats["mean_tenants_per_launch"],
         "mean_batch": sum(s["mean_batch"] * s["launches"] for s in per) / launches if launches else 0.0,
         "others_load": None,
@@ -243,6 +258,11 @@ def table(rows: list[dict], markdown: bool) -> str:
              f"{r['slo_miss_rate']:.1%}", f"{r['tenants_per_launch']:.2f}", f"{r['mean_batch']:.2f}",
              f"{r['others_load']:.2f}" if r.get("others_load") is not None else "-"]
             for r in rows]
+    return render(head, body, markdown)
+
+
+def render(head: list[str], body: list[list[str]], markdown: bool) -> str:
+    """A table as markdown or as right-aligned columns."""
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
@@ -256,23 +276,21 @@ def best_within_target(rows: list[dict], target: float) -> dict[str, float]:
                    default=0.0) for p in POLICIES}
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
+def pyplot(path: str):
+    """matplotlib.pyplot on the Agg backend, or None (said) where matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
         print(f"--plot: matplotlib is not installed (pip install 'stfuse[plot]'); {path} not written")
-        return
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (lat_ax, thr_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for p in POLICIES:
-        mine = [r for r in rows if r["policy"] == p]
-        lat_ax.plot([r["offered_rps"] for r in mine], [r["p99_ms"] for r in mine], marker="o", label=p)
-        thr_ax.plot([r["offered_rps"] for r in mine], [r["throughput_rps"] for r in mine], marker="o", label=p)
-    lat_ax.set(xlabel="offered load (requests/s)", ylabel="p99 latency (ms)", yscale="log", title="p99 latency")
-    thr_ax.set(xlabel="offered load (requests/s)", ylabel="throughput (requests/s)", title="throughput")
-    for ax in (lat_ax, thr_ax):
+    return plt
+
+
+def save_figure(fig, axes, path: str, title: str) -> None:
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -280,6 +298,31 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def emit(rows: list[dict], args, title: str, table_fn, plot_fn) -> None:
+    """What --markdown, --json and --plot ask for."""
+    if args.markdown:
+        print()
+        print(table_fn(rows, True))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"title": title, "capacity": args.capacity, "rows": rows}, indent=1))
+    if args.plot:
+        plot_fn(rows, args.plot, title)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    if (plt := pyplot(path)) is None:
+        return
+    fig, (lat_ax, thr_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for p in POLICIES:
+        mine = [r for r in rows if r["policy"] == p]
+        lat_ax.plot([r["offered_rps"] for r in mine], [r["p99_ms"] for r in mine], marker="o", label=p)
+        thr_ax.plot([r["offered_rps"] for r in mine], [r["throughput_rps"] for r in mine], marker="o", label=p)
+    lat_ax.set(xlabel="offered load (requests/s)", ylabel="p99 latency (ms)", yscale="log", title="p99 latency")
+    thr_ax.set(xlabel="offered load (requests/s)", ylabel="throughput (requests/s)", title="throughput")
+    save_figure(fig, (lat_ax, thr_ax), path, title)
 
 
 def main(argv=None) -> int:
@@ -358,14 +401,7 @@ def report(rows: list[dict], args, title: str) -> int:
     best = best_within_target(rows, args.miss_target)
     print(f"\nbest throughput with SLO-miss rate <= {args.miss_target:.0%}: "
           + ", ".join(f"{p} {v:.0f}/s" for p, v in best.items()))
-    if args.markdown:
-        print()
-        print(table(rows, True))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"title": title, "capacity": args.capacity, "rows": rows}, indent=1))
-    if args.plot:
-        plot(rows, args.plot, title)
+    emit(rows, args, title, table, plot)
     return 0
 
 
