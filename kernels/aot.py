@@ -40,12 +40,12 @@ ARCHS = {
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # An epilogue that exercises a tensor operand load and a transcendental, and none at all.
 EPILOGUES = ("", "add:tensor,gelu")
-NORM_WIDTHS = (1024, 4096)  # layer-norm row widths whose BLOCK_D the launcher picks
+NORM_WIDTHS = (1024, 4096)  # layer/group-norm row widths whose BLOCK_D the launcher picks
 
 
 @dataclass(frozen=True)
 class Variant:
-    kernel: str  # template kind: gemm, conv, layer_norm, pointwise
+    kernel: str  # template kind: gemm, conv, layer_norm, group_norm, pointwise
     config: str  # the launcher's config, e.g. "BLOCK_M=128,BLOCK_N=64,BLOCK_K=32,w4,s4"
     dtype: str  # fp32, tf32, fp16 or bf16
     epilogue: str
@@ -61,7 +61,7 @@ def _interpreting() -> bool:
 def variants(quick: bool = False) -> list[Variant]:
     """Every (kernel, config, dtype, epilogue) the launchers can run. ``quick``: the first
     config of each kernel and dtype, with the epilogue chain only (a CI-sized subset)."""
-    from . import triton_conv, triton_gemm, triton_norm
+    from . import triton_conv, triton_gemm, triton_group_norm, triton_norm
     from .triton_common import TL_DTYPE, dot_precision
 
     if _interpreting():
@@ -86,19 +86,17 @@ def variants(quick: bool = False) -> list[Variant]:
             continue  # no dot products: tf32 is fp32 there
         for width in NORM_WIDTHS[:1] if quick else NORM_WIDTHS:
             add("layer_norm", triton_norm.LAYER_NORM, triton_norm.norm_configs(width), name)
+            add("group_norm", triton_group_norm.GROUP_NORM, triton_norm.norm_configs(width), name)
         add("pointwise", triton_norm.POINTWISE, triton_norm.pointwise_configs(), name)
     return out
 
 
-_TEMPLATES = {"gemm": ("triton_gemm", "GEMM"), "conv": ("triton_conv", "CONV"),
-              "layer_norm": ("triton_norm", "LAYER_NORM"), "pointwise": ("triton_norm", "POINTWISE")}
-
-
 def _template(kind: str):
-    import importlib
+    """The template of kernel kind ``kind`` (gemm, conv, ...), from codegen's table of op classes."""
+    from . import codegen
 
-    module, attr = _TEMPLATES[kind]
-    return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+    templates = (codegen.template_for(f"grouped_{op_class}") for op_class in codegen.TEMPLATE_OF)
+    return next(t for t in templates if t.kind == kind)
 
 
 _PTXAS = {  # what ptxas -v reports, as Triton's TRITON_DUMP_PTXAS_LOG prints it

@@ -1,7 +1,8 @@
 """Triton source for the fused operators: a kernel template plus an epilogue chain.
 
-Each kernel kind (grouped GEMM, implicit-GEMM conv, layer norm, pointwise) has
-one ``KernelTemplate``, kept beside its launcher in ``kernels/triton_*.py``.
+Each kernel kind (grouped GEMM, implicit-GEMM conv, layer norm, group norm,
+pointwise) has one ``KernelTemplate``, kept beside its launcher in
+``kernels/triton_*.py``.
 A template is the kernel's source with two kinds of holes:
 
 - ``$name``: the number of a problem-table column (``string.Template``
@@ -72,6 +73,7 @@ TEMPLATE_OF = {
     "linear": ("triton_gemm", "GEMM"),
     "conv2d": ("triton_conv", "CONV"),
     "layer_norm": ("triton_norm", "LAYER_NORM"),
+    "group_norm": ("triton_group_norm", "GROUP_NORM"),
     "pointwise": ("triton_norm", "POINTWISE"),
 }
 

@@ -86,6 +86,12 @@ OPS: dict[str, OpDef] = {
     "stacked_layer_norm": OpDef(
         f"(Tensor x, Tensor? w, Tensor? b, float eps, {_EPI}) -> Tensor",
         reference.stacked_layer_norm, _fake_stacked_same),
+    "grouped_group_norm": OpDef(
+        f"(Tensor[] x, Tensor?[] w, Tensor?[] b, int[] num_groups, float[] eps, {_EPI}) -> Tensor[]",
+        reference.grouped_group_norm, _fake_grouped_same),
+    "stacked_group_norm": OpDef(
+        f"(Tensor x, Tensor? w, Tensor? b, int num_groups, float eps, {_EPI}) -> Tensor",
+        reference.stacked_group_norm, _fake_stacked_same),
     "grouped_pointwise": OpDef(
         f"(Tensor[] x, {_EPI}) -> Tensor[]",
         reference.grouped_pointwise, _fake_grouped_same),

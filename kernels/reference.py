@@ -7,8 +7,9 @@ Two forms of each operator:
   inside a single operator call.
 - ``stacked_*``: members of identical shape, stacked along a new leading dim
   R; one batched torch call (``baddbmm``, a grouped ``conv2d``, one
-  ``layer_norm``) does the work of R calls. Outputs stay stacked so that a chain
-  of fused groups passes one tensor along without unstacking.
+  ``layer_norm`` or ``group_norm``) does the work of R calls. Outputs stay
+  stacked so that a chain of fused groups passes one tensor along without
+  unstacking.
 
 Epilogue operands follow kernels/epilogue.py: grouped ops take ``ext`` flat
 member-major, stacked ops take one stacked [R, ...] tensor per tensor step,
@@ -137,6 +138,28 @@ def stacked_layer_norm(x, w, b, eps, epilogue, ext, scalars):
         y = y * w.view(bshape)
     if b is not None:
         y = y + b.view(bshape)
+    return _stacked_epilogue(y, epilogue, ext, scalars)
+
+
+# --- group_norm ---------------------------------------------------------------
+
+
+def grouped_group_norm(x, w, b, num_groups, eps, epilogue, ext, scalars):
+    """Group norm of each member x_i [N_i, C_i, *] over num_groups[i] channel groups
+    (shapes, group counts and eps may differ)."""
+    ys = [F.group_norm(xi, g, wi, bi, e) for xi, wi, bi, g, e in zip(x, w, b, num_groups, eps)]
+    return _grouped_epilogue(ys, epilogue, ext, scalars)
+
+
+def stacked_group_norm(x, w, b, num_groups, eps, epilogue, ext, scalars):
+    """x [R, N, C, *], w/b [R, C] or None, one num_groups and eps for all members: ONE
+    group_norm of the [N, R*C, *] batch with R*num_groups groups (members side by side
+    in the channel dim, as stacked_conv2d lays them out)."""
+    R, N, C = x.shape[:3]
+    xb = x.transpose(0, 1).reshape(N, R * C, *x.shape[3:])
+    y = F.group_norm(xb, R * num_groups, None if w is None else w.reshape(R * C),
+                     None if b is None else b.reshape(R * C), eps)
+    y = y.view(N, R, C, *x.shape[3:]).transpose(0, 1)
     return _stacked_epilogue(y, epilogue, ext, scalars)
 
 

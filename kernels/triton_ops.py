@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import reference, triton_conv, triton_gemm, triton_norm
+from . import reference, triton_conv, triton_gemm, triton_group_norm, triton_norm
 from .triton_common import supported
 
 
@@ -34,6 +34,8 @@ _TABLE: dict[str, tuple[Callable, Callable]] = {
     "stacked_conv2d": (triton_conv.stacked_conv2d, _stacked_inputs),
     "grouped_layer_norm": (triton_norm.grouped_layer_norm, _grouped_inputs),
     "stacked_layer_norm": (triton_norm.stacked_layer_norm, _stacked_inputs),
+    "grouped_group_norm": (triton_group_norm.grouped_group_norm, _grouped_inputs),
+    "stacked_group_norm": (triton_group_norm.stacked_group_norm, _stacked_inputs),
     "grouped_pointwise": (triton_norm.grouped_pointwise, _pointwise_inputs),
     "stacked_pointwise": (triton_norm.stacked_pointwise, lambda x, *rest: [x]),
 }

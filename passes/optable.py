@@ -24,6 +24,7 @@ OP_CLASS = {
     aten.linear.default: "linear",
     aten.conv2d.default: "conv2d",
     aten.layer_norm.default: "layer_norm",
+    aten.group_norm.default: "group_norm",
 }
 
 # Ops that launch no kernel: metadata, views and shape arithmetic.
@@ -108,10 +109,9 @@ def classify(g, k) -> str:
     if target in VIEW_OPS:
         return "view"
     cls = OP_CLASS.get(target)
-    if cls == "layer_norm" and len(a["args"][1]) != 1:
-        return "other"  # normalisation over more than the last dim stays unfused
     if cls is not None:
-        return cls if a["shape"] is not None and _is_float(a["dtype"]) else "other"
+        fits = a["shape"] is not None and _is_float(a["dtype"]) and OP_CLASSES[cls].accepts(a["args"], a["kwargs"])
+        return cls if fits else "other"
     return "pointwise" if pointwise_step(g, k) is not None else "other"
 
 
@@ -160,6 +160,9 @@ class OpClass:
     # the non-tensor arguments of the grouped and the stacked op, from ``extras``
     grouped_extras: Callable = lambda extras: ()
     stacked_extras: Callable = lambda extras: ()
+    # (args, kwargs) -> whether the kernels take this call; any other stays the tenant's own op.
+    # Lowering reads members' args only, so a keyword argument is refused rather than dropped.
+    accepts: Callable = lambda args, kwargs: not kwargs
 
     def uniform(self, extras: dict) -> bool:
         """Whether the members' other arguments allow one stacked call."""
@@ -188,7 +191,15 @@ OP_CLASSES: dict[str, OpClass] = {c.name: c for c in (
             stacked_extras=lambda e: (e["conv"][0][:2], e["conv"][1][:2], e["conv"][2][:2], e["conv"][3][0])),
     OpClass("layer_norm", match_weight=2, params=(2, 3), flops=lambda g, a, out: 8 * out,
             extras=lambda rows: {"eps": [float(arg_or(r, 4, 1e-5)) for r in rows]},
-            grouped_extras=lambda e: (e["eps"],), stacked_extras=lambda e: (e["eps"][0],)),
+            grouped_extras=lambda e: (e["eps"],), stacked_extras=lambda e: (e["eps"][0],),
+            # normalisation over more than the last dim stays unfused
+            accepts=lambda args, kwargs: not kwargs and len(args[1]) == 1),
+    # group_norm(x [N, C, *], num_groups, weight [C] | None, bias [C] | None, eps, cudnn_enabled)
+    OpClass("group_norm", match_weight=2, params=(2, 3), flops=lambda g, a, out: 8 * out,
+            extras=lambda rows: {"num_groups": [int(r[1]) for r in rows],
+                                 "eps": [float(arg_or(r, 4, 1e-5)) for r in rows]},
+            grouped_extras=lambda e: (e["num_groups"], e["eps"]),
+            stacked_extras=lambda e: (e["num_groups"][0], e["eps"][0])),
     OpClass("pointwise", match_weight=1, params=None, flops=lambda g, a, out: out),
 )}
 FUSABLE = tuple(OP_CLASSES)

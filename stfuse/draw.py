@@ -19,7 +19,8 @@ import networkx as nx
 
 from .errors import StfuseError
 
-COLORS = {"linear": "#4c72b0", "conv2d": "#55a868", "layer_norm": "#dd8452", "pointwise": "#8172b3",
+COLORS = {"linear": "#4c72b0", "conv2d": "#55a868", "layer_norm": "#dd8452", "group_norm": "#c44e52",
+          "pointwise": "#8172b3",
           "input": "#ffffff", "output": "#ffffff"}
 OTHER = "#b0b0b0"
 COL_W, BOX_W, BOX_H = 3.0, 2.3, 0.62

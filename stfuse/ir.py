@@ -22,7 +22,8 @@ pos        position in the tenant's original order (new nodes take the
            position of the node they replace); ties sort by name
 value      the tensor of a "param" node, else None
 index      flat input index of an "input" node, else None
-op_class   "linear", "conv2d", "layer_norm", "pointwise", "view" (no
+op_class   a fusable class (a row of passes/optable.OP_CLASSES: "linear",
+           "conv2d", "layer_norm", "group_norm", "pointwise"), "view" (no
            kernel launch) or "other" for calls; the kind otherwise. Set by
            annotate, None before.
 shape      output shape at the tenant's example batch, or None if unknown
@@ -52,7 +53,7 @@ import torch.utils._pytree as pytree
 from .errors import StfuseError
 
 KINDS = ("input", "param", "call", "output")
-OP_CLASSES = ("linear", "conv2d", "layer_norm", "pointwise", "view", "other")
+UNFUSED_CLASSES = ("view", "other")  # besides the fusable ones, which optable lists
 SCHEMA = ("tenant", "name", "kind", "target", "args", "kwargs", "pos", "value", "index",
           "op_class", "shape", "sig", "dtype", "flops", "bytes", "group")
 
@@ -271,6 +272,9 @@ def verify(g: nx.DiGraph) -> None:
     tenants = g.graph.get("tenants")
     if not isinstance(tenants, dict):
         raise StfuseError("ir.verify: graph has no 'tenants' attribute")
+    from stfuse.passes.optable import FUSABLE  # the op table, not a copy of its names
+
+    op_classes = FUSABLE + UNFUSED_CLASSES + KINDS
     for k, a in g.nodes(data=True):
         missing = [f for f in SCHEMA if f not in a]
         if missing:
@@ -283,7 +287,7 @@ def verify(g: nx.DiGraph) -> None:
             raise StfuseError(f"ir.verify: node {k} of kind {a['kind']} has target {a['target']}")
         if (a["kind"] == "param") != isinstance(a["value"], torch.Tensor):
             raise StfuseError(f"ir.verify: node {k}: only param nodes carry a tensor value")
-        if a["op_class"] is not None and a["op_class"] not in OP_CLASSES + KINDS:
+        if a["op_class"] is not None and a["op_class"] not in op_classes:
             raise StfuseError(f"ir.verify: node {k} has op_class {a['op_class']!r}")
         for src in refs((a["args"], a["kwargs"])):
             if not g.has_edge(src, k):

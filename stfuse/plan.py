@@ -117,7 +117,7 @@ def _short_label(a: dict) -> str:
     """What a node computes, in a word: the op class for fusable ops, else the op's name."""
     if a["kind"] != "call":
         return a["kind"]
-    if a["op_class"] in ("linear", "conv2d", "layer_norm"):
+    if a["op_class"] not in ("pointwise", "view", "other"):  # a fusable class names itself
         return a["op_class"]
     target = a["target"]
     if isinstance(target, torch.nn.Module):

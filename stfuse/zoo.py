@@ -48,6 +48,29 @@ def resnet(channels: int = 16, blocks: int = 2, classes: int = 10) -> nn.Module:
     )
 
 
+class GroupNormBlock(nn.Module):
+    """A diffusion-UNet-style residual block: GroupNorm-SiLU-conv twice, plus the input."""
+
+    def __init__(self, c: int, groups: int, affine: bool = True):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(groups, c, affine=affine), nn.Conv2d(c, c, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, c, affine=affine), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv1(nn.functional.silu(self.norm1(x)))
+        return x + self.conv2(nn.functional.silu(self.norm2(y)))
+
+
+def gn_cnn(channels: int = 16, groups: int = 4, blocks: int = 1, affine: bool = True,
+           classes: int = 10) -> nn.Module:
+    """A residual CNN normalised with GroupNorm (``groups`` channel groups) instead of BatchNorm."""
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1), nn.GroupNorm(groups, channels, affine=affine), nn.ReLU(),
+        *[GroupNormBlock(channels, groups, affine) for _ in range(blocks)],
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes),
+    )
+
+
 class Encoder(nn.Module):
     """A pre-norm transformer encoder layer stack written out (attention via SDPA)."""
 

@@ -103,3 +103,39 @@ def test_transformers_pairs(fam_a, fam_b):
     b1 = tuple(torch.cat([a, a[:1]]) for a in a1)
     b2 = tuple(torch.cat([a, a, a[:1]]) for a in a2)
     check_tenants(fused, [m1, m2], [b1, b2])
+
+
+def _group_norm_groups(fused):
+    return [grp for grp in fused.plan.groups.values() if grp.op_class == "group_norm"]
+
+
+def test_group_norm_tenants_stack():
+    """Three same-shape GroupNorm CNNs: every group_norm joins a 3-member group, run stacked."""
+    torch.manual_seed(3)
+    models = [zoo.gn_cnn(8, groups=4, blocks=1) for _ in range(3)]
+    args = [(torch.randn(2, 3, 9, 9),) for _ in models]
+    fused = stfuse.compile(models, args)
+    assert fused.plan.stats["coverage"] == 1.0, fused.plan.summary()
+    groups = _group_norm_groups(fused)
+    assert len(groups) == 3 and all(len(grp.members) == 3 for grp in groups)
+    code = fused.canonical_program.code
+    assert code.count("stfuse.stacked_group_norm") == 3 and "aten.group_norm" not in code
+    check_tenants(fused, models, args)
+    check_tenants(fused, models, [(torch.randn(3, 3, 9, 9),) for _ in models])  # another batch
+
+
+def test_group_norm_tenants_of_different_shapes_group(monkeypatch):
+    """Different widths, images, group counts and eps, affine and not: one grouped launch per
+    layer with the GPU cost model (CPU numerics), at the example batch and at mixed batches."""
+    monkeypatch.setenv("STFUSE_DEVICE_MODEL", "cuda")
+    torch.manual_seed(4)
+    models = [zoo.gn_cnn(8, groups=4), zoo.gn_cnn(12, groups=3, affine=False), zoo.gn_cnn(8, groups=8)]
+    models[2][1].eps = 1e-3
+    sizes = (9, 7, 6)
+    fused = stfuse.compile(models, [(torch.randn(2, 3, s, s),) for s in sizes])
+    groups = _group_norm_groups(fused)
+    assert len(groups) == 3 and all(len(grp.members) == 3 for grp in groups), fused.plan.summary()
+    code = fused.canonical_program.code
+    assert code.count("stfuse.grouped_group_norm") == 3 and "aten.group_norm" not in code
+    check_tenants(fused, models, [(torch.randn(b, 3, s, s),) for b, s in zip((2, 2, 2), sizes)])
+    check_tenants(fused, models, [(torch.randn(b, 3, s, s),) for b, s in zip((1, 3, 2), sizes)])

@@ -200,6 +200,49 @@ def sample_stacked_layer_norm(dtype):
         yield Sample(label, (x, w, b, 1e-5, epilogue, ext, [float(r + 1) for r in range(R * ns)]))
 
 
+# group-norm members: (x shape [N, C, *], num_groups): odd group widths (17 channels of one
+# group, 3 x 11 spatial), 2-d and 3-d inputs, an empty batch, one group per channel
+GROUP_NORM_MEMBERS = [((2, 6, 3, 11), 3), ((3, 17), 1), ((1, 4, 33), 2), ((0, 4, 2, 2), 2), ((2, 5, 3), 5)]
+
+
+def sample_grouped_group_norm(dtype):
+    g = torch.Generator().manual_seed(8)
+
+    def make(label, members, epilogue):
+        x = [_randn(g, dtype, *xs, scale=3) + 1 for xs, _ in members]  # mean far from 0, as layer norm's
+        w = [_randn(g, dtype, xs[1]) if i % 3 != 1 else None for i, (xs, _) in enumerate(members)]
+        b = [_randn(g, dtype, xs[1]) if i % 2 == 0 else None for i, (xs, _) in enumerate(members)]
+        groups = [n for _, n in members]
+        eps = [1e-5, 1e-3, 1e-5, 1e-6, 0.1][:len(members)]
+        # per-channel operands [C, 1, ...] (a full residual is the stacked samples' case)
+        ext, scalars = _operands(g, dtype, epilogue, [(xs[1],) + (1,) * (len(xs) - 2) for xs, _ in members],
+                                 len(members))
+        return Sample(label, (x, w, b, groups, eps, epilogue, ext, scalars))
+
+    yield make("mixed", GROUP_NORM_MEMBERS, "")
+    yield make("mixed+epilogue", GROUP_NORM_MEMBERS, "mul:tensor,silu,sub:scalar")
+    yield make("single", GROUP_NORM_MEMBERS[:1], "relu")
+
+
+def sample_stacked_group_norm(dtype):
+    g = torch.Generator().manual_seed(9)
+    # (label, x shape [R, N, C, *], num_groups, affine, epilogue)
+    cases = [
+        ("R=3,affine", (3, 2, 6, 5, 7), 3, True, "add:tensor,gelu,mul:scalar"),
+        ("R=1,3-d", (1, 3, 4, 17), 2, False, "silu"),
+        ("R=2,2-d", (2, 5, 9), 3, True, ""),
+        ("R=2,N=0", (2, 0, 4, 3, 3), 4, True, "relu"),
+    ]
+    for label, xs, groups, affine, epilogue in cases:
+        R, C = xs[0], xs[2]
+        x = _randn(g, dtype, *xs, scale=2) - 1
+        w = _randn(g, dtype, R, C) if affine else None
+        b = _randn(g, dtype, R, C) if affine else None
+        nt, ns = ep.counts(ep.parse(epilogue))
+        ext = [_randn(g, dtype, *xs) for _ in range(nt)]  # a full residual per member
+        yield Sample(label, (x, w, b, groups, 1e-5, epilogue, ext, [float(r + 1) for r in range(R * ns)]))
+
+
 POINTWISE_SHAPES = [(17,), (2, 33), (0, 3), (1, 1, 3), ()]
 
 
@@ -241,6 +284,8 @@ OPINFOS = [
     OpInfo("stacked_conv2d", sample_stacked_conv2d, DOT),
     OpInfo("grouped_layer_norm", sample_grouped_layer_norm, NO_DOT),
     OpInfo("stacked_layer_norm", sample_stacked_layer_norm, NO_DOT),
+    OpInfo("grouped_group_norm", sample_grouped_group_norm, NO_DOT),
+    OpInfo("stacked_group_norm", sample_stacked_group_norm, NO_DOT),
     OpInfo("grouped_pointwise", sample_grouped_pointwise, NO_DOT),
     OpInfo("stacked_pointwise", sample_stacked_pointwise, NO_DOT),
 ]

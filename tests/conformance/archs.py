@@ -1,4 +1,5 @@
-"""The conformance tier's architectures: one table row per transformers model family.
+"""The conformance tier's architectures: one table row per transformers model family
+(and a few stfuse.zoo models for ops no small transformers config covers well).
 
 Each row builds a tiny model with random weights from a config (no model hub) and
 its inputs at any batch size and, where the model takes a sequence, any length.
@@ -43,6 +44,16 @@ def _model(cls_name: str, cfg_name: str, **cfg):
         module, _, name = cls_name.rpartition(".")
         cls = getattr(importlib.import_module(module) if module else T, name)
         return _lively(cls(config)).eval()
+    return make
+
+
+def _zoo(fn_name: str, **kwargs):
+    """make_model for ``stfuse.zoo.<fn_name>(**kwargs)``, initialised like the transformers rows."""
+    def make(seed: int) -> torch.nn.Module:
+        from stfuse import zoo
+
+        torch.manual_seed(seed)
+        return _lively(getattr(zoo, fn_name)(**kwargs)).eval()
     return make
 
 
@@ -179,16 +190,23 @@ ARCHS: dict[str, Arch] = {
     "levit": Arch("vision", _model("LevitModel", "LevitConfig", image_size=32, hidden_sizes=[16, 24, 32],
                                    num_attention_heads=[1, 2, 2], depths=[1, 1, 1], key_dim=[8, 8, 8],
                                    mlp_ratio=[2, 2, 2], attention_ratio=[2, 2, 2]), _images(32)),
+    # BiT: weight-standardised convs, GroupNorm (4 groups here) + ReLU
+    "bit": Arch("vision", _model("BitModel", "BitConfig", embedding_size=8, hidden_sizes=[8, 16],
+                                 depths=[1, 1], num_groups=4), _images(32)),
+    # not transformers: stfuse.zoo's GroupNorm residual CNN (diffusion-UNet-style blocks)
+    "gn_cnn": Arch("vision", _zoo("gn_cnn", channels=12, groups=3, blocks=2), _images(16)),
     # --- audio ---------------------------------------------------------------------
     "whisper_encoder": Arch("audio", _model("transformers.models.whisper.modeling_whisper.WhisperEncoder", "WhisperConfig", d_model=32,
                                             encoder_layers=2, encoder_attention_heads=4,
                                             encoder_ffn_dim=64, num_mel_bins=8,
                                             max_source_positions=16, vocab_size=VOCAB),
                             _features(8, 32)),
+    # feat_extract_norm="group" (the default): a GroupNorm over the first conv1d's [B, 8, T] output
     "wav2vec2": Arch("audio", _model("Wav2Vec2Model", "Wav2Vec2Config", hidden_size=32,
                                      num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                      conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
-                                     num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2),
+                                     num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                                     feat_extract_norm="group"),
                      _waveform, (400, 320)),
 }
 
