@@ -92,6 +92,7 @@ def annotate(g):
             val = v2.get(k)
             g.nodes[k].update(shape=shape, sig=(s2, s3) if known else None,
                               dtype=val.dtype if isinstance(val, torch.Tensor) else None)
+    g.graph["op_classes"] = optable.FUSABLE  # what ir.verify accepts as a node's op_class
     for k in g.nodes:
         cls = optable.classify(g, k)
         g.nodes[k]["op_class"] = cls

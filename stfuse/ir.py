@@ -35,7 +35,8 @@ bytes      bytes read + written at the example batch (int)
 group      fusion group id, or None
 =========  ===============================================================
 
-Graph attributes: ``tenants`` (name -> TenantGraph, in order), ``groups``
+Graph attributes: ``tenants`` (name -> TenantGraph, in order), ``op_classes``
+(the fusable classes, from passes/optable.py, set by annotate), ``groups``
 (id -> FusedOp), ``schedule`` (list of Stage, after schedule), ``program``
 (after lower).
 """
@@ -53,7 +54,7 @@ import torch.utils._pytree as pytree
 from .errors import StfuseError
 
 KINDS = ("input", "param", "call", "output")
-UNFUSED_CLASSES = ("view", "other")  # besides the fusable ones, which optable lists
+UNFUSED_CLASSES = ("view", "other")  # besides the fusable ones (graph attribute op_classes)
 SCHEMA = ("tenant", "name", "kind", "target", "args", "kwargs", "pos", "value", "index",
           "op_class", "shape", "sig", "dtype", "flops", "bytes", "group")
 
@@ -272,9 +273,8 @@ def verify(g: nx.DiGraph) -> None:
     tenants = g.graph.get("tenants")
     if not isinstance(tenants, dict):
         raise StfuseError("ir.verify: graph has no 'tenants' attribute")
-    from stfuse.passes.optable import FUSABLE  # the op table, not a copy of its names
-
-    op_classes = FUSABLE + UNFUSED_CLASSES + KINDS
+    # the fusable classes annotate recorded from the op table (ir imports no pass)
+    op_classes = tuple(g.graph.get("op_classes", ())) + UNFUSED_CLASSES + KINDS
     for k, a in g.nodes(data=True):
         missing = [f for f in SCHEMA if f not in a]
         if missing:
