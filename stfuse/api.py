@@ -49,8 +49,10 @@ def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
     """Compile tenant models into one fused program.
 
     ``models``: a list (tenants named "0", "1", ...) or a dict {name: model}.
-    ``example_inputs``: per tenant a Tensor or a tuple of positional args, in
-    the same list/dict form. Models are traced in eval mode.
+    ``example_inputs``: per tenant a Tensor, a tuple of positional args, a dict of
+    keyword args or an ``(args, kwargs)`` pair (frontend.call_parts), in the same
+    list/dict form as ``models``. Calls take the same forms. Models are traced in
+    eval mode.
     """
     models, examples = _named(models, example_inputs)
     if not models:
@@ -58,9 +60,7 @@ def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
     _check_names(models)
     tenants = {}
     for name, model in models.items():
-        args = examples[name]
-        args = args if isinstance(args, tuple) else (args,)
-        tenants[name] = trace_tenant(name, model, args)
+        tenants[name] = trace_tenant(name, model, examples[name])
     return compile_tenants(tenants)
 
 

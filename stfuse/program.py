@@ -22,7 +22,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import InputError
-from .frontend import InputSpec, TenantGraph, describe_value, input_problem
+from .frontend import InputSpec, TenantGraph, call_problem, input_problem
 from .kernels.bind import bind
 from .plan import Plan
 
@@ -38,7 +38,7 @@ class TenantSpec:
 
     name: str
     inputs: tuple[InputSpec, ...]  # flat user inputs, in call order
-    in_spec: Any  # pytree spec of the positional args tuple
+    in_spec: Any  # pytree spec of the call, (args tuple, kwargs dict) (frontend.call_parts)
     out_spec: Any  # pytree spec of the model's output
     batch: int  # example batch size
     dynamic: bool  # batch size may change between calls
@@ -62,7 +62,9 @@ class TenantCalls:
     """The calling convention of a multi-tenant program, from TenantSpecs alone.
 
     ``fused(x1, x2)`` runs every tenant, ``run({name: args})`` any subset;
-    ``check_inputs`` validates one tenant's args. A subclass sets ``_specs``
+    ``check_inputs`` validates one tenant's args. One tenant's argument takes any
+    form of frontend.call_parts: a Tensor, a tuple of args, a dict of kwargs, or
+    an (args, kwargs) pair. A subclass sets ``_specs``
     (name -> TenantSpec, tenant order) through ``_init_calls`` and implements
     ``_program(active, stacked) -> (module, output counts per tenant)``, where
     ``module.forward(*flat inputs)`` returns the flat outputs.
@@ -82,7 +84,7 @@ class TenantCalls:
         """For a tenant that takes plain batched tensors (one, or a tuple): per input
         (dtype, device, shape after dim 0, rank), and the batch range; else None."""
         n = len(spec.inputs)
-        if spec.in_spec != pytree.tree_flatten((None,) * n)[1]:
+        if spec.in_spec != pytree.tree_flatten(((None,) * n, {}))[1]:
             return None
         if not all(s.batched for s in spec.inputs):
             return None
@@ -110,7 +112,8 @@ class TenantCalls:
         return self._execute(self._names, args)
 
     def run(self, inputs: dict) -> dict:
-        """Run any subset of tenants: {name: Tensor or tuple of args} -> {name: output}."""
+        """Run any subset of tenants: {name: call} -> {name: output}, where a call is a
+        Tensor, a tuple of args, a dict of kwargs or an (args, kwargs) pair."""
         if not isinstance(inputs, dict) or not inputs:
             raise InputError("run() takes a non-empty dict {tenant name: args}")
         for name in inputs:
@@ -179,21 +182,15 @@ class TenantCalls:
                         and x.shape[1:] == rest and x.device == device
                         for x, (dtype, device, rest, ndim) in zip(leaves, inputs)):
                     return list(leaves), batch
-        if isinstance(args, torch.Tensor) and len(ts.inputs) == 1:
-            leaves, spec = [args], ts.in_spec
-        else:
-            args = args if isinstance(args, tuple) else (args,)
-            leaves, spec = pytree.tree_flatten(args)
-        if spec != ts.in_spec:
-            raise InputError(f"tenant {name!r}: expected {ts.in_spec.num_leaves} input(s) "
-                             f"{[s.describe() for s in ts.inputs]}, got {len(leaves)}: "
-                             f"{[describe_value(x) for x in leaves]}")
+        leaves, problem = call_problem(name, ts.in_spec, ts.inputs, args)
+        if problem is not None:
+            raise InputError(problem)
         problem, batch = input_problem(name, ts.inputs, leaves)
         if problem is not None:
             raise InputError(problem)
         if batch is not None and not ts.in_range(batch) and not self._can_run_outside_range(name):
             arg = next(i for i, s in enumerate(ts.inputs) if s.batched)
-            raise InputError(f"tenant {name!r}, argument {arg} ({ts.inputs[arg].name}): batch size {batch} "
+            raise InputError(f"{ts.inputs[arg].where(name, arg)}: batch size {batch} "
                              f"is outside the range {ts.describe_range()} the program was traced for "
                              "(the model depends on its batch size there), and the model is not "
                              "available to trace again or to run eagerly")
@@ -253,14 +250,14 @@ class FusedProgram(TenantCalls):
         self.outside_range_calls[name] = self.outside_range_calls.get(name, 0) + 1
         batch = next(x.shape[0] for x, s in zip(leaves, self._specs[name].inputs) if s.batched)
         model = self._tenants[name].model
-        args = args if isinstance(args, tuple) else (args,)
+        call = pytree.tree_unflatten(leaves, self._specs[name].in_spec)  # (args, kwargs)
         with self._lowering:
             progs = self.respecialised.setdefault(name, [])
             prog = next((p for p in progs if p.specs[name].in_range(batch)), None)
             eager = self._eager_batches.setdefault(name, set())
             if prog is None and batch not in eager and len(progs) < self.MAX_RESPECIALISATIONS:
                 try:
-                    prog = self._compile_tenants({name: trace_tenant(name, model, args)})
+                    prog = self._compile_tenants({name: trace_tenant(name, model, call)})
                     if prog.specs[name].in_range(batch):
                         progs.append(prog)
                     else:  # export traced something that does not hold at this batch either
@@ -270,9 +267,9 @@ class FusedProgram(TenantCalls):
                 if prog is None:
                     eager.add(batch)  # not traced again: this batch size runs the model itself
         if prog is not None:
-            return prog.run({name: args})[name]
+            return prog.run({name: call})[name]
         with eval_mode(model), torch.no_grad():
-            return model(*args)
+            return model(*call[0], **call[1])
 
     def _program(self, active: tuple, stacked: bool):
         key = (active, stacked)

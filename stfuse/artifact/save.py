@@ -34,9 +34,11 @@ def _versions() -> dict:
 
 
 def _spec_record(spec, examples) -> dict:
-    leaves = pytree.tree_leaves(examples if isinstance(examples, tuple) else (examples,))
+    from stfuse.frontend import call_problem
+
+    leaves = call_problem(spec.name, spec.in_spec, spec.inputs, examples)[0] if examples is not None else None
     ranges = [[int(x.min()), int(x.max())] if isinstance(x, torch.Tensor) and x.numel()
-              and not x.is_floating_point() and not x.is_complex() else None for x in leaves]
+              and not x.is_floating_point() and not x.is_complex() else None for x in leaves or ()]
     ranges = ranges if len(ranges) == len(spec.inputs) else [None] * len(spec.inputs)
     try:
         in_spec, out_spec = pytree.treespec_dumps(spec.in_spec), pytree.treespec_dumps(spec.out_spec)
