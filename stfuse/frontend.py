@@ -24,6 +24,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim, ShapesCollection
 
+from . import dims
 from .errors import TraceError
 
 
@@ -37,6 +38,7 @@ class InputSpec:
     device: torch.device
     batched: bool  # dim 0 is this tenant's batch dim
     keyword: str | None = None  # the keyword argument it is passed as (None: positional)
+    dims: tuple[tuple[int, str], ...] = ()  # declared dynamic dims, (dim, name) (stfuse/dims.py)
 
     def where(self, tenant: str, i: int) -> str:
         """The input as error messages name it: by keyword, else by flat position."""
@@ -45,7 +47,8 @@ class InputSpec:
         return f"tenant {tenant!r}, argument {i} ({self.name})"
 
     def describe(self) -> str:
-        dims = ["B" if (i == 0 and self.batched) else str(d) for i, d in enumerate(self.shape)]
+        named = dict(self.dims)
+        dims = ["B" if (i == 0 and self.batched) else named.get(i, str(d)) for i, d in enumerate(self.shape)]
         return f"Tensor[{', '.join(dims)}] {str(self.dtype).removeprefix('torch.')} on {self.device}"
 
 
@@ -115,13 +118,15 @@ def call_problem(name: str, in_spec, inputs, value) -> tuple[list | None, str | 
     return leaves, None
 
 
-def input_problem(name: str, inputs, leaves) -> tuple[str | None, int | None]:
+def input_problem(name: str, inputs, leaves, dim_ranges=None) -> tuple[str | None, int | None]:
     """THE input check: why the flat ``leaves`` do not fit a tenant's ``inputs``
     (InputSpecs; None when they do), and their batch size (None: no batched input).
+    Declared dims (stfuse/dims.py) may take any size, one per name, inside
+    ``dim_ranges`` ({name: (low, high or None)}) where given.
 
     Used by FusedProgram and loaded programs (``check_inputs``, which the runtime
     calls too) and by the torch.compile backend (which picks a specialisation)."""
-    batch = None
+    batch, named = None, {}
     for i, (x, s) in enumerate(zip(leaves, inputs)):
         where = s.where(name, i)
         if not isinstance(x, torch.Tensor):
@@ -130,15 +135,24 @@ def input_problem(name: str, inputs, leaves) -> tuple[str | None, int | None]:
             return f"{where}: expected dtype {s.dtype}, got {describe_value(x)}", None
         if x.device != s.device:
             return f"{where}: expected device {s.device}, got {describe_value(x)}", None
-        fixed = s.shape[1:] if s.batched else s.shape
-        got = tuple(x.shape[1:]) if s.batched else tuple(x.shape)
-        if x.dim() != len(s.shape) or got != fixed:
+        free = {0} if s.batched else set()
+        free.update(d for d, _ in s.dims)
+        if x.dim() != len(s.shape) or any(x.shape[d] != n for d, n in enumerate(s.shape) if d not in free):
             return f"{where}: expected shape {s.describe()}, got {describe_value(x)}", None
         if s.batched:
             if x.shape[0] < 1 or (batch is not None and x.shape[0] != batch):
                 return (f"{where}: batch size {x.shape[0]} differs from the tenant's other inputs "
                         f"({batch}) or is empty"), None
             batch = x.shape[0]
+        for d, dim in s.dims:
+            size = x.shape[d]
+            if named.setdefault(dim, (size, where))[0] != size:
+                return (f"{where}: dim {d} ({dim}) is {size}, but {dim} is {named[dim][0]} in "
+                        f"{named[dim][1].split(', ', 1)[1]}"), None
+            low, high = (dim_ranges or {}).get(dim, (0, None))
+            if size < low or (high is not None and size > high):
+                return (f"{where}: dim {d} ({dim}) is {size}, outside the range [{low}, "
+                        f"{'inf' if high is None else high}] the program was traced for"), None
     return None, batch
 
 
@@ -161,6 +175,8 @@ class TenantGraph:
     # symbol's range where the model branches on it; calls outside it must not run this graph.
     batch_range: tuple = (1, None)
     model: Any = None  # the module traced (eval mode on call), for calls outside batch_range
+    # Declared dynamic dims (stfuse/dims.py): name -> (low, high or None), checked per call.
+    dim_ranges: dict = field(default_factory=dict)
 
 
 def tenant_name_problem(name) -> str | None:
@@ -217,24 +233,39 @@ def _device_of(model: torch.nn.Module, args) -> torch.device:
     return torch.device("cpu")
 
 
-def _export(model, args, kwargs, batch):
-    """Export with dim 0 of batched inputs dynamic; returns (ExportedProgram, dynamic)."""
+def _export(name, model, args, kwargs, batch, leaf_dims):
+    """Export with dim 0 of batched inputs dynamic, and the declared dims (``leaf_dims``,
+    per flat input: stfuse/dims.py); returns (ExportedProgram, batch is dynamic). Where
+    the dynamic batch fails, the batch is fixed; where the declared dims fail, TraceError
+    names them with export's reason."""
     # A batch of 1 would be specialised by export (0/1 specialisation): trace at 2.
     trace_batch = max(batch, 2)
-    targs, tkwargs = with_batch((args, kwargs), trace_batch, batch) if trace_batch != batch else (args, kwargs)
-    shapes = ShapesCollection()  # keyed by tensor: positional and keyword inputs alike
-    for a, batched in zip(pytree.tree_leaves((targs, tkwargs)), _batched_mask((targs, tkwargs), trace_batch)):
-        if batched:
-            shapes[a] = {0: Dim.AUTO}
+    declared = dims.export_shapes(leaf_dims)
+
+    def attempt(call, batch_dims: bool):
+        shapes = ShapesCollection()  # keyed by tensor: positional and keyword inputs alike
+        for a, batched, spec in zip(pytree.tree_leaves(call), _batched_mask(call, trace_batch), declared):
+            if (batched and batch_dims) or spec:
+                shapes[a] = {**({0: Dim.AUTO} if batched and batch_dims else {}), **spec}
+        return torch.export.export(model, *call, strict=False,
+                                   dynamic_shapes=shapes.dynamic_shapes(model, *call))
+
     try:
-        ep = torch.export.export(model, targs, tkwargs, strict=False,
-                                 dynamic_shapes=shapes.dynamic_shapes(model, targs, tkwargs))
+        call = with_batch((args, kwargs), trace_batch, batch) if trace_batch != batch else (args, kwargs)
+        ep = attempt(call, True)
         dynamic = _batch_is_symbolic(ep)
         if dynamic or trace_batch == batch:
             return ep, dynamic
-    except Exception:  # noqa: BLE001 - any failure: retry without dynamic shapes
+    except Exception:  # noqa: BLE001 - any failure: retry with the batch fixed
         pass
-    return torch.export.export(model, args, kwargs, strict=False), False
+    try:
+        return attempt((args, kwargs), False), False
+    except Exception as err:
+        if any(leaf_dims):
+            named = sorted({n for d in leaf_dims for _, n in d})
+            raise TraceError(f"tenant {name!r}: cannot trace with the declared dynamic dim(s) {named}: "
+                             f"{type(err).__name__}: {_first_line(err)}") from err
+        raise
 
 
 def _batch_is_symbolic(ep) -> bool:
@@ -245,7 +276,7 @@ def _batch_is_symbolic(ep) -> bool:
     return bool(dims) and any(isinstance(d, torch.SymInt) for d in dims)
 
 
-def _finite(v) -> bool:
+def finite(v) -> bool:
     import sympy
     from torch.utils._sympy.numbers import int_oo
 
@@ -272,15 +303,16 @@ def batch_range(ep, traced: int) -> tuple[int, int | None]:
         vr = ep.range_constraints.get(d.node.expr)
         if vr is None:  # dim 0 is an expression, not a symbol: no range to read
             return traced, traced
-        lo = int(vr.lower) if _finite(vr.lower) else 1
+        lo = int(vr.lower) if finite(vr.lower) else 1
         low = max(low, 1 if lo <= 2 else lo)
-        if _finite(vr.upper):
+        if finite(vr.upper):
             high = int(vr.upper) if high is None else min(high, int(vr.upper))
     return low, high
 
 
-def _from_export(name, model, args, kwargs, batch, device) -> TenantGraph:
-    ep, dynamic = _export(model, args, kwargs, batch)
+def _from_export(name, model, args, kwargs, batch, device, dynamic_dims=None) -> TenantGraph:
+    leaf_dims = dims.declared(name, args, kwargs, dynamic_dims)
+    ep, dynamic = _export(name, model, args, kwargs, batch, leaf_dims)
     sig = ep.graph_signature
     if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
         raise TraceError(f"tenant {name!r}: the model mutates buffers or inputs during forward, "
@@ -297,14 +329,14 @@ def _from_export(name, model, args, kwargs, batch, device) -> TenantGraph:
         raise TraceError(f"tenant {name!r}: only tensor inputs are supported "
                          f"(got {len(flat_args)} leaves, export kept {len(user)})")
     inputs = []
-    for ph, a, batched, kw in zip(user, flat_args, mask, input_keywords(in_spec)):
+    for ph, a, batched, kw, ds in zip(user, flat_args, mask, input_keywords(in_spec), leaf_dims):
         if not isinstance(a, torch.Tensor):
             raise TraceError(f"tenant {name!r}: input {kw or ph!r} is a {type(a).__name__}; "
                              "only tensor inputs are supported")
-        inputs.append(InputSpec(ph, tuple(a.shape), a.dtype, a.device, batched and dynamic, kw))
+        inputs.append(InputSpec(ph, tuple(a.shape), a.dtype, a.device, batched and dynamic, kw, ds))
     gm = ep.graph_module
     tg = TenantGraph(name, gm, "export", tensors, inputs, in_spec, ep.call_spec.out_spec,
-                     batch, dynamic, device, model=model)
+                     batch, dynamic, device, model=model, dim_ranges=dims.ranges(name, ep, leaf_dims))
     if dynamic:
         low, high = batch_range(ep, max(batch, 2))
         if low == 1 and not _holds_at_one(tg, model, (args, kwargs), batch):
@@ -379,8 +411,9 @@ def _getitem(seq, i):
     return seq[i]
 
 
-def trace_tenant(name: str, model: torch.nn.Module, example) -> TenantGraph:
-    """Trace one tenant at its example inputs (any call form: ``call_parts``)."""
+def trace_tenant(name: str, model: torch.nn.Module, example, dynamic=None) -> TenantGraph:
+    """Trace one tenant at its example inputs (any call form: ``call_parts``), with the
+    dims ``dynamic`` declares ({input: {dim: name}}, stfuse/dims.py) symbolic."""
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"tenant {name!r}: expected a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = call_parts(example)
@@ -391,12 +424,16 @@ def trace_tenant(name: str, model: torch.nn.Module, example) -> TenantGraph:
     batch = example_batch((args, kwargs))
     with eval_mode(model), torch.no_grad():
         try:
-            tg = _from_export(name, model, args, kwargs, batch, device)
+            tg = _from_export(name, model, args, kwargs, batch, device, dynamic)
             tg.meta["example"] = (args, kwargs)  # for the compile-time self-check (stfuse/selfcheck.py)
+            tg.meta["dynamic"] = dynamic  # as declared: a tenant traced again keeps its dims
             return tg
         except TraceError:
             raise
         except Exception as export_err:  # noqa: BLE001 - reported with the fallback's reason
+            if dynamic:  # the fx fallback fixes every size: a declared dim cannot hold
+                raise TraceError(f"tenant {name!r}: torch.export failed ({type(export_err).__name__}: "
+                                 f"{_first_line(export_err)}), and its dynamic dims need it") from export_err
             try:
                 return _from_fx(name, model, args, kwargs, batch, device)
             except Exception as fx_err:  # noqa: BLE001

@@ -14,13 +14,14 @@ The plan (groups, stats, summary, drawing) is stfuse/plan.py.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
 import torch
 import torch.utils._pytree as pytree
 
+from . import dims
 from .errors import InputError
 from .frontend import InputSpec, TenantGraph, call_problem, input_problem
 from .kernels.bind import bind
@@ -43,11 +44,13 @@ class TenantSpec:
     batch: int  # example batch size
     dynamic: bool  # batch size may change between calls
     batch_range: tuple = (1, None)  # (low, high or None): batch sizes the traced graph holds for
+    # Declared dynamic dims (stfuse/dims.py): name -> (low, high or None), checked per call
+    dim_ranges: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, tg: TenantGraph) -> TenantSpec:
         return cls(tg.name, tuple(tg.inputs), tg.in_spec, tg.out_spec, tg.batch, tg.dynamic,
-                   tuple(tg.batch_range))
+                   tuple(tg.batch_range), dict(tg.dim_ranges))
 
     def in_range(self, batch: int) -> bool:
         low, high = self.batch_range
@@ -86,7 +89,7 @@ class TenantCalls:
         n = len(spec.inputs)
         if spec.in_spec != pytree.tree_flatten(((None,) * n, {}))[1]:
             return None
-        if not all(s.batched for s in spec.inputs):
+        if not all(s.batched and not s.dims for s in spec.inputs):
             return None
         low, high = spec.batch_range if spec.dynamic else (1, None)
         return ([(s.dtype, s.device, torch.Size(s.shape[1:]), len(s.shape)) for s in spec.inputs],
@@ -123,18 +126,25 @@ class TenantCalls:
         return dict(zip(active, self._execute(active, [inputs[t] for t in active])))
 
     def _execute(self, active: tuple, args) -> list:
-        flat, batch0, stacked, outside = [], None, True, {}
+        # stacked: every dynamic tenant at one batch size, and tenants sharing a declared
+        # dim's name at one size of it; else fused groups run grouped (passes/lower.py).
+        flat, batch0, stacked, outside, named = [], None, True, {}, {}
         for i, (name, a) in enumerate(zip(active, args)):
             leaves, batch = self.check_inputs(name, a)
-            if not self._specs[name].in_range(batch):
+            spec = self._specs[name]
+            if not spec.in_range(batch):
                 outside[i] = leaves
                 continue
             flat += leaves
-            if self._specs[name].dynamic:
+            if spec.dynamic:
                 if batch0 is None:
                     batch0 = batch
                 elif batch != batch0:
                     stacked = False
+            if spec.dim_ranges:
+                for dim, size in dims.sizes(spec.inputs, leaves).items():
+                    if named.setdefault(dim, size) != size:
+                        stacked = False
         if outside:  # the traced graph does not hold at this batch size: those tenants run apart
             inside = [i for i in range(len(active)) if i not in outside]
             results = self._execute(tuple(active[i] for i in inside), [args[i] for i in inside]) if inside else []
@@ -185,7 +195,7 @@ class TenantCalls:
         leaves, problem = call_problem(name, ts.in_spec, ts.inputs, args)
         if problem is not None:
             raise InputError(problem)
-        problem, batch = input_problem(name, ts.inputs, leaves)
+        problem, batch = input_problem(name, ts.inputs, leaves, ts.dim_ranges)
         if problem is not None:
             raise InputError(problem)
         if batch is not None and not ts.in_range(batch) and not self._can_run_outside_range(name):
@@ -257,7 +267,8 @@ class FusedProgram(TenantCalls):
             eager = self._eager_batches.setdefault(name, set())
             if prog is None and batch not in eager and len(progs) < self.MAX_RESPECIALISATIONS:
                 try:
-                    prog = self._compile_tenants({name: trace_tenant(name, model, call)})
+                    dynamic = self._tenants[name].meta.get("dynamic")
+                    prog = self._compile_tenants({name: trace_tenant(name, model, call, dynamic)})
                     if prog.specs[name].in_range(batch):
                         progs.append(prog)
                     else:  # export traced something that does not hold at this batch either

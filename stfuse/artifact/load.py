@@ -59,6 +59,14 @@ def _check_manifest(path, manifest) -> None:
         low, high = t["batch_range"]
         if low < 0 or (high is not None and high < low):
             _fail(path, f"{MANIFEST}: tenant {t['name']!r} has an invalid batch range {t['batch_range']}")
+        for dim, (low, high) in (t.get("dim_ranges") or {}).items():
+            if not dim.isidentifier() or low < 2 or (high is not None and high < low):
+                _fail(path, f"{MANIFEST}: tenant {t['name']!r} has an invalid range {[low, high]} for dim {dim!r}")
+        for i in t["inputs"]:
+            for d, dim in i.get("dims") or ():
+                if dim not in (t.get("dim_ranges") or {}) or not 1 <= d < len(i["shape"]):
+                    _fail(path, f"{MANIFEST}: tenant {t['name']!r}: input {i['name']!r} declares dim {d} "
+                                f"({dim!r}) without a range or outside its shape")
         for i in t["inputs"]:
             if i["dtype"] not in DTYPES or min(i["shape"], default=0) < 0:
                 _fail(path, f"{MANIFEST}: tenant {t['name']!r}: input {i['name']!r} has an invalid "
@@ -166,10 +174,12 @@ def _tenant_specs(manifest, device) -> dict[str, TenantSpec]:
         if in_spec.num_leaves != len(t["inputs"]):
             raise ArtifactError(f"tenant {name!r}: its pytree spec has {in_spec.num_leaves} inputs, "
                                 f"the manifest lists {len(t['inputs'])}")
-        inputs = tuple(InputSpec(i["name"], tuple(i["shape"]), DTYPES[i["dtype"]], device, i["batched"], kw)
+        inputs = tuple(InputSpec(i["name"], tuple(i["shape"]), DTYPES[i["dtype"]], device, i["batched"], kw,
+                                 tuple((d, n) for d, n in i.get("dims") or ()))
                        for i, kw in zip(t["inputs"], input_keywords(in_spec)))
         specs[name] = TenantSpec(name, inputs, in_spec, _treespec(t["out_spec"], name),
-                                 t["batch"], t["dynamic"], tuple(t["batch_range"]))
+                                 t["batch"], t["dynamic"], tuple(t["batch_range"]),
+                                 {n: tuple(r) for n, r in (t.get("dim_ranges") or {}).items()})
     return specs
 
 
