@@ -109,6 +109,28 @@ def ranges(tenant: str, ep, leaf_dims: list[tuple]) -> dict[str, tuple[int, int 
     return out
 
 
+def check_holds(tg, model, call) -> None:
+    """Raise TraceError where the graph traced at the example does not give the model's
+    own output with a declared dim at another size: a size up (down at the top of the
+    range) and twice the example (inside the range).
+
+    Export keeps guards on sizes as ranges, but not every guard: a ViT whose example
+    has as many patches as it has positions returns its position table uninterpolated,
+    and export kept no guard for ``patches == positions``, so the graph crashed at any
+    other image size. A test, not a proof: paths that agree at these sizes pass."""
+    from .frontend import graph_matches
+
+    example = {name: s.shape[d] for s in tg.inputs for d, name in s.dims}
+    for name, (low, high) in tg.dim_ranges.items():
+        top = (1 << 30) if high is None else high
+        for size in sorted({_two_sizes([example[name]], low, high)[1], min(2 * example[name], top)}):
+            if size != example[name] and not graph_matches(tg, model, resize(call, tg.inputs, {name: size})):
+                raise TraceError(
+                    f"tenant {tg.name!r}: traced at {name}={example[name]}, the graph does not give the "
+                    f"model's output at {name}={size} (the model takes another path there, and export "
+                    f"kept no guard for it); trace at another size, or leave {name} fixed")
+
+
 def sizes(inputs, leaves) -> dict[str, int]:
     """{name: size} of a call's declared dims (the call already checked)."""
     return {name: x.shape[d] for x, s in zip(leaves, inputs) for d, name in s.dims}

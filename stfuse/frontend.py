@@ -337,6 +337,7 @@ def _from_export(name, model, args, kwargs, batch, device, dynamic_dims=None) ->
     gm = ep.graph_module
     tg = TenantGraph(name, gm, "export", tensors, inputs, in_spec, ep.call_spec.out_spec,
                      batch, dynamic, device, model=model, dim_ranges=dims.ranges(name, ep, leaf_dims))
+    dims.check_holds(tg, model, (args, kwargs))
     if dynamic:
         low, high = batch_range(ep, max(batch, 2))
         if low == 1 and not _holds_at_one(tg, model, (args, kwargs), batch):
@@ -366,14 +367,18 @@ def _holds_at_one(tg: TenantGraph, model, call, batch: int) -> bool:
     ``y * 2 if x.shape[0] > 1 else y * 3`` traces as if batch 1 could not happen. One
     row of the example through both tells (a test, not a proof: branches that agree on
     this row are not told apart)."""
+    return graph_matches(tg, model, with_batch(call, 1, batch))
+
+
+def graph_matches(tg: TenantGraph, model, call) -> bool:
+    """Whether the traced graph gives the model's own output (tolerance table) on ``call``."""
     from .tolerances import assert_close
 
-    one = with_batch(call, 1, batch)
     try:
         with torch.no_grad():
-            expected = pytree.tree_leaves(model(*one[0], **one[1]))
-        assert_close(run_graph(tg, one), expected)
-    except Exception:  # noqa: BLE001 - a different value, or a graph that cannot run at 1
+            expected = pytree.tree_leaves(model(*call[0], **call[1]))
+        assert_close(run_graph(tg, call), expected)
+    except Exception:  # noqa: BLE001 - a different value, or a graph that cannot run there
         return False
     return True
 
