@@ -8,6 +8,15 @@ that pair is the node's ``sig``. ``shape`` is the affine extrapolation to the
 tenant's example batch. A node that cannot run on fake tensors (data-dependent
 output shapes) gets shape None and is never fused.
 
+Declared dynamic dims (stfuse/dims.py) are probed too: every name at one base
+size shared by the tenants declaring it (``dims.probes``), and once more per
+name with that size moved (batch 2). The sig is then (shape@2, shape@3, then
+per name in sorted order: shape@2 with that size moved, tagged with the base,
+or just shape@2 where the node does not depend on it), so two nodes whose sigs
+agree have equal shapes whenever their tenants share the batch and the sizes
+of every name (what program.py calls stacked). ``shape`` is then propagated at
+the tenant's example sizes themselves.
+
 Before/after (one node)::
 
     %mm = linear(%x, %w)       ->   %mm = linear(%x, %w)  op_class=linear
@@ -21,7 +30,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from stfuse import ir
+from stfuse import dims, ir
 from stfuse.ir import Ref
 
 from . import optable
@@ -29,8 +38,9 @@ from . import optable
 PROBE_BATCHES = (2, 3)
 
 
-def _propagate(g, tenant: str, tg, batch: int | None) -> dict:
-    """Fake value of every node of ``tenant`` at ``batch`` (None: the example shapes)."""
+def _propagate(g, tenant: str, tg, batch: int | None, sizes: dict | None = None) -> dict:
+    """Fake value of every node of ``tenant`` at ``batch`` (None: the example batch) and
+    the declared dims' ``sizes`` ({name: size}; others at the example)."""
     vals: dict[str, object] = {}
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     order = ir.tenant_order(g, tenant)
@@ -42,7 +52,9 @@ def _propagate(g, tenant: str, tg, batch: int | None) -> dict:
             a = g.nodes[k]
             if a["kind"] == "input":
                 spec = tg.inputs[a["index"]]
-                shape = (batch,) + spec.shape[1:] if (batch and spec.batched) else spec.shape
+                shape = list((batch,) + spec.shape[1:] if (batch and spec.batched) else spec.shape)
+                for d, name in spec.dims:
+                    shape[d] = (sizes or {}).get(name, shape[d])
                 vals[k] = torch.empty(shape, dtype=spec.dtype, device=spec.device)
             elif a["kind"] == "param":
                 vals[k] = mode.from_tensor(a["value"])
@@ -77,20 +89,43 @@ def _extrapolate(s2, s3, batch):
     return tuple(d2 + (batch - 2) * (d3 - d2) for d2, d3 in zip(s2, s3))
 
 
+def _sigs(g, tenant: str, tg, probes: dict, names: list) -> dict:
+    """{node: (sig, shape, fake value at batch 2)} of one tenant (module docstring);
+    ``probes``: the tenant's {name: (base, other)}, ``names``: every tenant's names."""
+    base = {n: b for n, (b, _) in probes.items()}
+    if tg.dynamic:
+        v2, v3 = (_propagate(g, tenant, tg, b, base) for b in PROBE_BATCHES)
+    else:
+        v2 = v3 = _propagate(g, tenant, tg, None, base)
+    moved = {n: _propagate(g, tenant, tg, PROBE_BATCHES[0] if tg.dynamic else None,
+                           {**base, n: probes[n][1]}) for n in base}
+    example = _propagate(g, tenant, tg, None) if base else None
+    out = {}
+    for k in ir.tenant_order(g, tenant):
+        s2, s3 = _shape(v2.get(k)), _shape(v3.get(k))
+        known = s2 is not None and s3 is not None and len(s2) == len(s3)
+        sig = None
+        if known:
+            sig = (s2, s3)
+            for n in names:  # a node that does not depend on n matches one of a tenant without n
+                sn = _shape(moved[n].get(k)) if n in moved else s2
+                sig += (s2 if sn == s2 else (probes[n][0], sn),)
+        if example is not None:
+            shape = _shape(example.get(k)) if known else None
+        else:
+            shape = (_extrapolate(s2, s3, tg.batch) if tg.dynamic else s2) if known else None
+        out[k] = (sig, shape, v2.get(k))
+    return out
+
+
 def annotate(g):
     """Set op_class, shape, sig, dtype, flops and bytes on every node; returns a new graph."""
     g = g.copy()
+    probes = dims.probes(g.graph["tenants"].values())
+    names = sorted({n for p in probes.values() for n in p})
     for tenant, tg in g.graph["tenants"].items():
-        if tg.dynamic:
-            v2, v3 = (_propagate(g, tenant, tg, b) for b in PROBE_BATCHES)
-        else:
-            v2 = v3 = _propagate(g, tenant, tg, None)
-        for k in ir.tenant_order(g, tenant):
-            s2, s3 = _shape(v2.get(k)), _shape(v3.get(k))
-            known = s2 is not None and s3 is not None and len(s2) == len(s3)
-            shape = (_extrapolate(s2, s3, tg.batch) if tg.dynamic else s2) if known else None
-            val = v2.get(k)
-            g.nodes[k].update(shape=shape, sig=(s2, s3) if known else None,
+        for k, (sig, shape, val) in _sigs(g, tenant, tg, probes.get(tenant, {}), names).items():
+            g.nodes[k].update(shape=shape, sig=sig,
                               dtype=val.dtype if isinstance(val, torch.Tensor) else None)
     g.graph["op_classes"] = optable.FUSABLE  # what ir.verify accepts as a node's op_class
     for k in g.nodes:

@@ -283,8 +283,12 @@ def lower_program(g, active: tuple[str, ...], stacked: bool):
         elif g.nodes[stage.node]["tenant"] in b.active:
             b.call(stage.node)
     counts = b.output()
-    b.graph.eliminate_dead_code()
-    return torch.fx.GraphModule(b.root, b.graph), counts
+    gm = torch.fx.GraphModule(b.root, b.graph)
+    # With its owning module set: dead-code elimination asks it whether a node is impure
+    # (without one, a graph holding ``aten.item``, as Dynamo's SymFloat dropout p, asserted).
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm, counts
 
 
 def lower(g):

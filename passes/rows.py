@@ -53,7 +53,7 @@ def _bdim(g, k) -> int:
     sig = a["sig"]
     if sig is None:
         raise Mixed(f"{a['name']}: no shape to find the batch dim in")
-    s2, s3 = sig
+    s2, s3 = sig[:2]  # at batch 2 and 3 (later entries: declared dims, stfuse/dims.py)
     dims = [i for i, (d2, d3) in enumerate(zip(s2, s3)) if d2 != d3]
     if len(dims) != 1:
         raise Mixed(f"{a['name']}: {len(dims)} dims depend on the batch ({s2} at 2, {s3} at 3)")

@@ -44,23 +44,43 @@ def _check_names(names) -> None:
             raise StfuseError(f"{problem}, got {n!r}")
 
 
+def _dynamic(names: list, dynamic) -> dict:
+    """{tenant: {input: {dim: name}}} from ``dynamic`` (a dict by tenant, or a list in
+    tenant order with None for tenants without declared dims)."""
+    if dynamic is None:
+        return {}
+    if isinstance(dynamic, Mapping):
+        unknown = [t for t in dynamic if t not in names]
+        if unknown:
+            raise StfuseError(f"dynamic names unknown tenant(s) {unknown}; tenants are {names}")
+        return dict(dynamic)
+    if isinstance(dynamic, Sequence) and not isinstance(dynamic, str) and len(dynamic) == len(names):
+        return {t: d for t, d in zip(names, dynamic) if d}
+    raise StfuseError("dynamic takes {tenant: {input: {dim: name}}}, or a list in tenant order")
+
+
 def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
-            example_inputs: Sequence[Any] | Mapping[str, Any] | None = None) -> FusedProgram:
+            example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+            dynamic: Sequence[Any] | Mapping[str, Any] | None = None) -> FusedProgram:
     """Compile tenant models into one fused program.
 
     ``models``: a list (tenants named "0", "1", ...) or a dict {name: model}.
-    ``example_inputs``: per tenant a Tensor or a tuple of positional args, in
-    the same list/dict form. Models are traced in eval mode.
+    ``example_inputs``: per tenant a Tensor, a tuple of positional args, a dict of
+    keyword args or an ``(args, kwargs)`` pair (frontend.call_parts), in the same
+    list/dict form as ``models``. Calls take the same forms. Models are traced in
+    eval mode.
+    ``dynamic``: per tenant, the dims other than the batch that vary per call,
+    ``{input: {dim: name}}`` with an input named by keyword or positional index
+    (stfuse/dims.py), e.g. ``{"bert": {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}}``.
     """
     models, examples = _named(models, example_inputs)
     if not models:
         raise StfuseError("stfuse.compile needs at least one model")
     _check_names(models)
+    declared = _dynamic(list(models), dynamic)
     tenants = {}
     for name, model in models.items():
-        args = examples[name]
-        args = args if isinstance(args, tuple) else (args,)
-        tenants[name] = trace_tenant(name, model, args)
+        tenants[name] = trace_tenant(name, model, examples[name], declared.get(name))
     return compile_tenants(tenants)
 
 

@@ -1,7 +1,13 @@
 """Frontend: trace each tenant model into a TenantGraph.
 
 ``torch.export`` gives the ATen-level FX graph (parameters and buffers lifted to
-placeholders, dim 0 of every batched input symbolic). Where export fails the
+placeholders, dim 0 of every batched input symbolic).
+
+THE calling convention for one tenant (example inputs, ``fused(...)``, ``run``, the
+runtime's ``submit``) is ``call_parts``: a Tensor is the one positional argument, a
+tuple is positional arguments, a dict (any Mapping) is keyword arguments, and a
+pair ``(tuple, dict)`` is ``(args, kwargs)``. A model whose positional arguments
+are one tuple and one dict takes them as ``((the_tuple, the_dict), {})``. Where export fails the
 tenant falls back to ``torch.fx.symbolic_trace`` plus shape propagation, and
 runs as one opaque call (correct, never fused). Where both fail, TraceError
 names the tenant and both reasons.
@@ -14,12 +20,13 @@ import logging
 import threading
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.utils._pytree as pytree
-from torch.export import Dim
+from torch.export import Dim, ShapesCollection
 
+from . import dims
 from .errors import TraceError
 
 
@@ -32,9 +39,18 @@ class InputSpec:
     dtype: torch.dtype
     device: torch.device
     batched: bool  # dim 0 is this tenant's batch dim
+    keyword: str | None = None  # the keyword argument it is passed as (None: positional)
+    dims: tuple[tuple[int, str], ...] = ()  # declared dynamic dims, (dim, name) (stfuse/dims.py)
+
+    def where(self, tenant: str, i: int) -> str:
+        """The input as error messages name it: by keyword, else by flat position."""
+        if self.keyword is not None:
+            return f"tenant {tenant!r}, keyword argument {self.keyword!r}"
+        return f"tenant {tenant!r}, argument {i} ({self.name})"
 
     def describe(self) -> str:
-        dims = ["B" if (i == 0 and self.batched) else str(d) for i, d in enumerate(self.shape)]
+        named = dict(self.dims)
+        dims = ["B" if (i == 0 and self.batched) else named.get(i, str(d)) for i, d in enumerate(self.shape)]
         return f"Tensor[{', '.join(dims)}] {str(self.dtype).removeprefix('torch.')} on {self.device}"
 
 
@@ -46,30 +62,99 @@ def describe_value(t) -> str:
             f"on {t.device}")
 
 
-def input_problem(name: str, inputs, leaves) -> tuple[str | None, int | None]:
+def call_parts(value) -> tuple[tuple, dict]:
+    """One tenant's call argument as ``(args, kwargs)``: THE rule (module docstring).
+
+    A Mapping is keyword arguments (a tokenizer's BatchEncoding is one); a tuple of
+    exactly a tuple and a Mapping is ``(args, kwargs)``; any other tuple is
+    positional arguments; anything else is the one positional argument."""
+    if isinstance(value, Mapping):
+        return (), dict(value)
+    if isinstance(value, tuple):
+        if len(value) == 2 and isinstance(value[0], tuple) and isinstance(value[1], Mapping):
+            return value[0], dict(value[1])
+        return value, {}
+    return (value,), {}
+
+
+def input_keywords(in_spec) -> list[str | None]:
+    """Per flat input of a call spec (the pytree spec of ``(args, kwargs)``), the keyword
+    argument it is passed as (``"input_ids"``, ``"past['k']"``), or None for positional."""
+    paths, _ = pytree.tree_flatten_with_path(pytree.tree_unflatten([0] * in_spec.num_leaves, in_spec))
+    return [f"{path[1].key}{pytree.keystr(path[2:])}" if path[0].idx == 1 else None
+            for path, _ in paths]
+
+
+def describe_call(inputs, in_spec) -> str:
+    """The call a tenant takes, as error messages show it: ``(Tensor[B, 8] ...)``,
+    ``input_ids=Tensor[B, S] ...``."""
+    args, kwargs = pytree.tree_unflatten([s.describe() for s in inputs], in_spec)
+    parts = [pytree.tree_map(str, a) for a in args] + [f"{k}={v}" for k, v in kwargs.items()]
+    return f"({', '.join(map(str, parts))})"
+
+
+def call_problem(name: str, in_spec, inputs, value) -> tuple[list | None, str | None]:
+    """The flat inputs of one tenant's call ``value`` in call-spec order (kwargs in
+    the order the tenant was traced with), or why its structure does not fit:
+    (leaves, None) or (None, problem). A bare Tensor fills a one-input tenant
+    whatever its structure. Values are checked afterwards by ``input_problem``."""
+    if isinstance(value, torch.Tensor) and in_spec.num_leaves == 1:
+        return [value], None
+    args, kwargs = call_parts(value)
+    want_args, want_kwargs = pytree.tree_unflatten([None] * in_spec.num_leaves, in_spec)
+    want = f"expected {describe_call(inputs, in_spec)}"
+    part = []
+    if missing := [k for k in want_kwargs if k not in kwargs]:
+        part.append(f"missing keyword argument(s) {', '.join(map(repr, missing))}")
+    if unknown := [k for k in kwargs if k not in want_kwargs]:
+        part.append(f"unknown keyword argument(s) {', '.join(map(repr, unknown))} (the program "
+                    "was traced without them: add them to its example inputs)")
+    if len(args) != len(want_args):
+        part.append(f"{len(args)} positional argument(s) where it takes {len(want_args)}")
+    if part:
+        return None, f"tenant {name!r}: {'; '.join(part)}; {want}"
+    leaves, spec = pytree.tree_flatten((args, {k: kwargs[k] for k in want_kwargs}))
+    if spec != in_spec:  # same arguments, other nesting inside them
+        got = [describe_value(a) for a in leaves]
+        return None, f"tenant {name!r}: {want}, got {len(leaves)} input(s) nested otherwise: {got}"
+    return leaves, None
+
+
+def input_problem(name: str, inputs, leaves, dim_ranges=None) -> tuple[str | None, int | None]:
     """THE input check: why the flat ``leaves`` do not fit a tenant's ``inputs``
     (InputSpecs; None when they do), and their batch size (None: no batched input).
+    Declared dims (stfuse/dims.py) may take any size, one per name, inside
+    ``dim_ranges`` ({name: (low, high or None)}) where given.
 
     Used by FusedProgram and loaded programs (``check_inputs``, which the runtime
     calls too) and by the torch.compile backend (which picks a specialisation)."""
-    batch = None
+    batch, named = None, {}
     for i, (x, s) in enumerate(zip(leaves, inputs)):
-        where = f"tenant {name!r}, argument {i} ({s.name})"
+        where = s.where(name, i)
         if not isinstance(x, torch.Tensor):
             return f"{where}: expected {s.describe()}, got {describe_value(x)}", None
         if x.dtype != s.dtype:
             return f"{where}: expected dtype {s.dtype}, got {describe_value(x)}", None
         if x.device != s.device:
             return f"{where}: expected device {s.device}, got {describe_value(x)}", None
-        fixed = s.shape[1:] if s.batched else s.shape
-        got = tuple(x.shape[1:]) if s.batched else tuple(x.shape)
-        if x.dim() != len(s.shape) or got != fixed:
+        free = {0} if s.batched else set()
+        free.update(d for d, _ in s.dims)
+        if x.dim() != len(s.shape) or any(x.shape[d] != n for d, n in enumerate(s.shape) if d not in free):
             return f"{where}: expected shape {s.describe()}, got {describe_value(x)}", None
         if s.batched:
             if x.shape[0] < 1 or (batch is not None and x.shape[0] != batch):
                 return (f"{where}: batch size {x.shape[0]} differs from the tenant's other inputs "
                         f"({batch}) or is empty"), None
             batch = x.shape[0]
+        for d, dim in s.dims:
+            size = x.shape[d]
+            if named.setdefault(dim, (size, where))[0] != size:
+                return (f"{where}: dim {d} ({dim}) is {size}, but {dim} is {named[dim][0]} in "
+                        f"{named[dim][1].split(', ', 1)[1]}"), None
+            low, high = (dim_ranges or {}).get(dim, (0, None))
+            if size < low or (high is not None and size > high):
+                return (f"{where}: dim {d} ({dim}) is {size}, outside the range [{low}, "
+                        f"{'inf' if high is None else high}] the program was traced for"), None
     return None, batch
 
 
@@ -82,7 +167,7 @@ class TenantGraph:
     method: str  # "export" or "fx"
     tensors: dict[str, torch.Tensor]  # placeholder name -> parameter / buffer / constant
     inputs: list[InputSpec]  # flat user inputs, in call order
-    in_spec: Any  # pytree spec of the positional args tuple
+    in_spec: Any  # pytree spec of the call, (args tuple, kwargs dict)
     out_spec: Any  # pytree spec of the model's output
     batch: int  # example batch size
     dynamic: bool  # batch size may change between calls
@@ -92,6 +177,8 @@ class TenantGraph:
     # symbol's range where the model branches on it; calls outside it must not run this graph.
     batch_range: tuple = (1, None)
     model: Any = None  # the module traced (eval mode on call), for calls outside batch_range
+    # Declared dynamic dims (stfuse/dims.py): name -> (low, high or None), checked per call.
+    dim_ranges: dict = field(default_factory=dict)
 
 
 def tenant_name_problem(name) -> str | None:
@@ -179,22 +266,40 @@ class _TrialExports(logging.Filter):
 _TRIALS = _TrialExports()
 
 
-def _export(model, args, batch):
-    """Export with dim 0 of batched inputs dynamic; returns (ExportedProgram, dynamic)."""
+def _export(name, model, args, kwargs, batch, leaf_dims):
+    """Export with dim 0 of batched inputs dynamic, and the declared dims (``leaf_dims``,
+    per flat input: stfuse/dims.py); returns (ExportedProgram, batch is dynamic). Where
+    the dynamic batch fails, the batch is fixed; where the declared dims fail, TraceError
+    names them with export's reason."""
     # A batch of 1 would be specialised by export (0/1 specialisation): trace at 2.
     trace_batch = max(batch, 2)
-    targs = with_batch(args, trace_batch, batch) if trace_batch != batch else args
-    mask = iter(_batched_mask(targs, trace_batch))
-    dyn = pytree.tree_map(lambda a: {0: Dim.AUTO} if next(mask) else None, targs)
+    declared = dims.export_shapes(leaf_dims)
+
+    def attempt(call, batch_dims: bool):
+        shapes = ShapesCollection()  # keyed by tensor: positional and keyword inputs alike
+        for a, batched, spec in zip(pytree.tree_leaves(call), _batched_mask(call, trace_batch), declared):
+            if (batched and batch_dims) or spec:
+                shapes[a] = {**({0: Dim.AUTO} if batched and batch_dims else {}), **spec}
+        return torch.export.export(model, *call, strict=False,
+                                   dynamic_shapes=shapes.dynamic_shapes(model, *call))
+
     try:
+        call = with_batch((args, kwargs), trace_batch, batch) if trace_batch != batch else (args, kwargs)
         with _TRIALS.quiet():
-            ep = torch.export.export(model, targs, dynamic_shapes=dyn, strict=False)
+            ep = attempt(call, True)
         dynamic = _batch_is_symbolic(ep)
         if dynamic or trace_batch == batch:
             return ep, dynamic
-    except Exception:  # noqa: BLE001 - any failure: retry without dynamic shapes
+    except Exception:  # noqa: BLE001 - any failure: retry with the batch fixed
         pass
-    return torch.export.export(model, args, strict=False), False
+    try:
+        return attempt((args, kwargs), False), False
+    except Exception as err:
+        if any(leaf_dims):
+            named = sorted({n for d in leaf_dims for _, n in d})
+            raise TraceError(f"tenant {name!r}: cannot trace with the declared dynamic dim(s) {named}: "
+                             f"{type(err).__name__}: {_first_line(err)}") from err
+        raise
 
 
 def _batch_is_symbolic(ep) -> bool:
@@ -205,7 +310,7 @@ def _batch_is_symbolic(ep) -> bool:
     return bool(dims) and any(isinstance(d, torch.SymInt) for d in dims)
 
 
-def _finite(v) -> bool:
+def finite(v) -> bool:
     import sympy
     from torch.utils._sympy.numbers import int_oo
 
@@ -232,15 +337,16 @@ def batch_range(ep, traced: int) -> tuple[int, int | None]:
         vr = ep.range_constraints.get(d.node.expr)
         if vr is None:  # dim 0 is an expression, not a symbol: no range to read
             return traced, traced
-        lo = int(vr.lower) if _finite(vr.lower) else 1
+        lo = int(vr.lower) if finite(vr.lower) else 1
         low = max(low, 1 if lo <= 2 else lo)
-        if _finite(vr.upper):
+        if finite(vr.upper):
             high = int(vr.upper) if high is None else min(high, int(vr.upper))
     return low, high
 
 
-def _from_export(name, model, args, batch, device) -> TenantGraph:
-    ep, dynamic = _export(model, args, batch)
+def _from_export(name, model, args, kwargs, batch, device, dynamic_dims=None) -> TenantGraph:
+    leaf_dims = dims.declared(name, args, kwargs, dynamic_dims)
+    ep, dynamic = _export(name, model, args, kwargs, batch, leaf_dims)
     sig = ep.graph_signature
     if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
         raise TraceError(f"tenant {name!r}: the model mutates buffers or inputs during forward, "
@@ -250,24 +356,25 @@ def _from_export(name, model, args, batch, device) -> TenantGraph:
     lifted = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
               **sig.inputs_to_lifted_tensor_constants}
     tensors = {ph: state[target].detach() for ph, target in lifted.items()}
-    flat_args, in_spec = pytree.tree_flatten(args)
-    mask = _batched_mask(args, batch)
+    flat_args, in_spec = pytree.tree_flatten((args, kwargs))
+    mask = _batched_mask((args, kwargs), batch)
     user = sig.user_inputs
     if len(user) != len(flat_args):
         raise TraceError(f"tenant {name!r}: only tensor inputs are supported "
                          f"(got {len(flat_args)} leaves, export kept {len(user)})")
     inputs = []
-    for ph, a, batched in zip(user, flat_args, mask):
+    for ph, a, batched, kw, ds in zip(user, flat_args, mask, input_keywords(in_spec), leaf_dims):
         if not isinstance(a, torch.Tensor):
-            raise TraceError(f"tenant {name!r}: input {ph!r} is a {type(a).__name__}; "
+            raise TraceError(f"tenant {name!r}: input {kw or ph!r} is a {type(a).__name__}; "
                              "only tensor inputs are supported")
-        inputs.append(InputSpec(ph, tuple(a.shape), a.dtype, a.device, batched and dynamic))
+        inputs.append(InputSpec(ph, tuple(a.shape), a.dtype, a.device, batched and dynamic, kw, ds))
     gm = ep.graph_module
     tg = TenantGraph(name, gm, "export", tensors, inputs, in_spec, ep.call_spec.out_spec,
-                     batch, dynamic, device, model=model)
+                     batch, dynamic, device, model=model, dim_ranges=dims.ranges(name, ep, leaf_dims))
+    dims.check_holds(tg, model, (args, kwargs))
     if dynamic:
         low, high = batch_range(ep, max(batch, 2))
-        if low == 1 and not _holds_at_one(tg, model, args, batch):
+        if low == 1 and not _holds_at_one(tg, model, (args, kwargs), batch):
             low = 2  # batch 1 takes another path (0/1 specialisation hid it): calls at 1 run apart
         tg.batch_range = (low, high)
     else:
@@ -275,40 +382,49 @@ def _from_export(name, model, args, batch, device) -> TenantGraph:
     return tg
 
 
-def run_graph(tg: TenantGraph, args) -> list:
-    """The tenant's traced graph run eagerly on ``args``: its flat outputs."""
-    user = dict(zip((s.name for s in tg.inputs), pytree.tree_leaves(args)))
+def run_graph(tg: TenantGraph, call) -> list:
+    """The tenant's traced graph run eagerly on ``call`` (any call form): its flat outputs."""
+    leaves, problem = call_problem(tg.name, tg.in_spec, tg.inputs, call)
+    if problem is not None:
+        raise TraceError(problem)
+    user = dict(zip((s.name for s in tg.inputs), leaves))
     flat = [tg.tensors[n.name] if n.name in tg.tensors else user[n.name]
             for n in tg.gm.graph.nodes if n.op == "placeholder"]
     with torch.no_grad():
         return list(tg.gm(*flat))
 
 
-def _holds_at_one(tg: TenantGraph, model, args, batch: int) -> bool:
+def _holds_at_one(tg: TenantGraph, model, call, batch: int) -> bool:
     """Whether the graph traced for batch >= 2 gives the model's own output at batch 1.
 
     Export assumes every dynamic size is at least 2 and records no guard for it, so
     ``y * 2 if x.shape[0] > 1 else y * 3`` traces as if batch 1 could not happen. One
     row of the example through both tells (a test, not a proof: branches that agree on
     this row are not told apart)."""
+    return graph_matches(tg, model, with_batch(call, 1, batch))
+
+
+def graph_matches(tg: TenantGraph, model, call) -> bool:
+    """Whether the traced graph gives the model's own output (tolerance table) on ``call``."""
     from .tolerances import assert_close
 
-    one = with_batch(args, 1, batch)
     try:
         with torch.no_grad():
-            expected = pytree.tree_leaves(model(*one))
-        assert_close(run_graph(tg, one), expected)
-    except Exception:  # noqa: BLE001 - a different value, or a graph that cannot run at 1
+            expected = pytree.tree_leaves(model(*call[0], **call[1]))
+        assert_close(run_graph(tg, call), expected)
+    except Exception:  # noqa: BLE001 - a different value, or a graph that cannot run there
         return False
     return True
 
 
-def _from_fx(name, model, args, batch, device) -> TenantGraph:
+def _from_fx(name, model, args, kwargs, batch, device) -> TenantGraph:
     """Fallback: one opaque node that calls the fx-traced module."""
     from torch.fx.passes.shape_prop import ShapeProp
 
+    if kwargs:  # symbolic_trace binds positional placeholders only
+        raise TraceError("torch.fx.symbolic_trace takes positional inputs only")
     traced = torch.fx.symbolic_trace(model)
-    flat_args, in_spec = pytree.tree_flatten(args)
+    flat_args, in_spec = pytree.tree_flatten((args, {}))
     with torch.no_grad():
         ShapeProp(traced).propagate(*args)
         out = traced(*args)
@@ -317,7 +433,7 @@ def _from_fx(name, model, args, batch, device) -> TenantGraph:
     phs = [g.placeholder(f"arg{i}") for i in range(len(flat_args))]
     root = torch.nn.Module()
     root.tenant = traced
-    call = g.call_module("tenant", tuple(pytree.tree_unflatten(phs, in_spec)))
+    call = g.call_module("tenant", tuple(pytree.tree_unflatten(phs, in_spec)[0]))
     flat_call = g.call_function(_flatten_output, (call,))
     g.output(tuple(g.call_function(_getitem, (flat_call, i)) for i in range(len(flat_out))))
     gm = torch.fx.GraphModule(root, g)
@@ -334,22 +450,31 @@ def _getitem(seq, i):
     return seq[i]
 
 
-def trace_tenant(name: str, model: torch.nn.Module, args: tuple) -> TenantGraph:
-    """Trace one tenant at its example inputs (a tuple of positional args)."""
+def trace_tenant(name: str, model: torch.nn.Module, example, dynamic=None) -> TenantGraph:
+    """Trace one tenant at its example inputs (any call form: ``call_parts``), with the
+    dims ``dynamic`` declares ({input: {dim: name}}, stfuse/dims.py) symbolic."""
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"tenant {name!r}: expected a torch.nn.Module, got {type(model).__name__}")
-    device = _device_of(model, args)
-    batch = example_batch(args)
+    args, kwargs = call_parts(example)
+    for k in kwargs:
+        if not isinstance(k, str):
+            raise TraceError(f"tenant {name!r}: keyword argument names are strings, got {k!r}")
+    device = _device_of(model, (args, kwargs))
+    batch = example_batch((args, kwargs))
     with eval_mode(model), torch.no_grad():
         try:
-            tg = _from_export(name, model, args, batch, device)
-            tg.meta["example"] = args  # for the compile-time self-check (stfuse/selfcheck.py)
+            tg = _from_export(name, model, args, kwargs, batch, device, dynamic)
+            tg.meta["example"] = (args, kwargs)  # for the compile-time self-check (stfuse/selfcheck.py)
+            tg.meta["dynamic"] = dynamic  # as declared: a tenant traced again keeps its dims
             return tg
         except TraceError:
             raise
         except Exception as export_err:  # noqa: BLE001 - reported with the fallback's reason
+            if dynamic:  # the fx fallback fixes every size: a declared dim cannot hold
+                raise TraceError(f"tenant {name!r}: torch.export failed ({type(export_err).__name__}: "
+                                 f"{_first_line(export_err)}), and its dynamic dims need it") from export_err
             try:
-                return _from_fx(name, model, args, batch, device)
+                return _from_fx(name, model, args, kwargs, batch, device)
             except Exception as fx_err:  # noqa: BLE001
                 raise TraceError(
                     f"tenant {name!r} cannot be traced: torch.export failed with "

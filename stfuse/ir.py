@@ -27,8 +27,10 @@ op_class   a fusable class (a row of passes/optable.OP_CLASSES: "linear",
            kernel launch) or "other" for calls; the kind otherwise. Set by
            annotate, None before.
 shape      output shape at the tenant's example batch, or None if unknown
-sig        (shape at batch 2, shape at batch 3): members whose sigs agree
-           have equal shapes at every common batch size
+sig        (shape at batch 2, shape at batch 3, then one entry per declared
+           dynamic dim name, passes/annotate.py): members whose sigs agree
+           have equal shapes at every common batch size (and common sizes
+           of the declared dims)
 dtype      output dtype or None
 flops      floating point operations at the example batch (int)
 bytes      bytes read + written at the example batch (int)

@@ -14,15 +14,16 @@ The plan (groups, stats, summary, drawing) is stfuse/plan.py.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
 import torch
 import torch.utils._pytree as pytree
 
+from . import dims
 from .errors import InputError
-from .frontend import InputSpec, TenantGraph, describe_value, input_problem
+from .frontend import InputSpec, TenantGraph, call_problem, input_problem
 from .kernels.bind import bind
 from .plan import Plan
 
@@ -38,16 +39,18 @@ class TenantSpec:
 
     name: str
     inputs: tuple[InputSpec, ...]  # flat user inputs, in call order
-    in_spec: Any  # pytree spec of the positional args tuple
+    in_spec: Any  # pytree spec of the call, (args tuple, kwargs dict) (frontend.call_parts)
     out_spec: Any  # pytree spec of the model's output
     batch: int  # example batch size
     dynamic: bool  # batch size may change between calls
     batch_range: tuple = (1, None)  # (low, high or None): batch sizes the traced graph holds for
+    # Declared dynamic dims (stfuse/dims.py): name -> (low, high or None), checked per call
+    dim_ranges: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, tg: TenantGraph) -> TenantSpec:
         return cls(tg.name, tuple(tg.inputs), tg.in_spec, tg.out_spec, tg.batch, tg.dynamic,
-                   tuple(tg.batch_range))
+                   tuple(tg.batch_range), dict(tg.dim_ranges))
 
     def in_range(self, batch: int) -> bool:
         low, high = self.batch_range
@@ -62,7 +65,9 @@ class TenantCalls:
     """The calling convention of a multi-tenant program, from TenantSpecs alone.
 
     ``fused(x1, x2)`` runs every tenant, ``run({name: args})`` any subset;
-    ``check_inputs`` validates one tenant's args. A subclass sets ``_specs``
+    ``check_inputs`` validates one tenant's args. One tenant's argument takes any
+    form of frontend.call_parts: a Tensor, a tuple of args, a dict of kwargs, or
+    an (args, kwargs) pair. A subclass sets ``_specs``
     (name -> TenantSpec, tenant order) through ``_init_calls`` and implements
     ``_program(active, stacked) -> (module, output counts per tenant)``, where
     ``module.forward(*flat inputs)`` returns the flat outputs.
@@ -82,9 +87,9 @@ class TenantCalls:
         """For a tenant that takes plain batched tensors (one, or a tuple): per input
         (dtype, device, shape after dim 0, rank), and the batch range; else None."""
         n = len(spec.inputs)
-        if spec.in_spec != pytree.tree_flatten((None,) * n)[1]:
+        if spec.in_spec != pytree.tree_flatten(((None,) * n, {}))[1]:
             return None
-        if not all(s.batched for s in spec.inputs):
+        if not all(s.batched and not s.dims for s in spec.inputs):
             return None
         low, high = spec.batch_range if spec.dynamic else (1, None)
         return ([(s.dtype, s.device, torch.Size(s.shape[1:]), len(s.shape)) for s in spec.inputs],
@@ -110,7 +115,8 @@ class TenantCalls:
         return self._execute(self._names, args)
 
     def run(self, inputs: dict) -> dict:
-        """Run any subset of tenants: {name: Tensor or tuple of args} -> {name: output}."""
+        """Run any subset of tenants: {name: call} -> {name: output}, where a call is a
+        Tensor, a tuple of args, a dict of kwargs or an (args, kwargs) pair."""
         if not isinstance(inputs, dict) or not inputs:
             raise InputError("run() takes a non-empty dict {tenant name: args}")
         for name in inputs:
@@ -120,18 +126,25 @@ class TenantCalls:
         return dict(zip(active, self._execute(active, [inputs[t] for t in active])))
 
     def _execute(self, active: tuple, args) -> list:
-        flat, batch0, stacked, outside = [], None, True, {}
+        # stacked: every dynamic tenant at one batch size, and tenants sharing a declared
+        # dim's name at one size of it; else fused groups run grouped (passes/lower.py).
+        flat, batch0, stacked, outside, named = [], None, True, {}, {}
         for i, (name, a) in enumerate(zip(active, args)):
             leaves, batch = self.check_inputs(name, a)
-            if not self._specs[name].in_range(batch):
+            spec = self._specs[name]
+            if not spec.in_range(batch):
                 outside[i] = leaves
                 continue
             flat += leaves
-            if self._specs[name].dynamic:
+            if spec.dynamic:
                 if batch0 is None:
                     batch0 = batch
                 elif batch != batch0:
                     stacked = False
+            if spec.dim_ranges:
+                for dim, size in dims.sizes(spec.inputs, leaves).items():
+                    if named.setdefault(dim, size) != size:
+                        stacked = False
         if outside:  # the traced graph does not hold at this batch size: those tenants run apart
             inside = [i for i in range(len(active)) if i not in outside]
             results = self._execute(tuple(active[i] for i in inside), [args[i] for i in inside]) if inside else []
@@ -179,21 +192,15 @@ class TenantCalls:
                         and x.shape[1:] == rest and x.device == device
                         for x, (dtype, device, rest, ndim) in zip(leaves, inputs)):
                     return list(leaves), batch
-        if isinstance(args, torch.Tensor) and len(ts.inputs) == 1:
-            leaves, spec = [args], ts.in_spec
-        else:
-            args = args if isinstance(args, tuple) else (args,)
-            leaves, spec = pytree.tree_flatten(args)
-        if spec != ts.in_spec:
-            raise InputError(f"tenant {name!r}: expected {ts.in_spec.num_leaves} input(s) "
-                             f"{[s.describe() for s in ts.inputs]}, got {len(leaves)}: "
-                             f"{[describe_value(x) for x in leaves]}")
-        problem, batch = input_problem(name, ts.inputs, leaves)
+        leaves, problem = call_problem(name, ts.in_spec, ts.inputs, args)
+        if problem is not None:
+            raise InputError(problem)
+        problem, batch = input_problem(name, ts.inputs, leaves, ts.dim_ranges)
         if problem is not None:
             raise InputError(problem)
         if batch is not None and not ts.in_range(batch) and not self._can_run_outside_range(name):
             arg = next(i for i, s in enumerate(ts.inputs) if s.batched)
-            raise InputError(f"tenant {name!r}, argument {arg} ({ts.inputs[arg].name}): batch size {batch} "
+            raise InputError(f"{ts.inputs[arg].where(name, arg)}: batch size {batch} "
                              f"is outside the range {ts.describe_range()} the program was traced for "
                              "(the model depends on its batch size there), and the model is not "
                              "available to trace again or to run eagerly")
@@ -253,14 +260,15 @@ class FusedProgram(TenantCalls):
         self.outside_range_calls[name] = self.outside_range_calls.get(name, 0) + 1
         batch = next(x.shape[0] for x, s in zip(leaves, self._specs[name].inputs) if s.batched)
         model = self._tenants[name].model
-        args = args if isinstance(args, tuple) else (args,)
+        call = pytree.tree_unflatten(leaves, self._specs[name].in_spec)  # (args, kwargs)
         with self._lowering:
             progs = self.respecialised.setdefault(name, [])
             prog = next((p for p in progs if p.specs[name].in_range(batch)), None)
             eager = self._eager_batches.setdefault(name, set())
             if prog is None and batch not in eager and len(progs) < self.MAX_RESPECIALISATIONS:
                 try:
-                    prog = self._compile_tenants({name: trace_tenant(name, model, args)})
+                    dynamic = self._tenants[name].meta.get("dynamic")
+                    prog = self._compile_tenants({name: trace_tenant(name, model, call, dynamic)})
                     if prog.specs[name].in_range(batch):
                         progs.append(prog)
                     else:  # export traced something that does not hold at this batch either
@@ -270,9 +278,9 @@ class FusedProgram(TenantCalls):
                 if prog is None:
                     eager.add(batch)  # not traced again: this batch size runs the model itself
         if prog is not None:
-            return prog.run({name: args})[name]
+            return prog.run({name: call})[name]
         with eval_mode(model), torch.no_grad():
-            return model(*args)
+            return model(*call[0], **call[1])
 
     def _program(self, active: tuple, stacked: bool):
         key = (active, stacked)

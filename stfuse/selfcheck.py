@@ -1,7 +1,9 @@
 """The compile-time self-check: the last line of defence of the correctness rule.
 
 After the pass pipeline, the fused program runs on each tenant's example
-inputs (and on those rows repeated to another batch size) and is compared with
+inputs (and on those rows repeated to another batch size, and with declared
+dynamic dims moved to another size shared by the tenants of one dim name,
+stfuse/dims.py) and is compared with
 the tenant's own traced graph run eagerly, within the tolerance table. What
 cannot be shown correct runs unfused: a tenant whose outputs differ (or whose
 call raises) has its members taken out of every fusion group, the pipeline
@@ -18,6 +20,7 @@ import math
 import torch
 import torch.utils._pytree as pytree
 
+from . import dims
 from .frontend import TenantGraph, run_graph, with_batch
 from .tolerances import assert_close
 
@@ -87,6 +90,10 @@ def mismatches(fused) -> dict[str, str]:
              else cases[0][t] for t, tg in checked.items()}
     if any(_other_batch(tg) is not None for tg in checked.values()):
         cases.append(other)  # all tenants again: the same program a mixed call lowers
+    probes = dims.probes(checked.values())
+    if probes:  # tenants sharing a dim name at one other size of it: they stack there
+        cases.append({t: dims.resize(cases[0][t], tg.inputs, {n: o for n, (_, o) in probes[t].items()})
+                      if t in probes else cases[0][t] for t, tg in checked.items()})
     for inputs in cases:
         try:
             outs = fused.run(inputs)

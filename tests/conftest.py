@@ -100,3 +100,33 @@ class Center(torch.nn.Module):
     def forward(self, x):
         y = self.l(x)
         return y - y.mean(0)
+
+
+# ---------------------------------------------------------------------------- keyword calls
+
+
+def bert_call(batch: int, length: int, seed: int = 0) -> dict:
+    """BertModel keyword inputs: ``input_ids`` and an ``attention_mask`` whose row i pads
+    its last i % 3 positions (so the mask is not all ones)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for i in range(batch):
+        mask[i, length - i % 3:] = 0
+    return {"input_ids": torch.randint(3, 100, (batch, length), generator=g), "attention_mask": mask}
+
+
+def vit_call(batch: int, size: int = 16, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+
+
+def float64_call_reference(model, call):
+    """``float64_reference`` for a call in any form (frontend.call_parts)."""
+    from stfuse.frontend import call_parts
+
+    args, kwargs = call_parts(call)
+    ref = copy.deepcopy(model).double().eval()
+    dbl = torch.utils._pytree.tree_map(
+        lambda a: a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a, (args, kwargs))
+    with torch.no_grad():
+        return ref(*dbl[0], **dbl[1])

@@ -70,7 +70,7 @@ def test_layout_and_manifest(trio):
     assert {"manifest.json", "plan.json", "weights.safetensors", "programs/full.json",
             "programs/full_mixed.json", "programs/tenant_0.json", "programs/subset_0.json"} <= set(names)
     m = json.loads((path / "manifest.json").read_text())
-    assert m["format"] == "stfuse-artifact" and m["format_version"] == 2
+    assert m["format"] == "stfuse-artifact" and m["format_version"] == 3
     assert m["versions"]["torch"] == torch.__version__ and m["versions"]["stfuse"] == stfuse.__version__
     assert [t["name"] for t in m["tenants"]] == fused.tenants
     assert set(m["files"]) == set(names) - {"manifest.json"}
@@ -127,7 +127,7 @@ def test_loaded_inputs_are_checked(trio):
         prog.run({"m2": torch.randn(3, 16, dtype=torch.float64)})
     with pytest.raises(InputError, match="unknown tenant 'zz'"):
         prog.run({"zz": a[0]})
-    with pytest.raises(InputError, match="tenant 'heads': expected 2 input"):
+    with pytest.raises(InputError, match=r"tenant 'heads': 1 positional argument\(s\) where it takes 2"):
         prog.run({"heads": a[0]})
 
 
@@ -349,3 +349,49 @@ def test_loaded_program_checks_the_traced_batch_range(tmp_path):
         prog(x, y)
     assert_close(prog.run({"mlp": y})["mlp"], fused.run({"mlp": y})["mlp"])  # other tenants still run
     assert_close(fused(x, y)[0], models["br"](x))  # the compiled program traces it again
+
+
+# ---------------------------------------------------------------------------- keyword inputs
+
+
+def test_version_2_manifest_with_an_args_only_spec_still_loads(trio, copy):
+    """Version 2 recorded each tenant's args tuple alone; it is read as (args, {})."""
+    import torch.utils._pytree as pytree
+
+    def downgrade(m):
+        m["format_version"] = 2
+        for t in m["tenants"]:
+            args, _ = pytree.tree_unflatten([0] * len(t["inputs"]), pytree.treespec_loads(t["in_spec"]))
+            t["in_spec"] = pytree.treespec_dumps(pytree.tree_structure(args))
+    _edit_manifest(copy, downgrade)
+    prog, args = stfuse.load(copy), _args()
+    assert _equal(prog(*args), trio[0](*args))
+
+
+def test_input_spec_that_is_not_a_call_is_refused(copy):
+    import torch.utils._pytree as pytree
+
+    _edit_manifest(copy, lambda m: m["tenants"][0].update(
+        in_spec=pytree.treespec_dumps(pytree.tree_structure([0]))))
+    with pytest.raises(ArtifactError, match=r"tenant 'm1': its input spec is not a call \(args, kwargs\)"):
+        stfuse.load(copy)
+
+
+def test_keyword_tenant_round_trip(tmp_path):
+    """A BERT tenant called with keywords: the manifest records its call spec, and the loaded
+    program takes the same keywords (in any order) and names a missing one."""
+    pytest.importorskip("transformers")
+    from conftest import bert_call
+
+    models = {"bert": zoo.hf_model("bert", 0)[0], "mlp": zoo.mlp(8, 16, 4)}
+    fused = stfuse.compile(models, {"bert": bert_call(2, 8), "mlp": torch.randn(2, 8)})
+    fused.save(tmp_path / "kw", example_inputs={"bert": bert_call(2, 8)})
+    m = json.loads((tmp_path / "kw" / "manifest.json").read_text())
+    assert m["tenants"][0]["inputs"][0]["value_range"][0] >= 3  # token ids, in spec order
+    prog = stfuse.load(tmp_path / "kw")
+    assert [s.keyword for s in prog.specs["bert"].inputs] == ["input_ids", "attention_mask"]
+    call, x = bert_call(3, 8, seed=4), torch.randn(3, 8)
+    assert _equal(prog.run({"bert": dict(reversed(list(call.items()))), "mlp": x}),
+                  fused.run({"bert": call, "mlp": x}))
+    with pytest.raises(InputError, match=r"tenant 'bert': missing keyword argument\(s\) 'attention_mask'"):
+        prog.run({"bert": {"input_ids": call["input_ids"]}})

@@ -376,3 +376,23 @@ def test_parameter_shapes_made_dynamic_share_one_graph_across_model_sizes():
             assert_close(_run(c, x), float64_reference(m, (x,)))
     assert len(graphs()) == 2  # the first size, then one graph for every other size
     _all_fused(graphs())
+
+
+def test_transformers_bert_called_with_keywords():
+    """Dynamo flattens a keyword call into graph inputs: BertModel(input_ids=, attention_mask=)
+    and ViTModel(pixel_values=) run through stfuse like positional calls."""
+    pytest.importorskip("transformers")
+    from conftest import bert_call, float64_call_reference, vit_call
+
+    for family, make in (("bert", lambda b: bert_call(b, 8, seed=b)), ("vit", lambda b: vit_call(b, seed=b))):
+        model = zoo.hf_model(family)[0]
+        compiled = torch.compile(model, backend="stfuse")
+        for batch in (2, 3):
+            call = make(batch)
+            assert_close(_run_kw(compiled, call), float64_call_reference(model, call), msg=f"{family} at {batch}")
+    _all_fused(graphs())
+
+
+def _run_kw(compiled, kwargs):
+    with torch.no_grad():
+        return compiled(**kwargs)

@@ -336,3 +336,37 @@ def test_stacked_conv_output_viewed_as_eager_lays_it_out():
     assert any(grp.op_class == "conv2d" for grp in fused.graph.graph["groups"].values())
     y = fused(*[torch.randn(2, 3, 6, 6) for _ in models])[0][1]
     assert y.is_contiguous()  # what the tenant's own conv returns
+
+
+# --- issue 14: keyword inputs -------------------------------------------------------
+
+
+def test_keyword_example_inputs_trace():
+    """A kwargs dict as example input raised TraceError "'dict' object has no attribute
+    'size'": export treated it as one positional argument."""
+    pytest.importorskip("transformers")
+    from stfuse import zoo
+
+    from conftest import bert_call, float64_call_reference
+
+    models = [zoo.hf_model("bert", s)[0] for s in (0, 1)]
+    fused = stfuse.compile(models, [bert_call(2, 8), bert_call(2, 8, seed=1)])
+    assert fused.tenant_graphs["0"].method == "export" and fused.plan.stats["fused_groups"] > 0
+    calls = [bert_call(3, 8, seed=7), bert_call(1, 8, seed=8)]
+    for m, call, out in zip(models, calls, fused(*calls)):
+        assert_close(out, float64_call_reference(m, call))
+
+
+def test_a_dict_for_a_positional_tenant_says_what_it_takes():
+    """A dict passed to run for a tenant traced with positional args said "expected 2
+    input(s) [...], got 2: [...]", two equal counts and no reason."""
+    from stfuse.errors import InputError
+
+    class Two(nn.Module):
+        def forward(self, x, y):
+            return x * y
+
+    fused = stfuse.compile([Two()], [(torch.randn(2, 8), torch.randn(2, 8))])
+    with pytest.raises(InputError, match=r"tenant '0': unknown keyword argument\(s\) 'x', 'y' .*; 0 positional "
+                                         r"argument\(s\) where it takes 2; expected \(Tensor\[B, 8\] float32"):
+        fused.run({"0": {"x": torch.randn(2, 8), "y": torch.randn(2, 8)}})

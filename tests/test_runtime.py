@@ -259,7 +259,7 @@ class Gate:
         self.entered, self.open = threading.Event(), threading.Event()
 
     def __call__(self, inputs):
-        self.calls.append({t: a[0].shape[0] for t, a in inputs.items()})
+        self.calls.append({t: torch.utils._pytree.tree_leaves(a)[0].shape[0] for t, a in inputs.items()})
         self.entered.set()
         assert self.open.wait(TIMEOUT)
         return self.inner(inputs)
@@ -853,3 +853,24 @@ def test_requests_written_on_another_stream_are_waited_for():
             want = models[0](torch.full((4, 8), 3.0, device="cuda"))
         side.synchronize()
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+
+
+def test_keyword_requests_are_merged_and_fused_like_positional_ones():
+    """submit takes every call form of fused.run: a BERT tenant's requests as keyword dicts
+    (examples too) are merged along the batch and fused with a positional tenant."""
+    pytest.importorskip("transformers")
+    from conftest import bert_call, float64_call_reference
+
+    models = {"bert": zoo.hf_model("bert", 0)[0], "mlp": zoo.mlp(8, 16, 4)}
+    fused = stfuse.compile(models, {"bert": bert_call(2, 8), "mlp": torch.randn(2, 8)})
+    gate = Gate(fused.run)
+    prog = SimpleNamespace(tenants=fused.tenants, run=gate, specs=fused.specs, check_inputs=fused.check_inputs)
+    sent = [("bert", bert_call(2, 8, seed=i)) for i in range(3)] + [("mlp", torch.randn(2, 8))]
+    examples = {"bert": bert_call(1, 8), "mlp": torch.randn(1, 8)}
+    with Runtime(prog, "space-time", profile=cheap_fusion(fused.tenants), example_inputs=examples) as rt:
+        futs = queue_behind_one_launch(rt, gate, ("bert", ((), bert_call(1, 8, seed=9))), sent)
+        with pytest.raises(InputError, match=r"tenant 'bert': missing keyword argument\(s\) 'attention_mask'"):
+            rt.submit("bert", {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
+    assert gate.calls[1] == {"bert": 6, "mlp": 2}  # three requests merged, fused with the MLP
+    for (t, call), f in zip(sent, futs):
+        assert_close(f.result(), float64_call_reference(models[t], call), msg=f"tenant {t}")

@@ -15,12 +15,12 @@ import torch
 import torch.utils._pytree as pytree
 
 from stfuse.errors import ArtifactError, StfuseError
-from stfuse.frontend import InputSpec, tenant_name_problem
+from stfuse.frontend import InputSpec, input_keywords, tenant_name_problem
 from stfuse.plan import Plan
 from stfuse.program import TenantSpec
 
 from . import validate
-from .format import DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, PLAN, WEIGHTS
+from .format import DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, OLDEST_READ, PLAN, WEIGHTS
 from .loaded import BoundProgram, LoadedProgram
 
 _SAFE_FILE = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
@@ -41,7 +41,7 @@ def _check_manifest(path, manifest) -> None:
             manifest.get("versions"), dict) else "?"
         _fail(path, f"format version {version} is newer than this stfuse reads "
                     f"({FORMAT_VERSION}); it was written by stfuse {stfuse}: upgrade stfuse to load it")
-    if version < FORMAT_VERSION:
+    if version < OLDEST_READ:
         _fail(path, f"format version {version} stores programs as zip archives, which this stfuse "
                     "no longer reads (their checks and torch's reader could disagree); save the "
                     "program again with this stfuse")
@@ -59,6 +59,14 @@ def _check_manifest(path, manifest) -> None:
         low, high = t["batch_range"]
         if low < 0 or (high is not None and high < low):
             _fail(path, f"{MANIFEST}: tenant {t['name']!r} has an invalid batch range {t['batch_range']}")
+        for dim, (low, high) in (t.get("dim_ranges") or {}).items():
+            if not dim.isidentifier() or low < 2 or (high is not None and high < low):
+                _fail(path, f"{MANIFEST}: tenant {t['name']!r} has an invalid range {[low, high]} for dim {dim!r}")
+        for i in t["inputs"]:
+            for d, dim in i.get("dims") or ():
+                if dim not in (t.get("dim_ranges") or {}) or not 1 <= d < len(i["shape"]):
+                    _fail(path, f"{MANIFEST}: tenant {t['name']!r}: input {i['name']!r} declares dim {d} "
+                                f"({dim!r}) without a range or outside its shape")
         for i in t["inputs"]:
             if i["dtype"] not in DTYPES or min(i["shape"], default=0) < 0:
                 _fail(path, f"{MANIFEST}: tenant {t['name']!r}: input {i['name']!r} has an invalid "
@@ -145,18 +153,33 @@ def _treespec(text: str, tenant: str):
         raise ArtifactError(f"tenant {tenant!r}: unreadable pytree spec ({err})") from err
 
 
+def _call_spec(in_spec, version: int, tenant: str):
+    """A tenant's call spec, (args tuple, kwargs dict with string keys); a version 2
+    artifact recorded the args tuple alone."""
+    if version == 2 and in_spec.type is tuple:
+        args = pytree.tree_unflatten([0] * in_spec.num_leaves, in_spec)
+        return pytree.tree_structure((args, {}))
+    kids = list(in_spec.children()) if in_spec.type is tuple else []
+    if (len(kids) != 2 or kids[0].type is not tuple or kids[1].type is not dict
+            or not all(isinstance(k, str) for k in kids[1].context)):
+        raise ArtifactError(f"tenant {tenant!r}: its input spec is not a call (args, kwargs)")
+    return in_spec
+
+
 def _tenant_specs(manifest, device) -> dict[str, TenantSpec]:
     specs = {}
     for t in manifest["tenants"]:
         name = t["name"]
-        inputs = tuple(InputSpec(i["name"], tuple(i["shape"]), DTYPES[i["dtype"]], device, i["batched"])
-                       for i in t["inputs"])
-        in_spec = _treespec(t["in_spec"], name)
-        if in_spec.num_leaves != len(inputs):
+        in_spec = _call_spec(_treespec(t["in_spec"], name), manifest["format_version"], name)
+        if in_spec.num_leaves != len(t["inputs"]):
             raise ArtifactError(f"tenant {name!r}: its pytree spec has {in_spec.num_leaves} inputs, "
-                                f"the manifest lists {len(inputs)}")
+                                f"the manifest lists {len(t['inputs'])}")
+        inputs = tuple(InputSpec(i["name"], tuple(i["shape"]), DTYPES[i["dtype"]], device, i["batched"], kw,
+                                 tuple((d, n) for d, n in i.get("dims") or ()))
+                       for i, kw in zip(t["inputs"], input_keywords(in_spec)))
         specs[name] = TenantSpec(name, inputs, in_spec, _treespec(t["out_spec"], name),
-                                 t["batch"], t["dynamic"], tuple(t["batch_range"]))
+                                 t["batch"], t["dynamic"], tuple(t["batch_range"]),
+                                 {n: tuple(r) for n, r in (t.get("dim_ranges") or {}).items()})
     return specs
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
+from torch.utils._sympy.numbers import int_oo
 
 from stfuse.errors import ArtifactError
 
@@ -34,9 +35,11 @@ def _versions() -> dict:
 
 
 def _spec_record(spec, examples) -> dict:
-    leaves = pytree.tree_leaves(examples if isinstance(examples, tuple) else (examples,))
+    from stfuse.frontend import call_problem
+
+    leaves = call_problem(spec.name, spec.in_spec, spec.inputs, examples)[0] if examples is not None else None
     ranges = [[int(x.min()), int(x.max())] if isinstance(x, torch.Tensor) and x.numel()
-              and not x.is_floating_point() and not x.is_complex() else None for x in leaves]
+              and not x.is_floating_point() and not x.is_complex() else None for x in leaves or ()]
     ranges = ranges if len(ranges) == len(spec.inputs) else [None] * len(spec.inputs)
     try:
         in_spec, out_spec = pytree.treespec_dumps(spec.in_spec), pytree.treespec_dumps(spec.out_spec)
@@ -48,8 +51,10 @@ def _spec_record(spec, examples) -> dict:
             "batch_range": list(spec.batch_range),  # checked on every call (TenantSpec.in_range)
             "device": str(spec.inputs[0].device) if spec.inputs else "cpu",
             "inputs": [{"name": s.name, "shape": list(s.shape), "batched": s.batched,
-                        "dtype": str(s.dtype).removeprefix("torch."), "value_range": r}
+                        "dtype": str(s.dtype).removeprefix("torch."), "value_range": r,
+                        "dims": [[d, n] for d, n in s.dims]}  # declared dynamic dims (stfuse/dims.py)
                        for s, r in zip(spec.inputs, ranges)],
+            "dim_ranges": {n: list(r) for n, r in spec.dim_ranges.items()},  # checked on every call
             "in_spec": in_spec, "out_spec": out_spec}
 
 
@@ -104,9 +109,45 @@ def _weights_as_inputs(gm: torch.fx.GraphModule):
     return torch.fx.GraphModule(torch.nn.Module(), graph), weights
 
 
-def _example(spec, batch: int) -> list[torch.Tensor]:
-    return [torch.zeros((batch, *s.shape[1:]) if s.batched else s.shape, dtype=s.dtype, device=s.device)
-            for s in spec.inputs]
+def _example(spec, batch: int, sizes: dict) -> list[torch.Tensor]:
+    out = []
+    for s in spec.inputs:
+        shape = [batch, *s.shape[1:]] if s.batched else list(s.shape)
+        for d, name in s.dims:
+            shape[d] = sizes[name]
+        out.append(torch.zeros(shape, dtype=s.dtype, device=s.device))
+    return out
+
+
+def _dim_sizes(specs, stacked: bool) -> list[dict]:
+    """Per tenant, {name: (export Dim, example size)} for its declared dims: stacked, one
+    Dim per name shared by the tenants (over the intersection of their ranges), else one
+    per tenant. Sizes are odd, distinct and not a batch size used (3 + i): export unifies
+    symbols whose example sizes are equal, and a dim unified with the batch would be
+    checked as one."""
+    used = set(range(3, 4 + len(specs)))
+
+    def dim(label, low, high):
+        size = next((v for v in range(max(low, 5) | 1, (high or 1 << 20) + 1, 2) if v not in used), low)
+        used.add(size)
+        return Dim(label, min=low, max=int_oo if high is None else high), size
+
+    shared = {}
+    if stacked:
+        for s in specs:
+            for n, (low, high) in s.dim_ranges.items():
+                lo, hi = shared.get(n, (low, high))
+                shared[n] = (max(lo, low), hi if high is None else high if hi is None else min(hi, high))
+        shared = {n: dim(f"dim_{n}", lo, hi) for n, (lo, hi) in sorted(shared.items())
+                  if hi is None or lo <= hi}  # disjoint ranges: one Dim per tenant below
+    return [{n: shared.get(n) or dim(f"dim_{n}_{i}", low, high) for n, (low, high) in sorted(s.dim_ranges.items())}
+            for i, s in enumerate(specs)]
+
+
+def _varies(spec) -> bool:
+    """Whether a tenant's sizes vary per call (batch or declared dims): two such tenants
+    need the mixed program, where each runs at its own sizes."""
+    return spec.dynamic or bool(spec.dim_ranges)
 
 
 def _kernels(gm) -> list[list[str]]:
@@ -139,10 +180,12 @@ def _export_program(fused, active: tuple, stacked: bool, tensors: _Tensors, out:
     specs = [fused.specs[t] for t in active]
     args, dyn = list(weights), [None] * len(weights)
     shared = Dim("batch", min=1)
-    for i, s in enumerate(specs):
+    for i, (s, named) in enumerate(zip(specs, _dim_sizes(specs, stacked))):
         dim = shared if stacked else Dim(f"batch{i}", min=1)
-        args += _example(s, 3 if stacked else 3 + i)  # distinct sizes keep the dims apart
-        dyn += [{0: dim} if x.batched else None for x in s.inputs]
+        # distinct sizes keep the dims apart
+        args += _example(s, 3 if stacked else 3 + i, {n: size for n, (_, size) in named.items()})
+        dyn += [{**({0: dim} if x.batched else {}), **{d: named[n][0] for d, n in x.dims}} or None
+                for x in s.inputs]
     try:
         ep = torch.export.export(wgm, tuple(args), dynamic_shapes=tuple(dyn), strict=False)
     except Exception as err:  # noqa: BLE001 - reported with the program named
@@ -214,7 +257,7 @@ def save(fused, path, *, subsets=(), example_inputs=None, progress=None) -> Path
     examples = dict(example_inputs or {})
     tenants = [_spec_record(fused.specs[t], examples.get(t)) for t in names]
     wanted = [("full", tuple(names), True)]
-    if sum(fused.specs[t].dynamic for t in names) >= 2:
+    if sum(_varies(fused.specs[t]) for t in names) >= 2:
         wanted.append(("full_mixed", tuple(names), False))
     wanted += [(f"tenant_{i}", (t,), True) for i, t in enumerate(names) if len(names) > 1]
     for j, sub in enumerate(subsets):
@@ -225,7 +268,7 @@ def save(fused, path, *, subsets=(), example_inputs=None, progress=None) -> Path
         if sub == tuple(names):
             continue  # the full set is always saved
         wanted.append((f"subset_{j}", sub, True))
-        if sum(fused.specs[t].dynamic for t in sub) >= 2:
+        if sum(_varies(fused.specs[t]) for t in sub) >= 2:
             wanted.append((f"subset_{j}_mixed", sub, False))
 
     try:

@@ -94,9 +94,11 @@ def _kind(value) -> str:
 
 
 _FILE = {"bytes": int, "sha256": str}
-_INPUT = {"name": str, "shape": [int], "batched": bool, "dtype": str, "value_range": Opt((int, int))}
+_INPUT = {"name": str, "shape": [int], "batched": bool, "dtype": str, "value_range": Opt((int, int)),
+          "dims": Opt([(int, str)])}  # declared dynamic dims, (dim, name); absent before format 3
 _TENANT = {"name": str, "batch": int, "dynamic": bool, "device": str, "inputs": [_INPUT],
-           "in_spec": str, "out_spec": str, "batch_range": (int, Opt(int))}
+           "in_spec": str, "out_spec": str, "batch_range": (int, Opt(int)),
+           "dim_ranges": Opt({"*": (int, Opt(int))})}
 _PROGRAM = {"file": str, "tenants": [str], "stacked": bool, "counts": [int], "weights": [str],
             "kernels": [(str, str)]}
 _VIEW = {"storage": str, "offset": int, "shape": [int], "stride": [int], "dtype": str}

@@ -10,7 +10,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from stfuse.errors import InputError, StfuseError
-from stfuse.frontend import InputSpec
+from stfuse.frontend import InputSpec, call_problem
 from stfuse.runtime.profile import LatencyProfile
 
 
@@ -24,8 +24,27 @@ def inputs_seen(args: tuple) -> tuple[InputSpec, ...]:
     return tuple(InputSpec(f"arg{i}", tuple(a.shape), a.dtype, a.device, True) for i, a in enumerate(args))
 
 
-def as_args(tenant: str, args: Any, max_batch: int | None) -> tuple:
-    """Normalise to a tuple of tensors sharing one batch size and device, or raise InputError."""
+def call_specs(fused) -> dict:
+    """{tenant: TenantSpec} of the tenants whose calls are not plain positional tensors
+    (keyword inputs, nested args): their requests travel as flat tuples of tensors
+    (``as_args``) and are rebuilt into calls for each launch (``as_call``)."""
+    return {t: s for t, s in getattr(fused, "specs", {}).items()
+            if s.in_spec != pytree.tree_structure(((None,) * len(s.inputs), {}))}
+
+
+def as_call(args: tuple, spec) -> Any:
+    """A request's flat tensors as the call its tenant takes (``spec``: see call_specs)."""
+    return args if spec is None else pytree.tree_unflatten(list(args), spec.in_spec)
+
+
+def as_args(tenant: str, args: Any, max_batch: int | None, spec=None) -> tuple:
+    """Normalise to a tuple of tensors sharing one batch size and device, or raise InputError.
+    With the tenant's ``spec`` (call_specs), any call form is taken: its tensors in call order."""
+    if spec is not None:
+        leaves, problem = call_problem(tenant, spec.in_spec, spec.inputs, args)
+        if problem is not None:
+            raise InputError(problem)
+        args = tuple(leaves)
     if isinstance(args, torch.Tensor):
         args = (args,)
     elif isinstance(args, (tuple, list)):
@@ -116,7 +135,9 @@ def synchronize(inputs: Mapping[str, tuple]) -> None:
         torch.cuda.current_stream(first.device).synchronize()
 
 
-def normalise_examples(tenants: Sequence[str], example_inputs) -> dict[str, tuple]:
+def normalise_examples(tenants: Sequence[str], example_inputs, specs=None) -> dict[str, tuple]:
+    """{tenant: flat tuple of tensors} from a dict or a list in tenant order (``specs``:
+    call_specs of the program, for tenants called with keywords)."""
     if isinstance(example_inputs, Mapping):
         unknown = set(example_inputs) - set(tenants)
         if unknown:
@@ -126,7 +147,8 @@ def normalise_examples(tenants: Sequence[str], example_inputs) -> dict[str, tupl
         if len(example_inputs) != len(tenants):
             raise InputError(f"example_inputs: {len(example_inputs)} entries for the tenants {list(tenants)}")
         items = dict(zip(tenants, example_inputs))
-    return {t: as_args(t, a, None) for t, a in items.items()}
+    specs = specs or {}
+    return {t: as_args(t, a, None, specs.get(t)) for t, a in items.items()}
 
 
 def measure_profile(fused, example_inputs, max_batch: int = 32, reps: int = 5,
@@ -143,10 +165,11 @@ def measure_profile(fused, example_inputs, max_batch: int = 32, reps: int = 5,
     by LatencyProfile.observe. The fit is the linear model of LatencyProfile.
     """
     tenants = list(fused.tenants)
-    ex = normalise_examples(tenants, example_inputs)
+    specs = call_specs(fused)
+    ex = normalise_examples(tenants, example_inputs, specs)
 
     def rows(t, b):
-        return tuple(a[:1].repeat(b, *([1] * (a.dim() - 1))) for a in ex[t])
+        return as_call(tuple(a[:1].repeat(b, *([1] * (a.dim() - 1))) for a in ex[t]), specs.get(t))
 
     def timed(inputs):
         times = []

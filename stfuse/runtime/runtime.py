@@ -33,7 +33,7 @@ import torch
 
 from stfuse.errors import InputError, StfuseError
 from stfuse.frontend import input_problem
-from stfuse.runtime.batching import (Unsplittable, as_args, caller_stream, concat, hand_over, inputs_seen,
+from stfuse.runtime.batching import (Unsplittable, as_args, as_call, call_specs, caller_stream, concat, hand_over, inputs_seen,
                                      measure_profile, normalise_examples, pad, split, synchronize,
                                      wait_for_callers)
 from stfuse.runtime.stats import StatsRecorder
@@ -136,7 +136,9 @@ class Runtime:
         self._slo_s = {t: ms / 1e3 for t, ms in slo.items()}
         self.max_batch = max_batch
         self.max_queue = max_queue
-        examples = normalise_examples(self.tenants, example_inputs) if example_inputs else {}
+        # Tenants called with keywords (or nested args): requests hold their flat tensors.
+        self._calls = call_specs(fused)
+        examples = normalise_examples(self.tenants, example_inputs, self._calls) if example_inputs else {}
         self._check = getattr(fused, "check_inputs", None)
         for t, a in examples.items():
             self._program_check(t, a)
@@ -147,7 +149,7 @@ class Runtime:
             self._scheduler = policy
         else:
             if profile is None:
-                profile = (measure_profile(fused, examples, max_batch, profile_reps) if examples
+                profile = (measure_profile(fused, example_inputs, max_batch, profile_reps) if examples
                            else LatencyProfile({}, {}))
             self._scheduler = make_scheduler(policy, self.tenants, slice_s=slice_ms / 1e3,
                                              max_batch=max_batch, profile=profile, slo_s=self._slo_s,
@@ -182,7 +184,8 @@ class Runtime:
     # ------------------------------------------------------------------ public API
 
     def submit(self, tenant: str, args, *, block: bool = False, timeout: float | None = None) -> Future:
-        """Queue one request (a Tensor or a tuple of Tensors, batch on dim 0); returns its Future.
+        """Queue one request (a Tensor, a tuple of Tensors, a dict of keyword Tensors or an
+        (args, kwargs) pair, as fused.run takes; batch on dim 0); returns its Future.
 
         Bad input raises InputError here, before anything is queued. A tenant
         over its rate limit raises QueueFullError; a full queue raises it at once, or with block=True waits for room
@@ -191,7 +194,7 @@ class Runtime:
         """
         if tenant not in self._queues:
             raise InputError(f"unknown tenant {tenant!r}; tenants are {self.tenants}")
-        args = as_args(tenant, args, self.max_batch)
+        args = as_args(tenant, args, self.max_batch, self._calls.get(tenant))
         self._input_check(tenant, args)
         future = Future()
         future.add_done_callback(self._on_done)
@@ -283,7 +286,7 @@ class Runtime:
         if self._check is None:
             return
         try:
-            self._check(tenant, args)
+            self._check(tenant, as_call(args, self._calls.get(tenant)))
         except StfuseError:
             raise
         except Exception as exc:
@@ -440,7 +443,7 @@ class Runtime:
             inputs = {t: concat([r.args for r in reqs]) for t, reqs in batch.items()}
             if pad_to is not None:
                 inputs = {t: pad(args, pad_to) for t, args in inputs.items()}
-            outs = self._fused.run(inputs)
+            outs = self._fused.run({t: as_call(a, self._calls.get(t)) for t, a in inputs.items()})
             if not isinstance(outs, Mapping) or set(outs) != set(batch):
                 raise StfuseError(f"fused.run returned {type(outs).__name__} "
                                   f"{sorted(outs) if isinstance(outs, Mapping) else ''} for {sorted(batch)}")
