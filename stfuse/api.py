@@ -9,7 +9,8 @@ import torch
 
 from . import ir
 from .errors import StfuseError, TraceError
-from .frontend import tenant_name_problem, trace_tenant
+from .calls import tenant_name_problem
+from .frontend import trace_tenant
 from .program import FusedProgram
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
 
     ``models``: a list (tenants named "0", "1", ...) or a dict {name: model}.
     ``example_inputs``: per tenant a Tensor, a tuple of positional args, a dict of
-    keyword args or an ``(args, kwargs)`` pair (frontend.call_parts), in the same
+    keyword args or an ``(args, kwargs)`` pair (calls.call_parts), in the same
     list/dict form as ``models``. Calls take the same forms. Models are traced in
     eval mode.
     ``dynamic``: per tenant, the dims other than the batch that vary per call,

@@ -223,7 +223,7 @@ def _inspect(args) -> int:
     import json
 
     from .artifact import read, read_plan
-    from .frontend import InputSpec
+    from .calls import InputSpec
 
     manifest, data = read(args.artifact)
     plan = read_plan(args.artifact, data)

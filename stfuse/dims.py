@@ -84,8 +84,6 @@ def ranges(tenant: str, ep, leaf_dims: list[tuple]) -> dict[str, tuple[int, int 
     than a free symbol, and two names for one symbol (the model needs them equal, and
     calls would be checked as if they were free). One name for dims the model keeps
     apart is fine: calls must give them one size."""
-    from .frontend import finite
-
     user = set(ep.graph_signature.user_inputs)
     vals = [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
     out: dict[str, tuple] = {}
@@ -109,7 +107,14 @@ def ranges(tenant: str, ep, leaf_dims: list[tuple]) -> dict[str, tuple[int, int 
     return out
 
 
-def check_holds(tg, model, call) -> None:
+def finite(v) -> bool:
+    import sympy
+    from torch.utils._sympy.numbers import int_oo
+
+    return v not in (int_oo, -int_oo, sympy.oo, -sympy.oo)
+
+
+def check_holds(tg, model, call, graph_matches) -> None:
     """Raise TraceError where the graph traced at the example does not give the model's
     own output with a declared dim at another size: a size up (down at the top of the
     range) and twice the example (inside the range).
@@ -117,9 +122,8 @@ def check_holds(tg, model, call) -> None:
     Export keeps guards on sizes as ranges, but not every guard: a ViT whose example
     has as many patches as it has positions returns its position table uninterpolated,
     and export kept no guard for ``patches == positions``, so the graph crashed at any
-    other image size. A test, not a proof: paths that agree at these sizes pass."""
-    from .frontend import graph_matches
-
+    other image size. A test, not a proof: paths that agree at these sizes pass.
+    ``graph_matches(tg, model, call)`` (frontend.graph_matches) runs both and compares."""
     example = {name: s.shape[d] for s in tg.inputs for d, name in s.dims}
     for name, (low, high) in tg.dim_ranges.items():
         top = (1 << 30) if high is None else high

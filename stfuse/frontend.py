@@ -1,16 +1,12 @@
 """Frontend: trace each tenant model into a TenantGraph.
 
 ``torch.export`` gives the ATen-level FX graph (parameters and buffers lifted to
-placeholders, dim 0 of every batched input symbolic).
-
-THE calling convention for one tenant (example inputs, ``fused(...)``, ``run``, the
-runtime's ``submit``) is ``call_parts``: a Tensor is the one positional argument, a
-tuple is positional arguments, a dict (any Mapping) is keyword arguments, and a
-pair ``(tuple, dict)`` is ``(args, kwargs)``. A model whose positional arguments
-are one tuple and one dict takes them as ``((the_tuple, the_dict), {})``. Where export fails the
-tenant falls back to ``torch.fx.symbolic_trace`` plus shape propagation, and
-runs as one opaque call (correct, never fused). Where both fail, TraceError
-names the tenant and both reasons.
+placeholders, dim 0 of every batched input symbolic, and the declared dynamic
+dims of stfuse/dims.py). A tenant's example inputs take any call form of
+stfuse/calls.py (args, kwargs, or both). Where export fails the tenant falls
+back to ``torch.fx.symbolic_trace`` plus shape propagation, and runs as one
+opaque call (correct, never fused). Where both fail, TraceError names the
+tenant and both reasons.
 """
 
 from __future__ import annotations
@@ -18,144 +14,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim, ShapesCollection
 
 from . import dims
+from .calls import InputSpec, call_parts, call_problem, input_keywords
 from .errors import TraceError
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One flat user input of a tenant."""
-
-    name: str  # placeholder name in the tenant graph
-    shape: tuple[int, ...]  # at the example batch
-    dtype: torch.dtype
-    device: torch.device
-    batched: bool  # dim 0 is this tenant's batch dim
-    keyword: str | None = None  # the keyword argument it is passed as (None: positional)
-    dims: tuple[tuple[int, str], ...] = ()  # declared dynamic dims, (dim, name) (stfuse/dims.py)
-
-    def where(self, tenant: str, i: int) -> str:
-        """The input as error messages name it: by keyword, else by flat position."""
-        if self.keyword is not None:
-            return f"tenant {tenant!r}, keyword argument {self.keyword!r}"
-        return f"tenant {tenant!r}, argument {i} ({self.name})"
-
-    def describe(self) -> str:
-        named = dict(self.dims)
-        dims = ["B" if (i == 0 and self.batched) else named.get(i, str(d)) for i, d in enumerate(self.shape)]
-        return f"Tensor[{', '.join(dims)}] {str(self.dtype).removeprefix('torch.')} on {self.device}"
-
-
-def describe_value(t) -> str:
-    """A call argument as error messages show it."""
-    if not isinstance(t, torch.Tensor):
-        return f"{type(t).__name__} {t!r}"[:80]
-    return (f"Tensor[{', '.join(map(str, t.shape))}] {str(t.dtype).removeprefix('torch.')} "
-            f"on {t.device}")
-
-
-def call_parts(value) -> tuple[tuple, dict]:
-    """One tenant's call argument as ``(args, kwargs)``: THE rule (module docstring).
-
-    A Mapping is keyword arguments (a tokenizer's BatchEncoding is one); a tuple of
-    exactly a tuple and a Mapping is ``(args, kwargs)``; any other tuple is
-    positional arguments; anything else is the one positional argument."""
-    if isinstance(value, Mapping):
-        return (), dict(value)
-    if isinstance(value, tuple):
-        if len(value) == 2 and isinstance(value[0], tuple) and isinstance(value[1], Mapping):
-            return value[0], dict(value[1])
-        return value, {}
-    return (value,), {}
-
-
-def input_keywords(in_spec) -> list[str | None]:
-    """Per flat input of a call spec (the pytree spec of ``(args, kwargs)``), the keyword
-    argument it is passed as (``"input_ids"``, ``"past['k']"``), or None for positional."""
-    paths, _ = pytree.tree_flatten_with_path(pytree.tree_unflatten([0] * in_spec.num_leaves, in_spec))
-    return [f"{path[1].key}{pytree.keystr(path[2:])}" if path[0].idx == 1 else None
-            for path, _ in paths]
-
-
-def describe_call(inputs, in_spec) -> str:
-    """The call a tenant takes, as error messages show it: ``(Tensor[B, 8] ...)``,
-    ``input_ids=Tensor[B, S] ...``."""
-    args, kwargs = pytree.tree_unflatten([s.describe() for s in inputs], in_spec)
-    parts = [pytree.tree_map(str, a) for a in args] + [f"{k}={v}" for k, v in kwargs.items()]
-    return f"({', '.join(map(str, parts))})"
-
-
-def call_problem(name: str, in_spec, inputs, value) -> tuple[list | None, str | None]:
-    """The flat inputs of one tenant's call ``value`` in call-spec order (kwargs in
-    the order the tenant was traced with), or why its structure does not fit:
-    (leaves, None) or (None, problem). A bare Tensor fills a one-input tenant
-    whatever its structure. Values are checked afterwards by ``input_problem``."""
-    if isinstance(value, torch.Tensor) and in_spec.num_leaves == 1:
-        return [value], None
-    args, kwargs = call_parts(value)
-    want_args, want_kwargs = pytree.tree_unflatten([None] * in_spec.num_leaves, in_spec)
-    want = f"expected {describe_call(inputs, in_spec)}"
-    part = []
-    if missing := [k for k in want_kwargs if k not in kwargs]:
-        part.append(f"missing keyword argument(s) {', '.join(map(repr, missing))}")
-    if unknown := [k for k in kwargs if k not in want_kwargs]:
-        part.append(f"unknown keyword argument(s) {', '.join(map(repr, unknown))} (the program "
-                    "was traced without them: add them to its example inputs)")
-    if len(args) != len(want_args):
-        part.append(f"{len(args)} positional argument(s) where it takes {len(want_args)}")
-    if part:
-        return None, f"tenant {name!r}: {'; '.join(part)}; {want}"
-    leaves, spec = pytree.tree_flatten((args, {k: kwargs[k] for k in want_kwargs}))
-    if spec != in_spec:  # same arguments, other nesting inside them
-        got = [describe_value(a) for a in leaves]
-        return None, f"tenant {name!r}: {want}, got {len(leaves)} input(s) nested otherwise: {got}"
-    return leaves, None
-
-
-def input_problem(name: str, inputs, leaves, dim_ranges=None) -> tuple[str | None, int | None]:
-    """THE input check: why the flat ``leaves`` do not fit a tenant's ``inputs``
-    (InputSpecs; None when they do), and their batch size (None: no batched input).
-    Declared dims (stfuse/dims.py) may take any size, one per name, inside
-    ``dim_ranges`` ({name: (low, high or None)}) where given.
-
-    Used by FusedProgram and loaded programs (``check_inputs``, which the runtime
-    calls too) and by the torch.compile backend (which picks a specialisation)."""
-    batch, named = None, {}
-    for i, (x, s) in enumerate(zip(leaves, inputs)):
-        where = s.where(name, i)
-        if not isinstance(x, torch.Tensor):
-            return f"{where}: expected {s.describe()}, got {describe_value(x)}", None
-        if x.dtype != s.dtype:
-            return f"{where}: expected dtype {s.dtype}, got {describe_value(x)}", None
-        if x.device != s.device:
-            return f"{where}: expected device {s.device}, got {describe_value(x)}", None
-        free = {0} if s.batched else set()
-        free.update(d for d, _ in s.dims)
-        if x.dim() != len(s.shape) or any(x.shape[d] != n for d, n in enumerate(s.shape) if d not in free):
-            return f"{where}: expected shape {s.describe()}, got {describe_value(x)}", None
-        if s.batched:
-            if x.shape[0] < 1 or (batch is not None and x.shape[0] != batch):
-                return (f"{where}: batch size {x.shape[0]} differs from the tenant's other inputs "
-                        f"({batch}) or is empty"), None
-            batch = x.shape[0]
-        for d, dim in s.dims:
-            size = x.shape[d]
-            if named.setdefault(dim, (size, where))[0] != size:
-                return (f"{where}: dim {d} ({dim}) is {size}, but {dim} is {named[dim][0]} in "
-                        f"{named[dim][1].split(', ', 1)[1]}"), None
-            low, high = (dim_ranges or {}).get(dim, (0, None))
-            if size < low or (high is not None and size > high):
-                return (f"{where}: dim {d} ({dim}) is {size}, outside the range [{low}, "
-                        f"{'inf' if high is None else high}] the program was traced for"), None
-    return None, batch
 
 
 @dataclass
@@ -179,18 +47,6 @@ class TenantGraph:
     model: Any = None  # the module traced (eval mode on call), for calls outside batch_range
     # Declared dynamic dims (stfuse/dims.py): name -> (low, high or None), checked per call.
     dim_ranges: dict = field(default_factory=dict)
-
-
-def tenant_name_problem(name) -> str | None:
-    """Why ``name`` cannot name a tenant (None: it can): any non-empty string without
-    ':' (the node-key separator) and without control characters."""
-    if not isinstance(name, str) or not name:
-        return "tenant names are non-empty strings"
-    if ":" in name:
-        return "tenant names cannot contain ':'"
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        return "tenant names cannot contain control characters"
-    return None
 
 
 @contextlib.contextmanager
@@ -310,13 +166,6 @@ def _batch_is_symbolic(ep) -> bool:
     return bool(dims) and any(isinstance(d, torch.SymInt) for d in dims)
 
 
-def finite(v) -> bool:
-    import sympy
-    from torch.utils._sympy.numbers import int_oo
-
-    return v not in (int_oo, -int_oo, sympy.oo, -sympy.oo)
-
-
 def batch_range(ep, traced: int) -> tuple[int, int | None]:
     """The batch sizes an exported graph holds for: the range export inferred for the
     symbol of dim 0 of the batched inputs (``ep.range_constraints``), as (low, high or
@@ -337,9 +186,9 @@ def batch_range(ep, traced: int) -> tuple[int, int | None]:
         vr = ep.range_constraints.get(d.node.expr)
         if vr is None:  # dim 0 is an expression, not a symbol: no range to read
             return traced, traced
-        lo = int(vr.lower) if finite(vr.lower) else 1
+        lo = int(vr.lower) if dims.finite(vr.lower) else 1
         low = max(low, 1 if lo <= 2 else lo)
-        if finite(vr.upper):
+        if dims.finite(vr.upper):
             high = int(vr.upper) if high is None else min(high, int(vr.upper))
     return low, high
 
@@ -371,7 +220,7 @@ def _from_export(name, model, args, kwargs, batch, device, dynamic_dims=None) ->
     gm = ep.graph_module
     tg = TenantGraph(name, gm, "export", tensors, inputs, in_spec, ep.call_spec.out_spec,
                      batch, dynamic, device, model=model, dim_ranges=dims.ranges(name, ep, leaf_dims))
-    dims.check_holds(tg, model, (args, kwargs))
+    dims.check_holds(tg, model, (args, kwargs), graph_matches)
     if dynamic:
         low, high = batch_range(ep, max(batch, 2))
         if low == 1 and not _holds_at_one(tg, model, (args, kwargs), batch):

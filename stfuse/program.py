@@ -23,7 +23,8 @@ import torch.utils._pytree as pytree
 
 from . import dims
 from .errors import InputError
-from .frontend import InputSpec, TenantGraph, call_problem, input_problem
+from .calls import InputSpec, call_problem, input_problem
+from .frontend import TenantGraph
 from .kernels.bind import bind
 from .plan import Plan
 
@@ -39,7 +40,7 @@ class TenantSpec:
 
     name: str
     inputs: tuple[InputSpec, ...]  # flat user inputs, in call order
-    in_spec: Any  # pytree spec of the call, (args tuple, kwargs dict) (frontend.call_parts)
+    in_spec: Any  # pytree spec of the call, (args tuple, kwargs dict) (calls.call_parts)
     out_spec: Any  # pytree spec of the model's output
     batch: int  # example batch size
     dynamic: bool  # batch size may change between calls
@@ -66,7 +67,7 @@ class TenantCalls:
 
     ``fused(x1, x2)`` runs every tenant, ``run({name: args})`` any subset;
     ``check_inputs`` validates one tenant's args. One tenant's argument takes any
-    form of frontend.call_parts: a Tensor, a tuple of args, a dict of kwargs, or
+    form of calls.call_parts: a Tensor, a tuple of args, a dict of kwargs, or
     an (args, kwargs) pair. A subclass sets ``_specs``
     (name -> TenantSpec, tenant order) through ``_init_calls`` and implements
     ``_program(active, stacked) -> (module, output counts per tenant)``, where

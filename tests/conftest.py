@@ -121,8 +121,8 @@ def vit_call(batch: int, size: int = 16, seed: int = 0) -> dict:
 
 
 def float64_call_reference(model, call):
-    """``float64_reference`` for a call in any form (frontend.call_parts)."""
-    from stfuse.frontend import call_parts
+    """``float64_reference`` for a call in any form (calls.call_parts)."""
+    from stfuse.calls import call_parts
 
     args, kwargs = call_parts(call)
     ref = copy.deepcopy(model).double().eval()

@@ -1,4 +1,4 @@
-"""The calling convention (stfuse/program.py TenantCalls, frontend.call_parts): every
+"""The calling convention (stfuse/program.py TenantCalls, calls.call_parts): every
 call form of a tenant, keyword inputs through fused(...) and run, and what bad calls say."""
 
 from collections import UserDict
@@ -9,7 +9,7 @@ import torch
 import stfuse
 from stfuse import zoo
 from stfuse.errors import InputError
-from stfuse.frontend import call_parts
+from stfuse.calls import call_parts
 
 from conftest import assert_close, bert_call, float64_call_reference, vit_call
 

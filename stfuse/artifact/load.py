@@ -15,7 +15,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from stfuse.errors import ArtifactError, StfuseError
-from stfuse.frontend import InputSpec, input_keywords, tenant_name_problem
+from stfuse.calls import InputSpec, input_keywords, tenant_name_problem
 from stfuse.plan import Plan
 from stfuse.program import TenantSpec
 

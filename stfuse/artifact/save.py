@@ -35,7 +35,7 @@ def _versions() -> dict:
 
 
 def _spec_record(spec, examples) -> dict:
-    from stfuse.frontend import call_problem
+    from stfuse.calls import call_problem
 
     leaves = call_problem(spec.name, spec.in_spec, spec.inputs, examples)[0] if examples is not None else None
     ranges = [[int(x.min()), int(x.max())] if isinstance(x, torch.Tensor) and x.numel()

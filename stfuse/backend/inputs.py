@@ -13,7 +13,8 @@ import torch
 
 from stfuse import ir
 from stfuse.errors import StfuseError
-from stfuse.frontend import TenantGraph, input_problem
+from stfuse.calls import input_problem
+from stfuse.frontend import TenantGraph
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def tenant_module(gm: torch.fx.GraphModule, slots: list[Slot], state, scalars) -
 
 
 def accepts(tg: TenantGraph, data: tuple) -> bool:
-    """Whether the tenant's program takes these data tensors: frontend.input_problem, the
+    """Whether the tenant's program takes these data tensors: calls.input_problem, the
     check FusedProgram.check_inputs makes, and the tenant's batch range."""
     if len(data) != len(tg.inputs):
         return False

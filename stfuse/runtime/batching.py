@@ -10,7 +10,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from stfuse.errors import InputError, StfuseError
-from stfuse.frontend import InputSpec, call_problem
+from stfuse.calls import InputSpec, call_problem
 from stfuse.runtime.profile import LatencyProfile
 
 
@@ -20,7 +20,7 @@ class Unsplittable(StfuseError):
 
 def inputs_seen(args: tuple) -> tuple[InputSpec, ...]:
     """A tenant's inputs as seen in ``args`` (batched on dim 0): what requests to a program
-    without its own ``check_inputs`` must match, checked by frontend.input_problem."""
+    without its own ``check_inputs`` must match, checked by calls.input_problem."""
     return tuple(InputSpec(f"arg{i}", tuple(a.shape), a.dtype, a.device, True) for i, a in enumerate(args))
 
 

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 import torch
 
 from stfuse.errors import InputError, StfuseError
-from stfuse.frontend import input_problem
+from stfuse.calls import input_problem
 from stfuse.runtime.batching import (Unsplittable, as_args, as_call, call_specs, caller_stream, concat, hand_over, inputs_seen,
                                      measure_profile, normalise_examples, pad, split, synchronize,
                                      wait_for_callers)
@@ -267,7 +267,7 @@ class Runtime:
         self.close()
 
     def _input_check(self, tenant: str, args: tuple) -> None:
-        """The one input check (frontend.input_problem): through the program's own
+        """The one input check (calls.input_problem): through the program's own
         check_inputs (a few us for plain tensors), or, for a program without one, against
         the inputs of its examples or of the tenant's first request that ran."""
         if self._check is None:
