@@ -21,3 +21,19 @@ class PassError(StfuseError):
 
 class ArtifactError(StfuseError):
     """An artifact cannot be written, or is missing, corrupt, tampered with or too new."""
+
+
+# The runtime's (stfuse.runtime re-exports them)
+
+
+class QueueFullError(StfuseError):
+    """submit() found the tenant's queue full (and, with block=True, it stayed full until the timeout),
+    or the tenant over its rate limit."""
+
+
+class DeadlineExceededError(StfuseError):
+    """The request was shed: queued so long that it could no longer meet its deadline (its tenant's SLO)."""
+
+
+class RuntimeClosedError(StfuseError):
+    """submit() after close(), or a blocked submit() interrupted by close()."""

@@ -3,6 +3,7 @@
     runtime.py    Runtime: per-tenant queues, SLOs, a worker thread that executes decisions
     policies.py   the scheduling policies (decisions only: no threads, no clocks)
     shares.py     per-tenant fair shares of device time and rate limits, for the policies
+    requests.py   a queued request, the input check of submit(), which tenants merge rows
     profile.py    the latency model policies plan with
     batching.py   requests in and out of one launch; the start-up latency measurement
     simulate.py   policies on a fake clock (tests, benchmarks)

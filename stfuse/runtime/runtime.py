@@ -31,53 +31,20 @@ from typing import Any, Mapping
 
 import torch
 
-from stfuse.errors import InputError, StfuseError
-from stfuse.calls import input_problem
-from stfuse.runtime.batching import (Unsplittable, as_args, as_call, call_specs, caller_stream, concat, hand_over, inputs_seen,
+from stfuse.errors import DeadlineExceededError, InputError, QueueFullError, RuntimeClosedError, StfuseError
+from stfuse.runtime.batching import (Unsplittable, as_args, as_call, call_specs, concat, hand_over,
                                      measure_profile, normalise_examples, pad, split, synchronize,
                                      wait_for_callers)
 from stfuse.runtime.stats import StatsRecorder
 from stfuse.runtime.policies import Dispatch, Scheduler, Wait, make_scheduler
 from stfuse.runtime.profile import LatencyProfile
+from stfuse.runtime.requests import InputCheck, Request, rows_independent
 
 __all__ = ["Runtime", "QueueFullError", "RuntimeClosedError", "DeadlineExceededError", "measure_profile",
            "DEFAULT_SLO_MS", "DEFAULT_MAX_QUEUE"]
 
 DEFAULT_SLO_MS = 100.0  # for tenants that slo_ms does not name
 DEFAULT_MAX_QUEUE = 1024  # requests per tenant before submit() pushes back
-
-
-def rows_independent(fused) -> set[str]:
-    """The tenants whose requests may be concatenated along dim 0: from the plan's
-    ``rows_independent`` (FusedProgram and loaded artifacts); none for a plan without it
-    (an older artifact); every tenant for a program without a plan (a test double)."""
-    plan = getattr(fused, "plan", None)
-    if plan is None:
-        return set(fused.tenants)
-    rows = plan.stats.get("rows_independent") or {}
-    return {t for t in fused.tenants if rows.get(t, False)}
-
-
-class QueueFullError(StfuseError):
-    """submit() found the tenant's queue full (and, with block=True, it stayed full until the timeout),
-    or the tenant over its rate limit."""
-
-
-class DeadlineExceededError(StfuseError):
-    """The request was shed: queued so long that it could no longer meet its deadline (its tenant's SLO)."""
-
-
-class RuntimeClosedError(StfuseError):
-    """submit() after close(), or a blocked submit() interrupted by close()."""
-
-
-class _Request:
-    __slots__ = ("tenant", "args", "rows", "arrival", "deadline", "future", "stream", "event")
-
-    def __init__(self, tenant, args, rows, arrival, deadline, future):
-        self.tenant, self.args, self.rows = tenant, args, rows
-        self.arrival, self.deadline, self.future = arrival, deadline, future
-        self.stream, self.event = caller_stream(args)  # CUDA: the submitter's stream
 
 
 def _ms(name: str, value, zero_ok: bool = False) -> float:
@@ -139,9 +106,7 @@ class Runtime:
         # Tenants called with keywords (or nested args): requests hold their flat tensors.
         self._calls = call_specs(fused)
         examples = normalise_examples(self.tenants, example_inputs, self._calls) if example_inputs else {}
-        self._check = getattr(fused, "check_inputs", None)
-        for t, a in examples.items():
-            self._program_check(t, a)
+        self._input_check = InputCheck(fused, self._calls, examples)
         if isinstance(policy, Scheduler):
             if weights is not None or rate_limits is not None or shed is not None:
                 raise StfuseError("Runtime: weights, rate_limits and shed are the policy's settings; "
@@ -155,14 +120,12 @@ class Runtime:
                                              max_batch=max_batch, profile=profile, slo_s=self._slo_s,
                                              weights=weights, rate_limits=rate_limits, shed=shed)
         self.policy = self._scheduler.name
-        # For a program without check_inputs: the inputs its examples (or first run) had.
-        self._inputs = {t: inputs_seen(a) for t, a in examples.items()}
         self._stats = StatsRecorder(self.tenants, self._slo_s)
         self._stats_lock = threading.Lock()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the worker waits here for requests
         self._room = threading.Condition(self._lock)  # blocked submitters wait here for queue space
-        self._queues: dict[str, deque[_Request]] = {t: deque() for t in self.tenants}
+        self._queues: dict[str, deque[Request]] = {t: deque() for t in self.tenants}
         # Tenants whose requests are never merged: rows that depend on each other
         # (plan.stats["rows_independent"], passes/rows.py), or outputs that cannot be split.
         self._unbatchable: set[str] = set(self.tenants) - rows_independent(fused)
@@ -173,7 +136,7 @@ class Runtime:
         self._closed = False
         self.error: BaseException | None = None  # what stopped the worker, if anything did
         self._cancelled_some = False
-        self._inflight: list[_Request] = []  # the synchronous launch in flight
+        self._inflight: list[Request] = []  # the synchronous launch in flight
         self._running: set[str] = set()  # tenants with a concurrent call in flight
         self._pool: ThreadPoolExecutor | None = None
         self._streams: dict[str, Any] = {}
@@ -216,7 +179,7 @@ class Runtime:
                 with self._stats_lock:
                     self._stats.count(tenant, "rejected")
                 raise QueueFullError(refused)
-            queue.append(_Request(tenant, args, args[0].shape[0], now, now + self._slo_s[tenant], future))
+            queue.append(Request(tenant, args, args[0].shape[0], now, now + self._slo_s[tenant], future))
             self._work.notify()
         return future
 
@@ -266,32 +229,6 @@ class Runtime:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _input_check(self, tenant: str, args: tuple) -> None:
-        """The one input check (calls.input_problem): through the program's own
-        check_inputs (a few us for plain tensors), or, for a program without one, against
-        the inputs of its examples or of the tenant's first request that ran."""
-        if self._check is None:
-            inputs = self._inputs.get(tenant)
-            if inputs is None:
-                return
-            problem = (f"tenant {tenant!r}: expected {len(inputs)} argument(s), got {len(args)}"
-                       if len(args) != len(inputs) else input_problem(tenant, inputs, args)[0])
-            if problem is not None:
-                raise InputError(problem)
-            return
-        self._program_check(tenant, args)
-
-    def _program_check(self, tenant: str, args: tuple) -> None:
-        """The program's own check_inputs, with any failure as an InputError."""
-        if self._check is None:
-            return
-        try:
-            self._check(tenant, as_call(args, self._calls.get(tenant)))
-        except StfuseError:
-            raise
-        except Exception as exc:
-            raise InputError(f"tenant {tenant!r}: {exc}") from exc
-
     # ------------------------------------------------------------------ worker
 
     def _on_done(self, future: Future) -> None:
@@ -322,7 +259,7 @@ class Runtime:
                 queue.clear()
                 queue.extend(keep)
 
-    def _next_launch(self) -> tuple[Dispatch | None, dict[str, list[_Request]]] | None:
+    def _next_launch(self) -> tuple[Dispatch | None, dict[str, list[Request]]] | None:
         """Block until the policy launches something, or sheds (then the decision is None and the
         requests are the shed ones); None once closed and drained."""
         with self._lock:
@@ -404,7 +341,7 @@ class Runtime:
                     if r.future.running() or r.future.set_running_or_notify_cancel():
                         r.future.set_exception(StfuseError(f"runtime worker failed: {exc!r}"))
 
-    def _shed(self, batch: dict[str, list[_Request]]) -> None:
+    def _shed(self, batch: dict[str, list[Request]]) -> None:
         now = time.perf_counter()
         for t, reqs in batch.items():
             with self._stats_lock:
@@ -415,7 +352,7 @@ class Runtime:
                         f"tenant {t!r}: shed after {(now - r.arrival) * 1e3:.1f} ms in the queue: it could no "
                         f"longer finish within its SLO of {self._slo_s[t] * 1e3:g} ms"))
 
-    def _run_concurrently(self, tenant: str, reqs: list[_Request]) -> None:
+    def _run_concurrently(self, tenant: str, reqs: list[Request]) -> None:
         """One tenant's call of a concurrent launch, on a pool thread (and its own CUDA stream)."""
         self._local.in_pool = True
         try:
@@ -432,7 +369,7 @@ class Runtime:
                 self._running.discard(tenant)
                 self._work.notify()
 
-    def _run_group(self, batch: dict[str, list[_Request]], pad_to: int | None = None) -> None:
+    def _run_group(self, batch: dict[str, list[Request]], pad_to: int | None = None) -> None:
         """One call of the program for `batch`; on failure, isolate the fault by retrying smaller groups."""
         start = time.perf_counter()
         if pad_to is not None and (len(batch) < 2 or self._unbatchable.intersection(batch)
@@ -470,13 +407,12 @@ class Runtime:
                 for r in reqs:
                     self._stats.request(t, r.arrival, finish)
         for t, reqs in batch.items():
-            if t not in self._inputs:
-                self._inputs[t] = inputs_seen(reqs[0].args)
+            self._input_check.seen(t, reqs[0].args)
             for r, out in zip(reqs, results[t]):
                 hand_over(out, r.stream)
                 r.future.set_result(out)
 
-    def _isolate(self, batch: dict[str, list[_Request]], exc: Exception) -> None:
+    def _isolate(self, batch: dict[str, list[Request]], exc: Exception) -> None:
         if len(batch) > 1:
             groups = [{t: reqs} for t, reqs in batch.items()]
         else:

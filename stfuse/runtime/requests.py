@@ -1,0 +1,73 @@
+"""Requests on their way into the runtime: what one is, the input check of submit(),
+and which tenants' requests may share a launch along dim 0.
+"""
+
+from __future__ import annotations
+
+from stfuse.calls import input_problem
+from stfuse.errors import InputError, StfuseError
+from stfuse.runtime.batching import as_call, caller_stream, inputs_seen
+
+
+class Request:
+    """One queued request: its flat args, rows (dim 0), times, future and CUDA stream."""
+
+
+    __slots__ = ("tenant", "args", "rows", "arrival", "deadline", "future", "stream", "event")
+
+    def __init__(self, tenant, args, rows, arrival, deadline, future):
+        self.tenant, self.args, self.rows = tenant, args, rows
+        self.arrival, self.deadline, self.future = arrival, deadline, future
+        self.stream, self.event = caller_stream(args)  # CUDA: the submitter's stream
+
+
+def rows_independent(fused) -> set[str]:
+    """The tenants whose requests may be concatenated along dim 0: from the plan's
+    ``rows_independent`` (FusedProgram and loaded artifacts); none for a plan without it
+    (an older artifact); every tenant for a program without a plan (a test double)."""
+    plan = getattr(fused, "plan", None)
+    if plan is None:
+        return set(fused.tenants)
+    rows = plan.stats.get("rows_independent") or {}
+    return {t for t in fused.tenants if rows.get(t, False)}
+
+
+class InputCheck:
+    """The one input check of submit() (calls.input_problem): the program's own
+    ``check_inputs`` (a few us for plain tensors), or, for a program without one, the
+    inputs of its examples or of the tenant's first request that ran (``seen``)."""
+
+    def __init__(self, fused, calls: dict, examples: dict):
+        self._check = getattr(fused, "check_inputs", None)
+        self._calls = calls
+        for t, a in examples.items():
+            self._program_check(t, a)
+        self._inputs = {t: inputs_seen(a) for t, a in examples.items()}
+
+    def __call__(self, tenant: str, args: tuple) -> None:
+        if self._check is None:
+            inputs = self._inputs.get(tenant)
+            if inputs is None:
+                return
+            problem = (f"tenant {tenant!r}: expected {len(inputs)} argument(s), got {len(args)}"
+                       if len(args) != len(inputs) else input_problem(tenant, inputs, args)[0])
+            if problem is not None:
+                raise InputError(problem)
+            return
+        self._program_check(tenant, args)
+
+    def seen(self, tenant: str, args: tuple) -> None:
+        """A request of ``tenant`` ran with ``args``: later ones are checked against them."""
+        if tenant not in self._inputs:
+            self._inputs[tenant] = inputs_seen(args)
+
+    def _program_check(self, tenant: str, args: tuple) -> None:
+        """The program's own check_inputs, with any failure as an InputError."""
+        if self._check is None:
+            return
+        try:
+            self._check(tenant, as_call(args, self._calls.get(tenant)))
+        except StfuseError:
+            raise
+        except Exception as exc:
+            raise InputError(f"tenant {tenant!r}: {exc}") from exc
