@@ -874,3 +874,24 @@ def test_keyword_requests_are_merged_and_fused_like_positional_ones():
     assert gate.calls[1] == {"bert": 6, "mlp": 2}  # three requests merged, fused with the MLP
     for (t, call), f in zip(sent, futs):
         assert_close(f.result(), float64_call_reference(models[t], call), msg=f"tenant {t}")
+
+
+def test_requests_of_other_lengths_run_in_separate_launches():
+    """A tenant with a declared dynamic dim (issue 14, item 3): its queued requests of
+    different lengths are not concatenated (that would fail and be retried one by one);
+    each length's requests still share a launch, and another tenant still fuses."""
+    torch.manual_seed(0)
+    models = {"a": nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(),
+              "b": nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()}
+    fused = stfuse.compile(models, {t: torch.randn(2, 6, 8) for t in models},
+                           dynamic={"a": {0: {1: "seq"}}})
+    with Runtime(fused, policy="batch", slice_ms=50, max_batch=64) as rt:
+        lengths = [3, 5, 3, 5, 3, 7]
+        reqs = [("a", torch.randn(1, n, 8)) for n in lengths] + [("b", torch.randn(2, 6, 8))]
+        futures = [rt.submit(t, x) for t, x in reqs]
+        wait(futures, timeout=60)
+        stats = rt.stats()["tenants"]
+    for (t, x), f in zip(reqs, futures):
+        assert_close(f.result(), float64_reference(models[t], (x,)), msg=f"{t} at {tuple(x.shape)}")
+    assert stats["a"]["retries"] == 0 and stats["a"]["failed"] == 0
+    assert stats["a"]["launches"] < len(lengths)  # equal lengths still merged

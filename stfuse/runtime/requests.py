@@ -21,6 +21,14 @@ class Request:
         self.stream, self.event = caller_stream(args)  # CUDA: the submitter's stream
 
 
+def same_shape(a: Request, b: Request) -> bool:
+    """Whether two requests of one tenant can share a launch along dim 0: every input
+    alike after dim 0. A tenant with declared dynamic dims (stfuse/dims.py) gets
+    requests of several lengths; padding them to one is the model's business (a mask),
+    not the runtime's, so those run in separate launches."""
+    return all(x.shape[1:] == y.shape[1:] for x, y in zip(a.args, b.args))
+
+
 def rows_independent(fused) -> set[str]:
     """The tenants whose requests may be concatenated along dim 0: from the plan's
     ``rows_independent`` (FusedProgram and loaded artifacts); none for a plan without it

@@ -38,7 +38,7 @@ from stfuse.runtime.batching import (Unsplittable, as_args, as_call, call_specs,
 from stfuse.runtime.stats import StatsRecorder
 from stfuse.runtime.policies import Dispatch, Scheduler, Wait, make_scheduler
 from stfuse.runtime.profile import LatencyProfile
-from stfuse.runtime.requests import InputCheck, Request, rows_independent
+from stfuse.runtime.requests import InputCheck, Request, rows_independent, same_shape
 
 __all__ = ["Runtime", "QueueFullError", "RuntimeClosedError", "DeadlineExceededError", "measure_profile",
            "DEFAULT_SLO_MS", "DEFAULT_MAX_QUEUE"]
@@ -292,17 +292,20 @@ class Runtime:
                 for t, k in decision.take.items():
                     queue = self._queues[t]
                     k = min(k, 1) if t in self._unbatchable else k
-                    got, rows, cap = [], 0, self._row_cap.get(t)
+                    got, rows, cap, later = [], 0, self._row_cap.get(t), []
                     while queue and len(got) < k:
                         if got and cap is not None and rows + queue[0].rows > cap:
                             break  # more rows than the tenant's traced batch range holds
                         r = queue.popleft()
-                        if r.future.set_running_or_notify_cancel():
+                        if got and not same_shape(got[0], r):
+                            later.append(r)  # another length: a later launch, in its order
+                        elif r.future.set_running_or_notify_cancel():
                             got.append(r)
                             rows += r.rows
                         else:
                             with self._stats_lock:
                                 self._stats.count(t, "cancelled")
+                    queue.extendleft(reversed(later))
                     if got:
                         batch[t] = got
                 self._room.notify_all()
