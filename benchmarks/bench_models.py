@@ -3,6 +3,7 @@
     python benchmarks/bench_models.py --quick          # CPU, under 2 minutes on 2 cores
     python benchmarks/bench_models.py                  # full-size models, N = 2, 4, 8, batch 1 and 8 (a GPU)
     python benchmarks/bench_models.py --no-compile     # without the two inductor columns
+    python benchmarks/bench_models.py --quick --only-lengths   # 4 BERTs, request lengths 8-128
 
 Tenant sets, built from transformers configs with random weights (different per tenant):
   bert     BERT-base-sized encoder (hidden 768, 12 layers, 12 heads, FFN 3072), sequence 128
@@ -22,6 +23,10 @@ Alternatives, on the same models and inputs, one request per tenant per round:
   wrapper   torch.compile (inductor) of one nn.Module whose forward calls every tenant:
             inductor sees all N models in one graph and may fuse across them itself
   stfuse    stfuse.compile of the N tenants, one call
+--lengths adds a row of 4 BERT tenants whose request lengths are drawn per round from
+8-128 tokens (log-uniform): stfuse with the sequence declared dynamic (compile(dynamic=))
+against eager at each request's own length and against stfuse with every request padded
+to 128 (what a fixed-shape program makes a server do).
 With --quick the two inductor columns run on the first set only (inductor takes
 tens of seconds per graph on 2 CPU cores); --no-compile drops them.
 
@@ -36,7 +41,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -52,6 +59,7 @@ from torch.func import functional_call, stack_module_state
 
 import stfuse
 from stfuse.runtime.stats import percentile
+from stfuse.tolerances import assert_close
 
 from common import check_against_float64, latencies_ms, machine, resnet50_config, sync
 
@@ -158,6 +166,77 @@ def run_set(name: str, n: int, batch: int, args, device: torch.device, with_comp
     return row
 
 
+def request_lengths(n: int, rounds: int, seed: int, low: int = 8, high: int = 128) -> list[list[int]]:
+    """Per round, one request length per tenant: log-uniform over [low, high] (short
+    requests common, long ones rare, as chat and search traffic is), seeded."""
+    rng = random.Random(seed)
+    return [[int(round(math.exp(rng.uniform(math.log(low), math.log(high))))) for _ in range(n)]
+            for _ in range(rounds)]
+
+
+def run_lengths(n: int, args, device: torch.device) -> dict:
+    """N BERT tenants at request lengths drawn per round (8-128 tokens): stfuse with the
+    sequence declared dynamic, against eager at each request's own length, and against
+    stfuse with every request padded to 128 (the attention mask hides the padding)."""
+    import transformers as T
+
+    def bert(seed):
+        torch.manual_seed(seed)
+        cfg = T.BertConfig(hidden_size=768, num_hidden_layers=2 if args.quick else 12, num_attention_heads=12,
+                           intermediate_size=3072, vocab_size=1000)
+        return T.BertModel(cfg).eval().to(device)
+
+    def call(length, pad_to=None, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, 1000, (1, pad_to or length), generator=g)
+        mask = torch.zeros(1, pad_to or length, dtype=torch.long)
+        mask[:, :length] = 1
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+    names = [f"b{i}" for i in range(n)]
+    models = {t: bert(200 + i) for i, t in enumerate(names)}
+    seq = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
+    t = time.perf_counter()
+    dynamic = stfuse.compile(models, {t: call(16) for t in names}, dynamic={t: seq for t in names})
+    row = {"set": "bert lengths 8-128", "tenants": n, "batch": 1, "errors": {},
+           "stfuse_compile_s": time.perf_counter() - t}
+    padded = stfuse.compile(models, {t: call(128) for t in names})
+    rounds = request_lengths(n, args.repeat, seed=7)
+    calls = [{t: call(L, seed=i) for i, (t, L) in enumerate(zip(names, lens))} for lens in rounds]
+    pads = [{t: call(L, 128, seed=i) for i, (t, L) in enumerate(zip(names, lens))} for lens in rounds]
+    with torch.no_grad():
+        for c in calls[:2]:  # stfuse at each length against the model itself
+            got = dynamic.run(c)
+            for t in names:
+                assert_close(got[t].last_hidden_state, models[t](**c[t]).last_hidden_state, msg=f"{t} at {c[t]}")
+        alts = {"eager": lambda c: [models[t](**c[t]) for t in names], "stfuse": dynamic.run}
+        for alt, inputs, fn in (("eager", calls, alts["eager"]), ("stfuse", calls, alts["stfuse"]),
+                                ("padded", pads, padded.run)):
+            fn(inputs[0])
+            lat = []
+            for c in inputs:
+                sync(device)
+                start = time.perf_counter()
+                fn(c)
+                sync(device)
+                lat.append((time.perf_counter() - start) * 1e3)
+            row[alt] = {"mean_ms": statistics.fmean(lat), "p99_ms": percentile(sorted(lat), 99)}
+    stats = dynamic.plan.stats
+    row.update(groups=stats["fused_groups"], coverage=stats["coverage"],
+               launches=f"{stats['launches_before']}->{stats['launches_after']}",
+               mean_length=statistics.fmean(L for lens in rounds for L in lens))
+    print(f"  {row['set']} x{n}: " + ", ".join(f"{a} {row[a]['mean_ms']:.2f} ms" for a in ("eager", "stfuse", "padded"))
+          + f"  (mean length {row['mean_length']:.0f})", flush=True)
+    return row
+
+
+def lengths_table(row: dict) -> str:
+    st = row["stfuse"]["mean_ms"]
+    return (f"{row['set']} x{row['tenants']} (mean length {row['mean_length']:.0f}): "
+            + ", ".join(f"{a} {row[a]['mean_ms']:.2f} ms (p99 {row[a]['p99_ms']:.2f}, {row[a]['mean_ms'] / st:.2f}x stfuse)"
+                        for a in ("eager", "stfuse", "padded")))
+
+
 def table(rows: list[dict], markdown: bool = False) -> str:
     head = ["set", "N", "batch"] + [f"{a} ms (p99)" for a in ALTS] + [f"{a}/stfuse" for a in ALTS[:-1]] + [
         "stfuse samples/s", "groups", "coverage", "launches"]
@@ -187,6 +266,9 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=OUT / "models.json")
+    ap.add_argument("--lengths", action="store_true",
+                    help="also the variable-length row: 4 BERTs at request lengths 8-128")
+    ap.add_argument("--only-lengths", action="store_true", help="just the variable-length row")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     sets = args.sets or list(FAMILIES + ("mixed",))
@@ -200,11 +282,16 @@ def main(argv=None) -> int:
     if args.quick and not args.batches:
         cases.insert(1, (sets[0], tenants[0], 8))  # the batch-8 end of the target, on the first set
     rows = []
+    if args.only_lengths:
+        cases = []
     for i, (s, n, b) in enumerate(cases):
         with_compile = not args.no_compile and (not args.quick or i == 0)
         rows.append(run_set(s, n, b, args, device, with_compile))
+    lengths = run_lengths(4, args, device) if args.lengths or args.only_lengths else None
     print(f"\nmean (p99) ms per round, one request per tenant; ratios: alternative time / stfuse time; {where}")
-    print(table(rows))
+    print(table(rows) if rows else "")
+    if lengths is not None:
+        print(lengths_table(lengths))
     for r in rows:
         for alt, err in r["errors"].items():
             print(f"  {r['set']} x{r['tenants']} b{r['batch']}: {alt} failed: {err}")
@@ -212,7 +299,8 @@ def main(argv=None) -> int:
         print()
         print(table(rows, markdown=True))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": where, "quick": args.quick, "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"machine": where, "quick": args.quick, "rows": rows, "lengths": lengths},
+                                   indent=1))
     print(f"wrote {args.out}")
     return 0
 
