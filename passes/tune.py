@@ -69,26 +69,32 @@ def _tensor_key(t) -> tuple:
     return (tuple(t.shape), str(t.dtype), tuple(t.stride()), t.device.type)
 
 
-def program_key(programs, input_keys) -> str:
-    """A hash of what running ``programs`` (canonical GraphModules) costs: each node's
-    op and argument wiring, every input's and weight's (shape, dtype, strides, device);
-    not node names or weight values."""
-    parts: list = [tuple(input_keys)]
-    for gm in programs:
-        index = {n: i for i, n in enumerate(gm.graph.nodes)}
+def _arg_key(v, index: dict):
+    if isinstance(v, torch.fx.Node):
+        return index[v]
+    if isinstance(v, (tuple, list)):
+        return tuple(_arg_key(x, index) for x in v)
+    if isinstance(v, dict):
+        return tuple((k, _arg_key(x, index)) for k, x in v.items())
+    return repr(v)
 
-        def arg(v):
-            return f"%{index[v]}" if isinstance(v, torch.fx.Node) else repr(v)
 
-        for n in gm.graph.nodes:
+def program_key(programs, input_keys, extra=()) -> str:
+    """A hash of what running ``programs`` costs, each a (torch.fx.Graph, module holding
+    its attributes): every node's op and argument wiring, every input's and weight's
+    (shape, dtype, strides, device); not node names, not weight values."""
+    parts: list = [tuple(input_keys), tuple(extra)]
+    for graph, root in programs:
+        index = {n: i for i, n in enumerate(graph.nodes)}
+        for n in graph.nodes:
             if n.op == "get_attr":
-                attr = operator.attrgetter(n.target)(gm)
+                attr = operator.attrgetter(n.target)(root)
                 parts.append(("attr", _tensor_key(attr) if isinstance(attr, torch.Tensor)
                               else getattr(attr, "code", repr(attr))))
             elif n.op == "call_module":
-                parts.append(("module", repr(gm.get_submodule(n.target)), pytree.tree_map(arg, n.args)))
+                parts.append(("module", repr(root.get_submodule(n.target)), _arg_key(n.args, index)))
             elif n.op != "placeholder":
-                parts.append((n.op, str(n.target), pytree.tree_map(arg, (n.args, n.kwargs))))
+                parts.append((n.op, str(n.target), _arg_key((n.args, n.kwargs), index)))
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
@@ -112,7 +118,9 @@ def _spec(a) -> tuple | None:
 def candidate_programs(g, members, packed: bool = False):
     """(fused, apart, input specs): two canonical programs computing the members'
     outputs from the same inputs (one call of the group's stfuse:: op; the members'
-    own ops in turn), and each input's (shape, dtype); None where a shape is unknown.
+    own ops in turn), each a (torch.fx.Graph, module holding its weights): a
+    GraphModule only where it is timed (generating its code costs ~1 ms); and each
+    input's (shape, dtype); None where a shape is unknown.
 
     ``packed``: the fused program reads packed weights, as the real one does (a copy of
     every weight: only for timing; the cache key is taken from the unpacked form)."""
@@ -138,7 +146,7 @@ def candidate_programs(g, members, packed: bool = False):
         return None
     tenants = tuple(dict.fromkeys(g.nodes[k]["tenant"] for k in members))
 
-    def program(fused: bool) -> torch.fx.GraphModule:
+    def program(fused: bool) -> tuple[torch.fx.Graph, torch.nn.Module]:
         b = _Builder(sub, tenants, stacked=True)
         for r in inputs:
             b.env[r] = b.graph.placeholder(b.unique("x"))
@@ -154,9 +162,14 @@ def candidate_programs(g, members, packed: bool = False):
                 b.call(k)
             outs = tuple(b.env[k] for k in members)
         b.graph.output(outs)
-        return torch.fx.GraphModule(b.root, b.graph)
+        return b.graph, b.root
 
     return program(True), program(False), specs
+
+
+def _module(program) -> torch.fx.GraphModule:
+    graph, root = program
+    return torch.fx.GraphModule(root, graph)
 
 
 def describe(g, members) -> str:
@@ -177,8 +190,8 @@ def measure_group(g, members, cache: timing.TimingCache) -> tuple[float, float, 
         hit = cache.get(key)
         if hit is not None and {"fused_us", "apart_us"} <= hit.keys():
             return hit["fused_us"], hit["apart_us"], "cached"
-        fused = bind(candidate_programs(g, members, packed=True)[0], device)
-        apart = bind(apart, device)
+        fused = bind(_module(candidate_programs(g, members, packed=True)[0]), device)
+        apart = bind(_module(apart), device)
         inputs = _inputs(specs, device)
         f_us, a_us = timing.time_pair(lambda: fused.forward(*inputs), lambda: apart.forward(*inputs),
                                       device, what=describe(g, members))
@@ -266,15 +279,18 @@ def check_program(g):
     if mode(g) != "measure" or not g.graph["groups"]:
         return g
     device = device_of(g)
-    apart_g = _unfused(g)
-    fused, apart = g.graph["program"][0], apart_g.graph["program"][0]
+    fused = g.graph["program"][0]
     inputs = _flat_examples(g)
-    key = "program:" + program_key((fused, apart), [_tensor_key(x) for x in inputs])
+    # The fused program and what its groups replace determine the unfused one: no need
+    # to lower that (~20 ms for the demo) to look the pair up.
+    replaced = [str(g.nodes[k]["target"]) for grp in g.graph["groups"].values() for k in grp.nodes()]
+    key = "program:" + program_key([(fused.graph, fused)], [_tensor_key(x) for x in inputs], replaced)
     cache = timing.TimingCache(device)
     hit = cache.get(key)
     if hit is not None and {"fused_us", "apart_us"} <= hit.keys():
         f_us, a_us, source = hit["fused_us"], hit["apart_us"], "cached"
     else:
+        apart = _unfused(g).graph["program"][0]
         bf, ba = bind(fused, device), bind(apart, device)
         f_us, a_us = timing.time_pair(lambda: bf.forward(*inputs), lambda: ba.forward(*inputs), device,
                                       what="program")
