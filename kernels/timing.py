@@ -2,7 +2,7 @@
 
 ``time_pair(first, second, device)`` times two ways of computing one thing (a
 fused group and its members run apart; a fused program and the tenants' own
-programs): both are warmed up, then timed in turns, each sample a run of calls
+programs): both are warmed up until their times settle, then timed in turns, each sample a run of calls
 long enough for the clock, and the medians are returned in microseconds.
 Taking turns puts both under the same noise from other processes; the median
 drops the samples a context switch spoiled. On CUDA a sample is timed by two
@@ -12,6 +12,7 @@ events around the calls (host launch gaps included: they are what fusing saves).
 name, torch version, thread count) under ``config.cache_dir()/tuning``, written
 atomically; an unreadable or malformed file reads as empty (and is replaced on
 the next write), so a corrupt cache costs a measurement, never a compile.
+Timings taken while the machine is overloaded (``busy``) are used but not kept.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import platform
 import re
 import statistics
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 BUDGET_MS = 4.0
 MIN_REPEATS, MAX_REPEATS = 3, 25
 SAMPLE_S = 100e-6  # a sample runs enough calls to last this long (perf_counter's jitter is ~1 us)
+WARM_UP_MIN, WARM_UP_MAX, WARM_UP_S = 2, 20, 0.2  # turns (one call of each) before timing
 
 CACHE_VERSION = 1
 
@@ -68,6 +71,22 @@ def _sample(fn: Callable, number: int, device: torch.device, sync) -> float:
     return time.perf_counter() - t
 
 
+def _warm_up(first: Callable, second: Callable, device: torch.device, sync) -> float:
+    """Call both in turns until a turn is no faster than 0.8x the best before it (at
+    least WARM_UP_MIN turns, at most WARM_UP_MAX or WARM_UP_S); returns the best turn's
+    seconds. First calls allocate, initialise and compile (Triton's JIT); on the loaded
+    2-core CPU the first calls of a 2-thread op took 12, 23 and 17 ms and then 0.007
+    (a waking OpenMP thread waits for a core), and a sample sized by them was all slow."""
+    best, start = math.inf, time.perf_counter()
+    for turn in range(WARM_UP_MAX):
+        t = _sample(first, 1, device, sync) + _sample(second, 1, device, sync)
+        settled = turn >= WARM_UP_MIN - 1 and t >= 0.8 * best
+        best = min(best, t)
+        if settled or time.perf_counter() - start > WARM_UP_S:
+            break
+    return best
+
+
 def time_pair(first: Callable, second: Callable, device: torch.device, what: str = "",
               budget_ms: float = BUDGET_MS) -> tuple[float, float]:
     """(median us of one call of ``first``, of ``second``), timed in turns on ``device``.
@@ -77,9 +96,7 @@ def time_pair(first: Callable, second: Callable, device: torch.device, what: str
     """
     sync = _sync(device)
     with torch.no_grad():
-        for fn in (first, second):  # warm-up: allocator, lazy init, Triton's JIT on CUDA
-            fn()
-        once = max(_sample(first, 1, device, sync) + _sample(second, 1, device, sync), 1e-7)
+        once = max(_warm_up(first, second, device, sync), 1e-7)
         number = max(1, math.ceil(SAMPLE_S / once))
         repeats = min(MAX_REPEATS, max(MIN_REPEATS, int(budget_ms * 1e-3 / (once * number))))
         a, b = [], []
@@ -122,11 +139,26 @@ def _valid(data) -> bool:
                     for v in data["entries"].values()))
 
 
+def busy() -> str | None:
+    """Why timings taken now should not be kept, or None: other processes want more
+    cores than there are. On the 2-core machine at a load average of 7, a 2-thread
+    baddbmm took 20 ms a call for minutes (its second thread waits for a core at every
+    parallel region) against 7 us when quiet: a plan timed then is right only then."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    cpus = os.cpu_count() or 1
+    return f"load average {load:.1f} on {cpus} CPUs" if load > cpus + 0.5 else None
+
+
 class TimingCache:
     """Measurements of one device identity: key -> {name: number}, one JSON file.
 
     ``get``/``put`` work in memory; ``flush`` merges what was put into the file as it
     is now (another process may have added entries) and replaces it atomically.
+    What is put while the machine is ``busy`` serves this compile only: ``unsaved``
+    says why it was not written.
     """
 
     def __init__(self, device: torch.device):
@@ -136,6 +168,7 @@ class TimingCache:
         self.path = config.cache_dir() / "tuning" / f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
         self.entries = self._read()
         self.added: dict[str, dict] = {}
+        self.unsaved: str | None = None
 
     def _read(self) -> dict:
         try:
@@ -155,7 +188,11 @@ class TimingCache:
 
     def put(self, key: str, value: dict) -> None:
         self.entries[key] = value
-        self.added[key] = value
+        reason = busy()
+        if reason is None:
+            self.added[key] = value
+        else:
+            self.unsaved = reason
 
     def flush(self) -> None:
         if not self.added:

@@ -158,9 +158,11 @@ class Pricer:
         margin = 0.0 if p.source == "model" else MARGIN
         return p.apart_us - p.fused_us - margin * p.apart_us
 
-    def close(self) -> None:
+    def close(self, tuning: dict) -> None:
+        """Write the measurements; note in ``tuning`` if they could not be kept."""
         if self.cache is not None:
             self.cache.flush()
+            tuning["unsaved"] = tuning.get("unsaved") or self.cache.unsaved
 
 
 def _subgroups(g, members) -> list[tuple[str, ...]]:
@@ -217,7 +219,7 @@ def tuning_record(g, pricer: Pricer) -> dict:
     """g's tuning record (mode, margin, per-group rows, the program check) to extend."""
     old = g.graph.get("tuning") or {}
     return {"mode": pricer.mode, "margin": MARGIN, "groups": dict(old.get("groups", {})),
-            "program": old.get("program")}
+            "program": old.get("program"), "unsaved": old.get("unsaved")}
 
 
 def drop_unprofitable(g):
@@ -236,7 +238,7 @@ def drop_unprofitable(g):
             kept[sub] = FusedOp(sub, grp.op_class, members)
             for k in members:
                 g.nodes[k]["group"] = sub
-    pricer.close()
+    pricer.close(tuning)
     g.graph["groups"] = kept
     g.graph["tuning"] = tuning
     return g

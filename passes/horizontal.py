@@ -111,7 +111,7 @@ def group_siblings(g):
             groups[gid] = FusedOp(gid, g.nodes[members[0]]["op_class"], members)
             for k in members:
                 g.nodes[k]["group"] = gid
-    pricer.close()
+    pricer.close(tuning)
     if not nx.is_directed_acyclic_graph(ir.quotient(g, groups)):
         raise StfuseError("group_siblings: same-level groups closed a cycle (the level rule is broken)")
     g.graph["groups"] = groups

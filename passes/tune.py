@@ -302,5 +302,6 @@ def check_program(g):
     tuning = dict(g.graph.get("tuning") or {})
     tuning["program"] = {"fused_us": f_us, "apart_us": a_us, "decision": "fused" if keep else "apart",
                          "source": source}
+    tuning["unsaved"] = tuning.get("unsaved") or cache.unsaved
     out.graph["tuning"] = tuning
     return out

@@ -148,6 +148,8 @@ def tuning_lines(t: dict | None) -> list[str]:
     apart = [f"{gid} {_prices(r)}" for gid, r in cands.items() if r["decision"] == "apart"]
     if apart:
         lines.append("  run apart (us fused/apart): " + ", ".join(apart[:12]) + (" ..." if len(apart) > 12 else ""))
+    if t.get("unsaved"):
+        lines.append(f"  timed while busy ({t['unsaved']}): not cached, the next compile times again")
     p = t.get("program")
     if p:
         verdict = (f"fused kept ({p['apart_us'] / p['fused_us']:.2f}x)" if p["decision"] == "fused" else

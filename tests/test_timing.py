@@ -11,29 +11,44 @@ from stfuse.kernels import timing
 CPU = torch.device("cpu")
 
 
+def _runs(seq):
+    """[(name, length)] of consecutive equal entries."""
+    out = []
+    for x in seq:
+        if out and out[-1][0] == x:
+            out[-1][1] += 1
+        else:
+            out.append([x, 1])
+    return out
+
+
 def test_time_pair_warms_up_then_takes_turns():
     seq = []
     f_us, a_us = timing.time_pair(lambda: seq.append("f"), lambda: seq.append("a"), CPU)
-    assert seq[:2] == ["f", "a"]  # warm-up, one call each
-    assert seq[2:4] == ["f", "a"]  # one call each to size the samples
-    rest = seq[4:]
-    assert rest.count("f") == rest.count("a") and len(rest) >= 2 * timing.MIN_REPEATS
-    # turns: a sample of n calls of the first, then n of the second, ...
-    n = rest.index("a")
-    assert n >= 1 and rest == (["f"] * n + ["a"] * n) * (len(rest) // (2 * n))
+    runs = _runs(seq)
+    assert [name for name, _ in runs] == ["f", "a"] * (len(runs) // 2)  # always in turns, first first
+    assert seq.count("f") == seq.count("a")
+    n = runs[-1][1]  # calls per sample; the warm-up calls one of each per turn
+    samples = [length for _, length in runs[-2 * timing.MIN_REPEATS:]]
+    assert samples == [n] * len(samples)
+    assert len(seq) >= 2 * timing.WARM_UP_MIN + 2 * timing.MIN_REPEATS * n
     assert math.isfinite(f_us) and math.isfinite(a_us) and f_us > 0 and a_us > 0
 
 
 def test_time_pair_caps_the_turns():
-    calls = []
-    timing.time_pair(lambda: calls.append(1), lambda: None, CPU, budget_ms=1e6)
-    n = (len(calls) - 2) / timing.MAX_REPEATS  # after the warm-up and the sizing call
-    assert n == int(n) and n >= 1
+    seq = []
+    timing.time_pair(lambda: seq.append("f"), lambda: seq.append("a"), CPU, budget_ms=1e6)
+    runs = _runs(seq)
+    n = runs[-1][1]
+    timed = [r for r in runs if r[1] == n][-2 * timing.MAX_REPEATS:]
+    warm = len(seq) - sum(length for _, length in timed)
+    assert 2 * timing.WARM_UP_MIN <= warm <= 2 * timing.WARM_UP_MAX
 
 
 @pytest.fixture
 def cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(timing, "busy", lambda: None)  # cache whatever the load now
     return tmp_path
 
 
@@ -105,3 +120,20 @@ def test_an_unwritable_cache_costs_measurements_not_the_compile(cache_dir, caplo
     c.put("k", {"x": 1.0})
     c.flush()  # warns, does not raise
     assert "could not write the timing cache" in caplog.text
+
+
+def test_busy_names_the_load_beyond_the_cores(monkeypatch):
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (2.4, 1.0, 1.0))
+    assert timing.busy() is None  # this process's own two threads
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (7.04, 1.0, 1.0))
+    assert timing.busy() == "load average 7.0 on 2 CPUs"
+
+
+def test_nothing_is_written_while_busy(cache_dir, monkeypatch):
+    monkeypatch.setattr(timing, "busy", lambda: "load average 7.0 on 2 CPUs")
+    c = timing.TimingCache(CPU)
+    c.put("k", {"x": 1.0})
+    assert c.get("k") == {"x": 1.0} and c.unsaved == "load average 7.0 on 2 CPUs"
+    c.flush()
+    assert not c.path.exists()

@@ -30,6 +30,12 @@ class FakeTimer:
         return self.prices(what)
 
 
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    """The machine counts as quiet, so measurements are cached whatever the load now."""
+    monkeypatch.setattr(timing, "busy", lambda: None)
+
+
 def _conv_loses(what):
     if what == "program":
         return 100.0, 200.0  # the whole fused program wins
@@ -92,6 +98,20 @@ def test_second_compile_of_the_same_shapes_times_nothing(timer):
     assert {r["source"] for r in t["groups"].values()} == {"cached"}
     assert t["program"]["source"] == "cached"
     check_tenants(second, others, args)
+
+
+def test_timings_taken_while_busy_are_used_but_not_kept(timer, monkeypatch):
+    monkeypatch.setattr(timing, "busy", lambda: "load average 7.0 on 2 CPUs")
+    models, args = _tenants()
+    fused = _compile(models, args)
+    assert "conv2d" not in {grp.op_class for grp in fused.plan.groups.values()}  # used
+    assert fused.plan.stats["tuning"]["unsaved"] == "load average 7.0 on 2 CPUs"
+    assert "timed while busy (load average 7.0 on 2 CPUs): not cached" in fused.plan.summary()
+    assert not (config.cache_dir() / "tuning").exists()
+    calls = len(timer.calls)
+    monkeypatch.setattr(timing, "busy", lambda: None)
+    _compile(models, args)
+    assert len(timer.calls) == 2 * calls  # timed again, all of it
 
 
 def test_other_shapes_are_timed_again(timer):

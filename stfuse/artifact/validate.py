@@ -111,7 +111,8 @@ _STATS = {k: int for k in ("tenants", "ops", "fusable_ops", "fused_ops", "fused_
     "self_check": Opt({"unfused": [str], "reasons": {"*": str}, "still_differ": [str]}),
     "tuning": Opt({"mode": str, "margin": NUM,
                    "groups": {"*": {"fused_us": Opt(NUM), "apart_us": Opt(NUM), "decision": str, "source": str}},
-                   "program": Opt({"fused_us": NUM, "apart_us": NUM, "decision": str, "source": str})})}
+                   "program": Opt({"fused_us": NUM, "apart_us": NUM, "decision": str, "source": str}),
+                   "unsaved": Opt(str)})}
 PLAN_SCHEMA = {
     "stats": _STATS,
     "passes": [{"name": str, "ms": NUM, "nodes": int, "groups": int}],
