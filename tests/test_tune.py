@@ -157,6 +157,21 @@ def test_whole_program_fallback_runs_the_tenants_apart(monkeypatch, tmp_path):
     assert "whole program: fused 300 us, apart 200 us: fused is not faster: every tenant runs apart" in text
 
 
+@pytest.mark.parametrize("program_wins", [True, False])
+def test_every_pass_output_verifies_in_measure_mode(monkeypatch, tmp_path, program_wins):
+    from stfuse.api import compile_tenants
+    from stfuse.frontend import trace_tenant
+
+    monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
+    prices = (100.0, 200.0) if program_wins else (300.0, 200.0)
+    monkeypatch.setattr(timing, "time_pair", FakeTimer(lambda what: prices if what == "program" else (30.0, 50.0)))
+    models, args = _tenants()
+    fused = compile_tenants({str(i): trace_tenant(str(i), m, a) for i, (m, a) in enumerate(zip(models, args))},
+                            verify=True, tune="measure")
+    assert (fused.plan.stats["fused_groups"] > 0) == program_wins
+    check_tenants(fused, models, args)
+
+
 def test_summary_says_what_was_timed_and_decided(timer):
     models, args = _tenants()
     text = _compile(models, args).plan.summary()
