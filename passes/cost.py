@@ -47,11 +47,11 @@ from . import tune
 from .lower import arrives_stacked
 from .match import uniform_key
 
-# A measured group must save more than this share of its members' time apart. Three
-# reasons: two runs of the same comparison on the shared 2-core CPU differ by up to
-# ~5% (medians of interleaved turns; see tests/.. no: benchmarks/RESULTS.md, "tuning");
-# a kept group costs what the timing does not see (a packed copy of its weights,
-# a bigger program); and a near tie is not worth a plan that flips between machines.
+# A measured group must save more than this share of its members' time apart
+# (docs/tuning.md, "The margin"): the same program timed against itself on the loaded
+# 2-core CPU differed by 0.2% (median) and up to 12% (worst of 60); a kept group costs
+# what its timing does not see (a packed copy of its weights, a longer program); and a
+# near tie is not worth a plan that flips from one machine to the next.
 MARGIN = 0.10
 
 
