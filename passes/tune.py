@@ -22,11 +22,12 @@ Epilogues are not folded yet when groups are priced, so neither side computes
 them. Inputs that arrive stacked from an earlier group (lower.arrives_stacked)
 come as one stacked tensor to both sides, as they will at run time.
 
-Measurements are cached per device identity (kernels/timing.TimingCache) under
-a key of the two programs' structure: ops, argument wiring and every input's
-and weight's shape, dtype and strides; names and weight values are left out, so
-the twelve identical layers of a BERT share one measurement, and the next
-compile of the same shapes times nothing.
+Measurements are cached per device identity (kernels/timing.TimingCache). A
+candidate's key (candidate_key) hashes its members' ops and arguments, every
+tensor argument's shape, dtype and sharing, and its weights' strides; the whole
+program's (program_key) the program's ops, wiring and tensor shapes. Names and
+weight values are left out, so the twelve identical layers of a BERT share one
+measurement, and the next compile of the same shapes times nothing.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def candidate_programs(g, members, packed: bool = False):
     input's (shape, dtype); None where a shape is unknown.
 
     ``packed``: the fused program reads packed weights, as the real one does (a copy of
-    every weight: only for timing; the cache key is taken from the unpacked form)."""
+    every weight)."""
     members = tuple(members)
     reads = list(dict.fromkeys(r for k in members for r in ir.refs((g.nodes[k]["args"], g.nodes[k]["kwargs"]))))
     params = [r for r in reads if g.nodes[r]["kind"] == "param"]
@@ -172,6 +173,34 @@ def _module(program) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(root, graph)
 
 
+def candidate_key(g, members) -> str:
+    """A hash of what timing a candidate depends on, from the graph alone (building its
+    programs costs ~1 ms of fx work each; this ~0.05 ms): per member its op and
+    arguments, every tensor argument as (first-seen index, kind, shape, sig, dtype,
+    a weight's strides and whether others read it), and whether its inputs arrive
+    stacked. Names and weight values are left out."""
+    seen: dict[str, int] = {}
+
+    def arg(v):
+        if isinstance(v, ir.Ref):
+            a = g.nodes[v.key]
+            spec = (seen.setdefault(v.key, len(seen)), a["kind"], a["shape"] and tuple(a["shape"]), a["sig"],
+                    str(a["dtype"]))
+            if a["kind"] == "param":
+                spec += (_tensor_key(a["value"]), len(list(g.successors(v.key))))
+            return spec
+        if isinstance(v, (tuple, list)):
+            return tuple(arg(x) for x in v)
+        if isinstance(v, dict):
+            return tuple((k, arg(x)) for k, x in v.items())
+        return repr(v)
+
+    parts = [(str(g.nodes[k]["target"]), g.nodes[k]["op_class"], g.nodes[k]["sig"], arg(g.nodes[k]["args"]),
+              arg(g.nodes[k]["kwargs"])) for k in members]
+    parts.append(("stacked in", arrives_stacked(g, members), str(device_of(g))))
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
 def describe(g, members) -> str:
     """A candidate in words, for logs and for a test's fake timer: class and members."""
     return f"{g.nodes[members[0]]['op_class']} [{', '.join(members)}]"
@@ -181,16 +210,16 @@ def measure_group(g, members, cache: timing.TimingCache) -> tuple[float, float, 
     """(fused us, apart us, "measured" or "cached") for a candidate group, or None where it
     cannot be built or run (the cost pass then prices it with the model)."""
     device = device_of(g)
+    key = "group:" + candidate_key(g, members)
+    hit = cache.get(key)
+    if hit is not None and {"fused_us", "apart_us"} <= hit.keys():
+        return hit["fused_us"], hit["apart_us"], "cached"
     try:
-        built = candidate_programs(g, members)
+        built = candidate_programs(g, members, packed=True)
         if built is None:
             return None
         fused, apart, specs = built
-        key = "group:" + program_key((fused, apart), [(s, str(d)) for s, d in specs])
-        hit = cache.get(key)
-        if hit is not None and {"fused_us", "apart_us"} <= hit.keys():
-            return hit["fused_us"], hit["apart_us"], "cached"
-        fused = bind(_module(candidate_programs(g, members, packed=True)[0]), device)
+        fused = bind(_module(fused), device)
         apart = bind(_module(apart), device)
         inputs = _inputs(specs, device)
         f_us, a_us = timing.time_pair(lambda: fused.forward(*inputs), lambda: apart.forward(*inputs),
