@@ -13,8 +13,8 @@ ends (as long again after the last arrival), counts as an SLO miss.
 
 Loads are multiples of a measured capacity: the throughput of the "time"
 policy kept saturated (one request per launch). Per policy and load it prints
-throughput, p50/p99 latency over all tenants, the SLO-miss rate (late +
-rejected + failed, over offered) and mean tenants per launch, then the best
+throughput, p50/p99 latency over the requests served, the SLO-miss rate (late +
+rejected + shed + failed, over offered) and mean tenants per launch, then the best
 throughput each policy reached with at most --miss-target of its requests
 missing. --plot writes p99 latency and throughput against load (matplotlib,
 the optional "plot" extra); --json keeps the raw numbers.
@@ -25,12 +25,21 @@ thread (--threads), the GIL switch interval is 0.5 ms (--switch-interval-ms),
 each point reports the CPU other processes used meanwhile ("others' CPU", in
 cores), and without --quick every point runs 3 times, interleaved across the
 policies, keeping the least disturbed run.
+
+--simulate runs the same arrivals on a fake clock (stfuse.runtime.simulate),
+with the measured latency profile, or the one --profile names (a JSON file
+that --save-profile writes), as the device. There the load unit is what
+per-tenant batching sustains at max_batch rows per launch (one full batch of
+every tenant in turn), so that 1x is the simulated device's capacity:
+
+    python benchmarks/bench_runtime.py --simulate --profile benchmarks/profiles/mlp-small-x4.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
 import json
 import os
@@ -49,6 +58,7 @@ from stfuse.runtime import QueueFullError, Runtime, measure_profile
 from stfuse.runtime.simulate import SimRequest, simulate
 from stfuse.runtime.stats import percentile
 from stfuse.runtime.policies import POLICIES, make_scheduler
+from stfuse.runtime.profile import LatencyProfile
 
 MODELS = {  # name: (model factory, input shape without the batch dimension)
     "mlp-small": (lambda: zoo.mlp(64, 256, 10, depth=3), (64,)),
@@ -125,13 +135,22 @@ def others_load(before, after, wall: float) -> float | None:
     return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / wall
 
 
-def run_point(fused, examples, shape, profile, policy: str, rate: float, args) -> dict:
+def _served(latencies: list, lock, sent: float, fut) -> None:
+    """A future's done callback: keep its latency if it was served (not shed, failed or cancelled)."""
+    if not fut.cancelled() and fut.exception() is None:
+        with lock:
+            latencies.append(time.perf_counter() - sent)
+
+
+def serve(fused, examples, shape, profile, policy: str, arrivals, args) -> dict:
+    """Submit `arrivals` ([(seconds, tenant)]) at their times to a fresh Runtime (open loop), then
+    wait as long again; what is still queued is cancelled. Per tenant: latencies of what was served
+    (s) and requests refused at submit; the runtime's stats; the submit span; others' CPU."""
     tenants = list(examples)
-    arrivals = schedule(tenants, rate / len(tenants), args.duration, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     pool = {t: [(torch.randn(1, *shape, generator=gen),) for _ in range(64)] for t in tenants}
-    latencies, lock = [], threading.Lock()
-    rejected = 0
+    latencies, lock = {t: [] for t in tenants}, threading.Lock()
+    rejected = {t: 0 for t in tenants}
     rt = Runtime(fused, policy, slice_ms=args.slice_ms, slo_ms=args.slo_ms, max_batch=args.max_batch,
                  max_queue=args.max_queue, example_inputs=examples, profile=copy.deepcopy(profile))
     futures = []
@@ -145,57 +164,89 @@ def run_point(fused, examples, shape, profile, policy: str, rate: float, args) -
         try:
             fut = rt.submit(t, pool[t][i % 64])
         except QueueFullError:
-            rejected += 1
+            rejected[t] += 1
             continue
-        fut.add_done_callback(lambda f, sent=sent: (lock.acquire(), latencies.append(time.perf_counter() - sent),
-                                                    lock.release()))
+        fut.add_done_callback(functools.partial(_served, latencies[t], lock, sent))
         futures.append(fut)
     submit_span = time.perf_counter() - start
     wait(futures, timeout=args.duration)  # what is still queued after as long again counts as missed
     rt.close(cancel_pending=True)
     others = others_load(cpu_before, _cpu_sample(), time.perf_counter() - start)
-    stats = rt.stats()
-    offered = len(arrivals)
+    return {"latencies": latencies, "rejected": rejected, "stats": rt.stats(), "submit_span": submit_span,
+            "others_load": others}
+
+
+def run_point(fused, examples, shape, profile, policy: str, rate: float, args) -> dict:
+    arrivals = schedule(list(examples), rate / len(examples), args.duration, args.seed)
+    run = serve(fused, examples, shape, profile, policy, arrivals, args)
+    stats = run["stats"]
+    offered, rejected = len(arrivals), sum(run["rejected"].values())
     per = stats["tenants"].values()
-    late = sum(s["slo_misses"] + s["failed"] + s["cancelled"] for s in per)
+    late = sum(s["slo_misses"] + s["failed"] + s["cancelled"] + s["shed"] for s in per)
     launches = sum(s["launches"] for s in per)
-    lat = sorted(latencies)
+    lat = sorted(x for xs in run["latencies"].values() for x in xs)
     return {
         "policy": policy, "load": rate / args.capacity, "offered_rps": rate,
-        "submitted_rps": offered / submit_span, "throughput_rps": stats["throughput_rps"],
+        "submitted_rps": offered / run["submit_span"], "throughput_rps": stats["throughput_rps"],
         "p50_ms": percentile(lat, 50) * 1e3 if lat else None, "p99_ms": percentile(lat, 99) * 1e3 if lat else None,
         "slo_miss_rate": (late + rejected) / offered if offered else 0.0, "rejected": rejected,
         "tenants_per_launch": stats["mean_tenants_per_launch"],
         "mean_batch": sum(s["mean_batch"] * s["launches"] for s in per) / launches if launches else 0.0,
-        "others_load": others,
+        "others_load": run["others_load"],
     }
 
 
-def simulate_point(profile, tenants, policy: str, rate: float, args) -> dict:
-    """The same point on a fake clock: the policy's decisions against the measured profile as the device.
+def replay(profile, tenants, policy: str, arrivals, args):
+    """`arrivals` on a fake clock: the policy's decisions against `profile` as the device (a SimResult).
 
     No Python overhead, no GIL, no other processes: what the scheduling alone
     does with these costs. The concurrent (space) launches of the simulated
     device do not overlap (LatencyProfile.concurrent_ratio 1.0), as on CPU.
     """
     slo = args.slo_ms / 1e3
-    reqs = [SimRequest(t, at, at + slo) for at, t in schedule(tenants, rate / len(tenants), args.duration, args.seed)]
     sched = make_scheduler(policy, tenants, slice_s=args.slice_ms / 1e3, max_batch=args.max_batch,
                            profile=copy.deepcopy(profile), slo_s={t: slo for t in tenants})
-    res = simulate(sched, reqs, profile, slo_s={t: slo for t in tenants}, max_queue=args.max_queue)
+    return simulate(sched, [SimRequest(t, at, at + slo) for at, t in arrivals], profile,
+                    slo_s={t: slo for t in tenants}, max_queue=args.max_queue)
+
+
+def simulate_point(profile, tenants, policy: str, rate: float, args) -> dict:
+    """The same point on a fake clock (`replay`)."""
+    res = replay(profile, tenants, policy, schedule(tenants, rate / len(tenants), args.duration, args.seed), args)
     per = res.stats["tenants"].values()
     lat = sorted(r.finish - r.arrival for r in res.requests if r.finish is not None)
     launches = sum(s["launches"] for s in per)
-    missed = sum(s["slo_misses"] + s["rejected"] for s in per)
+    missed = sum(s["slo_misses"] + s["rejected"] + s["shed"] for s in per)
     return {
         "policy": policy, "load": rate / args.capacity, "offered_rps": rate, "submitted_rps": rate,
         "throughput_rps": res.stats["throughput_rps"],
         "p50_ms": percentile(lat, 50) * 1e3 if lat else None, "p99_ms": percentile(lat, 99) * 1e3 if lat else None,
-        "slo_miss_rate": missed / len(reqs) if reqs else 0.0, "rejected": sum(s["rejected"] for s in per),
+        "slo_miss_rate": missed / len(res.requests) if res.requests else 0.0,
+        "rejected": sum(s["rejected"] for s in per),
         "tenants_per_launch": res.stats["mean_tenants_per_launch"],
         "mean_batch": sum(s["mean_batch"] * s["launches"] for s in per) / launches if launches else 0.0,
         "others_load": None,
     }
+
+
+def batch_capacity(profile, tenants, max_batch: int) -> float:
+    """Requests/s (one row each) of per-tenant batching kept saturated on the simulated device:
+    a full batch of every tenant in turn. The load unit of --simulate."""
+    return len(tenants) * max_batch / sum(profile.solo(t, max_batch) for t in tenants)
+
+
+def device_profile(args, model: str, n: int):
+    """(profile, tenants): from --profile, else measured on the compiled tenants (and kept with --save-profile)."""
+    if args.profile:
+        profile = LatencyProfile.from_json(json.loads(Path(args.profile).read_text()))
+        return profile, sorted(profile.fixed)
+    fused, _, examples, _ = build(model, n, args.seed)
+    warm(fused, examples)
+    profile = measure_profile(fused, examples, args.max_batch, reps=5)
+    if args.save_profile:
+        Path(args.save_profile).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save_profile).write_text(json.dumps(profile.to_json(), indent=1))
+    return profile, list(examples)
 
 
 def table(rows: list[dict], markdown: bool) -> str:
@@ -207,6 +258,11 @@ def table(rows: list[dict], markdown: bool) -> str:
              f"{r['slo_miss_rate']:.1%}", f"{r['tenants_per_launch']:.2f}", f"{r['mean_batch']:.2f}",
              f"{r['others_load']:.2f}" if r.get("others_load") is not None else "-"]
             for r in rows]
+    return render(head, body, markdown)
+
+
+def render(head: list[str], body: list[list[str]], markdown: bool) -> str:
+    """A table as markdown or as right-aligned columns."""
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
@@ -220,23 +276,21 @@ def best_within_target(rows: list[dict], target: float) -> dict[str, float]:
                    default=0.0) for p in POLICIES}
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
+def pyplot(path: str):
+    """matplotlib.pyplot on the Agg backend, or None (said) where matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
         print(f"--plot: matplotlib is not installed (pip install 'stfuse[plot]'); {path} not written")
-        return
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (lat_ax, thr_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for p in POLICIES:
-        mine = [r for r in rows if r["policy"] == p]
-        lat_ax.plot([r["offered_rps"] for r in mine], [r["p99_ms"] for r in mine], marker="o", label=p)
-        thr_ax.plot([r["offered_rps"] for r in mine], [r["throughput_rps"] for r in mine], marker="o", label=p)
-    lat_ax.set(xlabel="offered load (requests/s)", ylabel="p99 latency (ms)", yscale="log", title="p99 latency")
-    thr_ax.set(xlabel="offered load (requests/s)", ylabel="throughput (requests/s)", title="throughput")
-    for ax in (lat_ax, thr_ax):
+    return plt
+
+
+def save_figure(fig, axes, path: str, title: str) -> None:
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -244,6 +298,31 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def emit(rows: list[dict], args, title: str, table_fn, plot_fn) -> None:
+    """What --markdown, --json and --plot ask for."""
+    if args.markdown:
+        print()
+        print(table_fn(rows, True))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"title": title, "capacity": args.capacity, "rows": rows}, indent=1))
+    if args.plot:
+        plot_fn(rows, args.plot, title)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    if (plt := pyplot(path)) is None:
+        return
+    fig, (lat_ax, thr_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for p in POLICIES:
+        mine = [r for r in rows if r["policy"] == p]
+        lat_ax.plot([r["offered_rps"] for r in mine], [r["p99_ms"] for r in mine], marker="o", label=p)
+        thr_ax.plot([r["offered_rps"] for r in mine], [r["throughput_rps"] for r in mine], marker="o", label=p)
+    lat_ax.set(xlabel="offered load (requests/s)", ylabel="p99 latency (ms)", yscale="log", title="p99 latency")
+    thr_ax.set(xlabel="offered load (requests/s)", ylabel="throughput (requests/s)", title="throughput")
+    save_figure(fig, (lat_ax, thr_ax), path, title)
 
 
 def main(argv=None) -> int:
@@ -272,25 +351,29 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     ap.add_argument("--simulate", action="store_true",
                     help="run the policies on a fake clock against the measured profile instead (seconds)")
+    ap.add_argument("--profile", default=None,
+                    help="--simulate: the device's latency profile from this JSON file instead of measuring it")
+    ap.add_argument("--save-profile", default=None, help="write the measured latency profile as JSON")
     args = ap.parse_args(argv)
     args.duration = args.duration or (0.25 if args.simulate else 2.0 if args.quick else 3.0)
     args.repeat = args.repeat or (1 if args.quick else 3)
     loads = [float(x) for x in args.loads.split(",")] if args.loads else (
-        [1, 4, 16, 32, 48] if args.simulate else [0.5, 1.0, 1.5, 2.0] if args.quick
+        [0.25, 0.5, 1.0, 1.5, 2.0] if args.simulate else [0.5, 1.0, 1.5, 2.0] if args.quick
         else [0.25, 0.5, 1.0, 1.5, 2.0, 2.5])
 
     torch.set_num_threads(args.threads)
     sys.setswitchinterval(args.switch_interval_ms / 1e3)
+    if args.simulate:
+        profile, tenants = device_profile(args, args.model, args.tenants)
+        args.capacity = batch_capacity(profile, tenants, args.max_batch)
+        return report([simulate_point(profile, tenants, p, load * args.capacity, args)
+                       for load in loads for p in POLICIES],
+                      args, f"simulated: {len(tenants)} tenants, slo {args.slo_ms:g} ms, slice {args.slice_ms:g} ms, "
+                            f"max_batch {args.max_batch}, device profile {args.profile or 'measured'}; "
+                            f"load unit (batch, saturated) {args.capacity:.0f} requests/s")
     fused, _, examples, shape = build(args.model, args.tenants, args.seed)
     warm(fused, examples)
     profile = measure_profile(fused, examples, args.max_batch, reps=5)
-    if args.simulate:
-        # the unit: one tenant's single-row launch, back to back ("time", saturated, on the simulated device)
-        args.capacity = len(examples) / sum(profile.solo(t, 1) for t in examples)
-        return report([simulate_point(profile, list(examples), p, load * args.capacity, args)
-                       for load in loads for p in POLICIES],
-                      args, f"simulated: {args.tenants} x {args.model}, slo {args.slo_ms:g} ms, slice "
-                            f"{args.slice_ms:g} ms, max_batch {args.max_batch}, measured profile as the device")
     args.capacity = capacity(fused, examples, profile, args)
     title = (f"{args.tenants} x {args.model}, slo {args.slo_ms:g} ms, slice {args.slice_ms:g} ms, "
              f"max_batch {args.max_batch}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -318,14 +401,7 @@ def report(rows: list[dict], args, title: str) -> int:
     best = best_within_target(rows, args.miss_target)
     print(f"\nbest throughput with SLO-miss rate <= {args.miss_target:.0%}: "
           + ", ".join(f"{p} {v:.0f}/s" for p, v in best.items()))
-    if args.markdown:
-        print()
-        print(table(rows, True))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"title": title, "capacity": args.capacity, "rows": rows}, indent=1))
-    if args.plot:
-        plot(rows, args.plot, title)
+    emit(rows, args, title, table, plot)
     return 0
 
 

@@ -65,13 +65,19 @@ def grouped_linear(x, w, b, epilogue, ext, scalars):
 
 def stacked_linear(x, w, b, epilogue, ext, scalars):
     """x [R, ..., K], w [R, N, K], b [R, N] or None -> [R, ..., N] with one baddbmm."""
+    return stacked_linear_kn(x, w.transpose(1, 2), None if b is None else b.unsqueeze(1),
+                             epilogue, ext, scalars)
+
+
+def stacked_linear_kn(x, wt, b1, epilogue, ext, scalars):
+    """``stacked_linear`` given the weight as [R, K, N] and the bias as [R, 1, N]: the
+    views the CPU program takes once, at binding (kernels/bind.py), not per call."""
     # Python overhead matters at batch 1 (about 1 us per tensor call on a 2-core CPU),
     # so the common 3-D case skips the reshape and view.
     x3 = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
-    wt = w.transpose(1, 2)
-    y = torch.bmm(x3, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x3, wt)
+    y = torch.bmm(x3, wt) if b1 is None else torch.baddbmm(b1, x3, wt)
     if x.dim() != 3:
-        y = y.view(*x.shape[:-1], w.shape[1])
+        y = y.view(*x.shape[:-1], wt.shape[2])
     return _stacked_epilogue(y, epilogue, ext, scalars)
 
 
@@ -82,8 +88,10 @@ def grouped_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, sc
     """Members may differ in every shape and conv parameter; 2 ints per member in
     stride/padding/dilation, one in groups."""
     ys = [
+        # A member's view of a channels-last packed weight (passes/lower.py) makes a
+        # channels-last output: each member gets the contiguous one its model would.
         F.conv2d(xi, wi, bi, stride[2 * i:2 * i + 2], padding[2 * i:2 * i + 2],
-                 dilation[2 * i:2 * i + 2], groups[i])
+                 dilation[2 * i:2 * i + 2], groups[i]).contiguous()
         for i, (xi, wi, bi) in enumerate(zip(x, w, b))
     ]
     return _grouped_epilogue(ys, epilogue, ext, scalars)
@@ -91,13 +99,22 @@ def grouped_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, sc
 
 def stacked_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, scalars):
     """x [R, B, C, H, W], w [R, O, C/g, kh, kw] -> [R, B, O, Ho, Wo] as ONE conv2d
-    with R*g channel groups (members side by side in the channel dim)."""
+    with R*g channel groups (members side by side in the channel dim).
+
+    With a channels-last packed weight (CPU, passes/lower.py) the conv runs
+    channels-last: x is laid out [B, H, W, R*C] in one copy (none when x is the
+    previous stacked conv's output), and the output stays channels-last, a view
+    [R, B, O, Ho, Wo] of memory [B, Ho, Wo, R*O]. The program makes it
+    contiguous where it leaves the stacked chain (kernels/bind.py).
+    """
     R, B, C, H, W = x.shape
     O = w.shape[1]
-    # [R, B, C, H, W] -> [B, R*C, H, W]: free when x is the previous stacked conv's output.
-    xb = x.transpose(0, 1).reshape(B, R * C, H, W)
-    y = F.conv2d(xb, w.reshape(R * O, *w.shape[2:]), None if b is None else b.reshape(R * O),
-                 stride, padding, dilation, groups * R)
+    w4 = w.reshape(R * O, *w.shape[2:])
+    if w4.is_contiguous(memory_format=torch.channels_last) and not w4.is_contiguous():
+        xb = x.permute(1, 3, 4, 0, 2).reshape(B, H, W, R * C).permute(0, 3, 1, 2)
+    else:  # [R, B, C, H, W] -> [B, R*C, H, W]: free when x is the previous stacked conv's output
+        xb = x.transpose(0, 1).reshape(B, R * C, H, W)
+    y = F.conv2d(xb, w4, None if b is None else b.reshape(R * O), stride, padding, dilation, groups * R)
     y = y.view(B, R, O, *y.shape[2:]).transpose(0, 1)
     return _stacked_epilogue(y, epilogue, ext, scalars)
 

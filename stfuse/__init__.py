@@ -7,10 +7,10 @@ from .artifact import load
 from .errors import InputError, PassError, StfuseError, TraceError
 from .plan import Plan
 from .program import FusedProgram
-from .runtime import QueueFullError, Runtime, RuntimeClosedError
+from .runtime import DeadlineExceededError, QueueFullError, Runtime, RuntimeClosedError
 
 __version__ = "0.1.0"
 
 __all__ = ["compile", "backend", "Group", "load", "Runtime", "FusedProgram", "Plan",
            "StfuseError", "TraceError", "InputError", "PassError", "QueueFullError",
-           "RuntimeClosedError", "__version__"]
+           "RuntimeClosedError", "DeadlineExceededError", "__version__"]

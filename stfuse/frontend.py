@@ -10,6 +10,8 @@ names the tenant and both reasons.
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,6 +159,37 @@ def _device_of(model: torch.nn.Module, args) -> torch.device:
     return torch.device("cpu")
 
 
+class _TrialExports(logging.Filter):
+    """Drops torch's fake-tensor error records on a thread while it tries an export that
+    may fail: the dynamic-batch attempt below. A graph whose views bake the batch into
+    another dim (``view(x, [32, 256 * B])``, as a Dynamo graph traced at batch 1 has)
+    fails there, and torch logs the failing meta kernel at error level before raising,
+    though the static export that follows succeeds. Other threads still log."""
+
+    LOGGER = "torch._subclasses.fake_tensor"
+
+    def __init__(self):
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "active", False)
+
+    @contextlib.contextmanager
+    def quiet(self):
+        logger = logging.getLogger(self.LOGGER)
+        if self not in logger.filters:
+            logger.addFilter(self)
+        self.local.active = True
+        try:
+            yield
+        finally:
+            self.local.active = False
+
+
+_TRIALS = _TrialExports()
+
+
 def _export(model, args, batch):
     """Export with dim 0 of batched inputs dynamic; returns (ExportedProgram, dynamic)."""
     # A batch of 1 would be specialised by export (0/1 specialisation): trace at 2.
@@ -165,7 +198,8 @@ def _export(model, args, batch):
     mask = iter(_batched_mask(targs, trace_batch))
     dyn = pytree.tree_map(lambda a: {0: Dim.AUTO} if next(mask) else None, targs)
     try:
-        ep = torch.export.export(model, targs, dynamic_shapes=dyn, strict=False)
+        with _TRIALS.quiet():
+            ep = torch.export.export(model, targs, dynamic_shapes=dyn, strict=False)
         dynamic = _batch_is_symbolic(ep)
         if dynamic or trace_batch == batch:
             return ep, dynamic

@@ -6,6 +6,7 @@ LatencyProfile table, so every assertion here is exact and repeatable.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import deque
 from types import SimpleNamespace
@@ -107,6 +108,13 @@ def test_profile_observe_is_robust_to_outliers_and_recovers_from_large_errors():
     for _ in range(80):
         prof.observe({"a": 1}, 0.05 * MS)
     assert prof.estimate({"a": 1}) == pytest.approx(0.05 * MS, rel=1e-2)
+
+
+def test_profile_round_trips_through_json():
+    prof = profile("abc", fixed={"a": 1 * MS, "b": 2 * MS, "c": 3 * MS}, fused_fixed=1.5 * MS)
+    prof.uneven_fixed[frozenset("ab")] = 0.5 * MS
+    back = LatencyProfile.from_json(json.loads(json.dumps(prof.to_json())))
+    assert back == prof and back.estimate({"a": 2, "b": 5}) == prof.estimate({"a": 2, "b": 5})
 
 
 def test_unknown_policy_is_an_stfuse_error():
@@ -320,8 +328,11 @@ def test_simulated_slo_accounting_matches_finish_times(policy):
     res = simulate(s, poisson("ab", 700, 0.3, slo, seed=2), profile("ab", fused_fixed=1.5 * MS), slo_s=slo)
     assert 0 < sum(t["slo_misses"] for t in res.stats["tenants"].values()) < len(res.requests)
     for t in "ab":
-        misses = sum(r.finish - r.arrival > slo[t] for r in res.requests if r.tenant == t)
+        ran = [r for r in res.requests if r.tenant == t and not r.shed]
+        assert all(r.finish is not None for r in ran)
+        misses = sum(r.finish - r.arrival > slo[t] for r in ran)
         assert res.stats["tenants"][t]["slo_misses"] == misses
+        assert res.stats["tenants"][t]["shed"] == sum(r.shed for r in res.requests if r.tenant == t)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -400,3 +411,128 @@ def test_slice_policy_waits_one_slice_for_live_tenants_only():
     assert policy.decide(queues, 0.3) == Wait(0.3 + 0.010)
     assert policy.decide(queues, 0.3 + 0.010) == Dispatch({"a": 1})  # the slice expired: alone
     assert policy.decide(queues, 0.3, flush=True) == Dispatch({"a": 1})  # closing never waits
+
+
+# ------------------------------------------------------------------ overload, shedding, fair share
+
+
+def batch_capacity(prof, tenants, max_batch=32):
+    """Requests/s of per-tenant batching kept saturated: a full batch of every tenant in turn."""
+    return len(tenants) * max_batch / sum(prof.solo(t, max_batch) for t in tenants)
+
+
+def outcomes(res, slo):
+    """(requests within SLO, late, shed, rejected); fails unless every request ended exactly one way."""
+    for r in res.requests:
+        assert (r.finish is not None) + r.shed + r.rejected == 1, r
+    ran = [r for r in res.requests if r.finish is not None]
+    good = sum(r.finish - r.arrival <= slo + 1e-12 for r in ran)
+    return good, len(ran) - good, sum(r.shed for r in res.requests), sum(r.rejected for r in res.requests)
+
+
+def test_expired_sheds_what_cannot_make_its_deadline_and_only_with_shedding_on():
+    prof = profile("ab", fixed=1 * MS, per_row=0.1 * MS)
+    s = scheduler("space-time", "ab", prof, slo=10 * MS)
+    qs = queues("ab", a=[req("a", 0.0, 10 * MS)] * 2 + [req("a", 5 * MS, 10 * MS)],
+                b=[req("b", 0.0, 10 * MS)])
+    # at 9 ms: a's first two (deadline 10 ms) cannot finish in 1.1 ms; the third (15 ms) can
+    assert s.expired(qs, 9 * MS) == {"a": 2, "b": 1}
+    assert s.expired(qs, 8.8 * MS) == {}
+    assert scheduler("batch", "ab", prof, slo=10 * MS).expired(qs, 9 * MS) == {}  # off by default
+    assert make_scheduler("batch", "ab", profile=prof, slo_s={"a": 0.01}, shed=True).expired(qs, 9 * MS) == {"a": 2}
+    # a tenant that misses its SLO even on an idle device is served late, never shed
+    assert scheduler("space-time", "ab", prof, slo=1 * MS).expired(qs, 9 * MS) == {}
+
+
+def test_expired_sheds_an_overloaded_tenant_against_the_launch_it_will_get():
+    # 40 queued: a whole batch of 8 rows costs 1.8 ms, so a request with 1.5 ms left is shed
+    # although alone it would make it (1.1 ms); once fewer than 8 remain, alone counts again
+    s = scheduler("space-time", "a", profile("a", fixed=1 * MS, per_row=0.1 * MS), max_batch=8, slo=10 * MS)
+    qs = queues("a", a=[req("a", 0.0, 10 * MS)] * 3 + [req("a", 2 * MS, 10 * MS)] * 37)
+    assert s.expired(qs, 8.5 * MS) == {"a": 3}
+    short = queues("a", a=[req("a", 0.0, 10 * MS)] * 3)
+    assert s.expired(short, 8.5 * MS) == {}
+
+
+def test_space_time_fills_the_batch_of_an_overloaded_head():
+    s = scheduler("space-time", "a", profile("a", fixed=1 * MS, per_row=1 * MS), max_batch=8)
+    # the head has 5.5 ms: alone it would take 4 requests; with a whole batch queued it takes 8
+    qs = queues("a", a=[req("a", 0.0, 5.5 * MS)] + [req("a", 0.1 * MS, 50 * MS)] * 19)
+    assert s.decide(qs, 0.0) == Dispatch({"a": 8})
+
+
+def test_a_tenant_over_its_share_ranks_after_one_within_it():
+    s = scheduler("batch", "ab", slice_s=2 * MS)  # a share's quantum: one slice of device time
+    qs = queues("ab", a=[req("a", 0.0, 20 * MS)] * 5, b=[req("b", 3 * MS, 20 * MS)])
+    now = 6 * MS
+    assert s.decide(qs, now).take.keys() == {"a"}  # earliest deadline
+    s.charge({"a": 5}, 1 * MS)  # half a slice ahead: within its share still
+    assert s.decide(qs, now).take.keys() == {"a"}
+    s.charge({"a": 5}, 5 * MS)
+    assert s.decide(qs, now).take.keys() == {"b"}  # over it: b first, whatever the deadlines
+    s.charge({"b": 1}, 6 * MS)
+    assert s.decide(qs, now).take.keys() == {"a"}  # level again
+
+
+@pytest.mark.parametrize("load", [0.5, 1.0, 1.5, 2.0])
+def test_space_time_is_at_least_as_good_as_batching_at_every_load(load):
+    """The overload regime of issue 13: space-time keeps batch's throughput, misses no more SLOs,
+    and, by shedding, keeps p99 of what it serves within the SLO."""
+    tenants = ["t0", "t1", "t2", "t3"]
+    prof = profile(tenants, fused_fixed=1.5 * MS)
+    slo = 25 * MS
+    got = {}
+    for policy in ("batch", "space-time"):
+        reqs = poisson(tenants, load * batch_capacity(prof, tenants) / 4, 1.0, slo, seed=11)
+        res = simulate(scheduler(policy, tenants, prof, slo=slo), reqs, prof, slo_s={t: slo for t in tenants},
+                       max_queue=256)
+        lat = sorted(r.finish - r.arrival for r in res.requests if r.finish is not None)
+        got[policy] = (res.stats["throughput_rps"], outcomes(res, slo), percentile(lat, 99))
+    (st_rps, (st_good, st_late, _, _), st_p99), (b_rps, (b_good, _, _, _), _) = got["space-time"], got["batch"]
+    assert st_rps >= 0.99 * b_rps  # the same when both serve everything: only the last launch differs
+    assert st_good >= b_good
+    assert st_late == 0 and st_p99 <= slo
+
+
+@pytest.mark.parametrize("fused_fixed", [1.5, 20.0], ids=["fusion-pays", "fusion-loses"])
+@pytest.mark.parametrize("flood", [2, 6, 20])
+@pytest.mark.parametrize("policy", ["batch", "space-time"])
+def test_a_flooding_tenant_never_pushes_quiet_ones_past_their_deadline(policy, flood, fused_fixed):
+    """Issue 18's noisy neighbour: three quiet tenants at 3% of capacity each, a fourth
+    flooding at `flood` times their combined rate. Without fair shares, EDF serves the flood's
+    on-time backlog first and quiet requests miss (30 of 715 for space-time at 20x, fusion-loses)."""
+    quiet, tenants = ["q0", "q1", "q2"], ["q0", "q1", "q2", "flood"]
+    prof = profile(tenants, fused_fixed=fused_fixed * MS)
+    slo = 25 * MS
+    rate = 0.03 * batch_capacity(prof, tenants)
+    reqs = poisson(quiet, rate, 1.0, slo, seed=3) + poisson(["flood"], flood * 3 * rate, 1.0, slo, seed=4)
+    res = simulate(scheduler(policy, tenants, prof, slo=slo), reqs, prof, slo_s={t: slo for t in tenants},
+                   max_queue=256)
+    outcomes(res, slo)
+    per = res.stats["tenants"]
+    for t in quiet:
+        assert per[t]["served"] == sum(r.tenant == t for r in reqs) and per[t]["slo_misses"] == 0, per[t]
+    # the flood still gets what the quiet tenants leave: at least a third of the device
+    assert per["flood"]["served"] >= min(sum(r.tenant == "flood" for r in reqs), batch_capacity(prof, tenants) / 3)
+
+
+def test_weights_split_the_device_between_two_saturating_tenants():
+    prof = profile("ab", fused_fixed=20 * MS)  # never fused: each launch is one tenant's
+    slo = 25 * MS
+    s = make_scheduler("space-time", "ab", slice_s=2 * MS, profile=prof, slo_s={"a": slo, "b": slo},
+                       weights={"a": 3, "b": 1})
+    res = simulate(s, poisson("ab", 20_000, 1.0, slo, seed=8), prof, max_queue=256)
+    outcomes(res, slo)
+    a, b = res.stats["tenants"]["a"]["served"], res.stats["tenants"]["b"]["served"]
+    assert 2.7 <= a / b <= 3.3, (a, b)
+
+
+def test_rate_limit_refuses_arrivals_beyond_the_bucket():
+    s = make_scheduler("batch", "ab", profile=profile("ab"), rate_limits={"a": (100, 10)})
+    res = simulate(s, poisson("ab", 1000, 1.0, 50 * MS, seed=9), profile("ab"))
+    outcomes(res, 50 * MS)
+    a = res.stats["tenants"]["a"]
+    assert 100 <= a["served"] <= 111 and a["rejected"] > 800  # 10 banked + 100/s over one second
+    assert res.stats["tenants"]["b"]["rejected"] == 0
+    with pytest.raises(StfuseError, match=r"weights\['a'\] must be a finite number > 0"):
+        make_scheduler("batch", "ab", weights={"a": -1})

@@ -309,3 +309,30 @@ def test_higher_order_op_regions_cannot_be_saved_yet(tmp_path):
     with pytest.raises(ArtifactError, match="higher-order op over a subgraph"):
         fused.save(tmp_path / "cond")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- channels-last stacked convs (CPU) leave their chain in the layout eager gives ----
+
+
+class ConvThenView(nn.Module):
+    """Two convs, then ``view`` flattening channels with the spatial dims: a view that
+    only a contiguous NCHW tensor allows (the stacked CPU conv runs channels-last)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, c, 3, padding=1)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1)
+        self.head = nn.Linear(c * 6 * 6, 5)
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)))
+        return self.head(y.view(y.shape[0], -1)), y
+
+
+def test_stacked_conv_output_viewed_as_eager_lays_it_out():
+    torch.manual_seed(0)
+    models = [ConvThenView().eval() for _ in range(3)]
+    fused = _check_batches(models, 2, [2, 1, 3], lambda i, b: torch.randn(b, 3, 6, 6))
+    assert any(grp.op_class == "conv2d" for grp in fused.graph.graph["groups"].values())
+    y = fused(*[torch.randn(2, 3, 6, 6) for _ in models])[0][1]
+    assert y.is_contiguous()  # what the tenant's own conv returns

@@ -23,7 +23,7 @@ import torch.nn as nn
 import stfuse
 from stfuse import zoo
 from stfuse.errors import InputError, StfuseError
-from stfuse.runtime import QueueFullError, Runtime, RuntimeClosedError, measure_profile
+from stfuse.runtime import DeadlineExceededError, QueueFullError, Runtime, RuntimeClosedError, measure_profile
 from stfuse.runtime.policies import POLICIES, Scheduler
 from stfuse.runtime.profile import LatencyProfile
 from stfuse.tolerances import assert_close
@@ -158,6 +158,9 @@ def cheap_fusion(tenants):
 def runtime(prog, policy="space-time", **kw):
     kw.setdefault("profile", cheap_fusion(prog.tenants))
     kw.setdefault("slice_ms", 1.0)
+    # Whether a request outlives its SLO depends here on how long a test holds the gate,
+    # so shedding is off unless a test asks for it (and then makes the outcome certain).
+    kw.setdefault("shed", False)
     return Runtime(prog, policy, **kw)
 
 
@@ -238,7 +241,8 @@ def test_fake_program_results_equal_eager_from_many_threads(policy):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_compiled_program_results_equal_eager_from_many_threads(policy, compiled):
     fused, models, examples = compiled
-    with Runtime(fused, policy, slice_ms=1.0, max_batch=8, example_inputs=examples, profile_reps=1) as rt:
+    with Runtime(fused, policy, slice_ms=1.0, max_batch=8, example_inputs=examples, profile_reps=1,
+                 shed=False) as rt:  # every request must run, however slow the machine is today
         sent = hammer(rt, fused.tenants, threads=4, per_thread=50, seed=1)
         settle([f for _, _, f in sent])
     for t, args, fut in sent:
@@ -276,7 +280,7 @@ def test_compiled_program_fuses_queued_tenants(compiled):
     fused, models, examples = compiled
     gate = Gate(fused.run)
     prog = SimpleNamespace(tenants=fused.tenants, run=gate)  # the compiled program behind a gate
-    with Runtime(prog, "space-time", profile=cheap_fusion(fused.tenants)) as rt:
+    with Runtime(prog, "space-time", profile=cheap_fusion(fused.tenants), shed=False) as rt:
         sent = [(t, make_args(t, 2)) for t in fused.tenants for _ in range(3)]
         futs = queue_behind_one_launch(rt, gate, ("m0", make_args("m0", 1)), sent)
     assert sorted(gate.calls[1]) == sorted(fused.tenants)  # all four tenants in one fused call
@@ -639,6 +643,54 @@ def test_full_queue_raises_or_blocks_until_room():
     assert rt.stats()["tenants"]["twin"]["rejected"] == 2
 
 
+def test_requests_that_can_no_longer_meet_their_slo_are_shed_with_an_error():
+    """Queued behind a held launch for 10 ms with a 1 us SLO (which an idle device meets,
+    per the profile): shed, each future failing with DeadlineExceededError, never run."""
+    prog = FakeProgram(fake_models())
+    fast = LatencyProfile({t: 1e-9 for t in prog.tenants}, {t: 1e-10 for t in prog.tenants})
+    with runtime(prog, profile=fast, shed=True, slo_ms={"twin": 1e-3, "mlp": 1e6, "cnn": 1e6}) as rt:
+        first = busy(rt, prog)
+        late = [rt.submit("twin", make_args("twin", 1)) for _ in range(4)]
+        kept = rt.submit("cnn", make_args("cnn", 1))
+        time.sleep(0.01)  # at least this long: every twin request is now past its deadline
+        prog.release()
+        settle(late + [kept, first])
+        stats = rt.stats()["tenants"]
+    for f in late:
+        with pytest.raises(DeadlineExceededError, match="'twin': shed after"):
+            f.result()
+    assert kept.result().shape == (1, 5) and first.result().shape == (1, 4)
+    assert prog.rows_run("twin") == 0
+    assert stats["twin"]["shed"] == 4 and stats["twin"]["served"] == 0 and stats["cnn"]["shed"] == 0
+    assert issubclass(DeadlineExceededError, StfuseError)
+
+
+def test_rate_limit_rejects_at_submit_and_only_that_tenant():
+    prog = FakeProgram(fake_models())
+    with runtime(prog, rate_limits={"twin": (1e-6, 2)}) as rt:  # a burst of 2, then ~nothing
+        futs = [rt.submit("twin", make_args("twin", 1)) for _ in range(2)]
+        with pytest.raises(QueueFullError, match="'twin': over its rate limit"):
+            rt.submit("twin", make_args("twin", 1))
+        futs += [rt.submit("mlp", make_args("mlp", 1)) for _ in range(3)]
+        settle(futs)
+        stats = rt.stats()["tenants"]
+    assert stats["twin"]["rejected"] == 1 and stats["twin"]["served"] == 2 and stats["mlp"]["served"] == 3
+
+
+def test_a_tenant_over_its_share_waits_behind_one_within_it():
+    """mlp's launch holds the device for 10 ms (five slices): mlp is then over its share, so
+    twin runs first although mlp's queued requests came earlier (earlier deadlines)."""
+    prog = FakeProgram(fake_models())
+    with runtime(prog, "batch", slice_ms=2.0) as rt:
+        first = busy(rt, prog)
+        futs = [rt.submit("mlp", make_args("mlp", 1)) for _ in range(3)]
+        futs.append(rt.submit("twin", make_args("twin", 1)))
+        time.sleep(0.01)  # the held launch lasts at least this long, and is charged to mlp
+        prog.release()
+        settle(futs + [first])
+    assert [set(c) for c in prog.calls] == [{"mlp"}, {"twin"}, {"mlp"}]
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_close_from_a_result_callback_does_not_deadlock(policy):
     prog = FakeProgram(fake_models())
@@ -702,6 +754,12 @@ def test_constructor_rejects_bad_settings():
         Runtime(prog, "fastest")
     with pytest.raises(StfuseError, match="max_queue"):
         Runtime(prog, max_queue=0)
+    with pytest.raises(StfuseError, match=r"weights names unknown tenant\(s\) \['bert'\]"):
+        Runtime(prog, weights={"bert": 2})
+    with pytest.raises(StfuseError, match=r"rate_limits\['mlp'\] must be a finite number > 0, got 0"):
+        Runtime(prog, rate_limits={"mlp": 0})
+    with pytest.raises(StfuseError, match="pass them to the Scheduler"):
+        Runtime(prog, Scheduler(prog.tenants), shed=True)
 
 
 @pytest.mark.parametrize("kwargs, match", [

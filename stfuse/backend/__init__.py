@@ -46,7 +46,7 @@ from .graph import CompiledGraph, Member, Options, parse_options
 from .group import Group
 from .registry import _GRAPHS, _GROUPS, _REGISTRY_LOCK, MAX_MODELS, MAX_SPECIALIZATIONS, OPTIONS, graphs, register
 
-ModelGroup = Group  # the backend's group of models (ir.Group is a fusion group of ops)
+ModelGroup = Group  # the backend's group of models (ir.FusedOp is a fused group of ops)
 
 
 def backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None,

@@ -161,7 +161,8 @@ class Group:
             # A Dynamo graph promises nothing about its rows: one request per tenant per launch.
             policy = OneRequestEach(make_scheduler(
                 self.policy, list(names), slice_s=self.slice_ms / 1e3, max_batch=big,
-                profile=LatencyProfile({}, {}), slo_s={n: slo / 1e3 for n in names}))
+                profile=LatencyProfile({}, {}), slo_s={n: slo / 1e3 for n in names},
+                shed=False))  # a model call must return its value, however late: never shed
             self._runtime = Runtime(_Counted(fused, self), policy, slice_ms=self.slice_ms,
                                     slo_ms=slo, max_batch=big)
             self.program = fused

@@ -2,6 +2,7 @@
 
     runtime.py    Runtime: per-tenant queues, SLOs, a worker thread that executes decisions
     policies.py   the scheduling policies (decisions only: no threads, no clocks)
+    shares.py     per-tenant fair shares of device time and rate limits, for the policies
     profile.py    the latency model policies plan with
     batching.py   requests in and out of one launch; the start-up latency measurement
     simulate.py   policies on a fake clock (tests, benchmarks)
@@ -10,7 +11,8 @@
 
 from .batching import measure_profile
 from .policies import POLICIES
-from .runtime import DEFAULT_MAX_QUEUE, DEFAULT_SLO_MS, QueueFullError, Runtime, RuntimeClosedError
+from .runtime import (DEFAULT_MAX_QUEUE, DEFAULT_SLO_MS, DeadlineExceededError, QueueFullError, Runtime,
+                      RuntimeClosedError)
 
-__all__ = ["Runtime", "QueueFullError", "RuntimeClosedError", "measure_profile", "DEFAULT_SLO_MS",
-           "DEFAULT_MAX_QUEUE", "POLICIES"]
+__all__ = ["Runtime", "QueueFullError", "RuntimeClosedError", "DeadlineExceededError", "measure_profile",
+           "DEFAULT_SLO_MS", "DEFAULT_MAX_QUEUE", "POLICIES"]

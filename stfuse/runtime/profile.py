@@ -12,6 +12,10 @@ _ANY = frozenset()  # LatencyProfile.correction key for tenant sets not launched
 _MAX_STEP = math.log(4.0)  # an observation moves a correction by at most 4 ** weight
 
 
+def _groups(table: Mapping[frozenset, float]) -> list:
+    return [[sorted(g), v] for g, v in sorted(table.items(), key=lambda kv: sorted(kv[0]))]
+
+
 @dataclass
 class LatencyProfile:
     """Latency model of the fused program, per group of tenants and batch sizes.
@@ -49,6 +53,18 @@ class LatencyProfile:
     default_fixed: float = 1e-3
     default_per_row: float = 1e-4
     correction: dict[frozenset, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """The model as plain JSON (groups as sorted name lists); corrections are not kept."""
+        return {"fixed": dict(self.fixed), "per_row": dict(self.per_row), "fused_fixed": _groups(self.fused_fixed),
+                "uneven_fixed": _groups(self.uneven_fixed), "concurrent_ratio": self.concurrent_ratio}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "LatencyProfile":
+        return cls(dict(data["fixed"]), dict(data["per_row"]),
+                   {frozenset(g): v for g, v in data.get("fused_fixed", [])},
+                   {frozenset(g): v for g, v in data.get("uneven_fixed", [])},
+                   concurrent_ratio=data.get("concurrent_ratio", 1.0))
 
     def solo(self, tenant: str, rows: int) -> float:
         return self._fixed(tenant) + self._per_row(tenant) * rows

@@ -15,6 +15,9 @@ others run one request per launch), calls
 `fused.run` once, and splits every tensor leaf of each output back along
 dim 0 per request. When a call raises, each tenant is retried alone, then
 each request alone, so the fault stays with the request that caused it.
+Before each decision the policy names the queued requests that can no longer
+meet their deadline (shedding: "space-time" by default); their futures get
+DeadlineExceededError, outside the lock like every other result.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ from stfuse.runtime.stats import StatsRecorder
 from stfuse.runtime.policies import Dispatch, Scheduler, Wait, make_scheduler
 from stfuse.runtime.profile import LatencyProfile
 
-__all__ = ["Runtime", "QueueFullError", "RuntimeClosedError", "measure_profile", "DEFAULT_SLO_MS",
-           "DEFAULT_MAX_QUEUE"]
+__all__ = ["Runtime", "QueueFullError", "RuntimeClosedError", "DeadlineExceededError", "measure_profile",
+           "DEFAULT_SLO_MS", "DEFAULT_MAX_QUEUE"]
 
 DEFAULT_SLO_MS = 100.0  # for tenants that slo_ms does not name
 DEFAULT_MAX_QUEUE = 1024  # requests per tenant before submit() pushes back
@@ -56,7 +59,12 @@ def rows_independent(fused) -> set[str]:
 
 
 class QueueFullError(StfuseError):
-    """submit() found the tenant's queue full (and, with block=True, it stayed full until the timeout)."""
+    """submit() found the tenant's queue full (and, with block=True, it stayed full until the timeout),
+    or the tenant over its rate limit."""
+
+
+class DeadlineExceededError(StfuseError):
+    """The request was shed: queued so long that it could no longer meet its deadline (its tenant's SLO)."""
 
 
 class RuntimeClosedError(StfuseError):
@@ -96,12 +104,20 @@ class Runtime:
         come from each tenant's first successful request and the profile is
         learnt from launches as they run.
     profile: a LatencyProfile to use instead of measuring one.
+    weights: {tenant: weight} for the fair share of device time (default 1 each).
+    rate_limits: {tenant: requests/s or (requests/s, burst)}; submit() refuses beyond.
+    shed: fail queued requests that can no longer meet their deadline with
+        DeadlineExceededError (None: the policy's default, on for "space-time").
+    weights, rate_limits and shed go to the policy: give them to a Scheduler
+    instance yourself (see shares.py and policies.Scheduler).
     """
 
     def __init__(self, fused, policy: str | Scheduler = "space-time", *, slice_ms: float = 2.0,
                  slo_ms: float | Mapping[str, float] | None = None, max_batch: int = 32,
                  max_queue: int = DEFAULT_MAX_QUEUE, example_inputs=None,
-                 profile: LatencyProfile | None = None, profile_reps: int = 5):
+                 profile: LatencyProfile | None = None, profile_reps: int = 5,
+                 weights: Mapping[str, float] | None = None, rate_limits: Mapping[str, Any] | None = None,
+                 shed: bool | None = None):
         self._fused = fused
         self.tenants = list(fused.tenants)
         for name, value in (("max_queue", max_queue), ("max_batch", max_batch)):
@@ -125,13 +141,17 @@ class Runtime:
         for t, a in examples.items():
             self._program_check(t, a)
         if isinstance(policy, Scheduler):
+            if weights is not None or rate_limits is not None or shed is not None:
+                raise StfuseError("Runtime: weights, rate_limits and shed are the policy's settings; "
+                                  "pass them to the Scheduler instance")
             self._scheduler = policy
         else:
             if profile is None:
                 profile = (measure_profile(fused, examples, max_batch, profile_reps) if examples
                            else LatencyProfile({}, {}))
             self._scheduler = make_scheduler(policy, self.tenants, slice_s=slice_ms / 1e3,
-                                             max_batch=max_batch, profile=profile, slo_s=self._slo_s)
+                                             max_batch=max_batch, profile=profile, slo_s=self._slo_s,
+                                             weights=weights, rate_limits=rate_limits, shed=shed)
         self.policy = self._scheduler.name
         # For a program without check_inputs: the inputs its examples (or first run) had.
         self._inputs = {t: inputs_seen(a) for t, a in examples.items()}
@@ -164,8 +184,8 @@ class Runtime:
     def submit(self, tenant: str, args, *, block: bool = False, timeout: float | None = None) -> Future:
         """Queue one request (a Tensor or a tuple of Tensors, batch on dim 0); returns its Future.
 
-        Bad input raises InputError here, before anything is queued. A full
-        queue raises QueueFullError at once, or with block=True waits for room
+        Bad input raises InputError here, before anything is queued. A tenant
+        over its rate limit raises QueueFullError; a full queue raises it at once, or with block=True waits for room
         up to `timeout` seconds (None: no limit) and then raises it. After
         close(), raises RuntimeClosedError. Thread-safe.
         """
@@ -188,6 +208,11 @@ class Runtime:
             if self._closed:
                 raise RuntimeClosedError(f"tenant {tenant!r}: the runtime is closed")
             now = time.perf_counter()
+            refused = self._scheduler.admit(tenant, now)
+            if refused is not None:
+                with self._stats_lock:
+                    self._stats.count(tenant, "rejected")
+                raise QueueFullError(refused)
             queue.append(_Request(tenant, args, args[0].shape[0], now, now + self._slo_s[tenant], future))
             self._work.notify()
         return future
@@ -294,8 +319,9 @@ class Runtime:
                 queue.clear()
                 queue.extend(keep)
 
-    def _next_launch(self) -> tuple[Dispatch, dict[str, list[_Request]]] | None:
-        """Block until the policy launches something; None once closed and drained."""
+    def _next_launch(self) -> tuple[Dispatch | None, dict[str, list[_Request]]] | None:
+        """Block until the policy launches something, or sheds (then the decision is None and the
+        requests are the shed ones); None once closed and drained."""
         with self._lock:
             while True:
                 if self._cancelled_some:
@@ -311,6 +337,11 @@ class Runtime:
                     self._work.wait()
                     continue
                 now = time.perf_counter()
+                expired = self._scheduler.expired(view, now)
+                if expired:
+                    shed = {t: [self._queues[t].popleft() for _ in range(k)] for t, k in expired.items()}
+                    self._room.notify_all()
+                    return None, shed
                 decision = self._scheduler.decide(view, now, flush=self._closed)
                 if isinstance(decision, Wait):
                     self._work.wait(max(0.0, decision.until - now))
@@ -343,7 +374,9 @@ class Runtime:
         try:
             while (item := self._next_launch()) is not None:
                 launch, batch = item
-                if launch.mode == "concurrent":
+                if launch is None:
+                    self._shed(batch)
+                elif launch.mode == "concurrent":
                     # each tenant's call runs on its own thread (stream) and the worker does not wait:
                     # the tenant shows work again as soon as its own call is done
                     if self._pool is None:
@@ -367,6 +400,17 @@ class Runtime:
                 if not r.future.done():
                     if r.future.running() or r.future.set_running_or_notify_cancel():
                         r.future.set_exception(StfuseError(f"runtime worker failed: {exc!r}"))
+
+    def _shed(self, batch: dict[str, list[_Request]]) -> None:
+        now = time.perf_counter()
+        for t, reqs in batch.items():
+            with self._stats_lock:
+                self._stats.count(t, "shed", len(reqs))
+            for r in reqs:
+                if r.future.set_running_or_notify_cancel():
+                    r.future.set_exception(DeadlineExceededError(
+                        f"tenant {t!r}: shed after {(now - r.arrival) * 1e3:.1f} ms in the queue: it could no "
+                        f"longer finish within its SLO of {self._slo_s[t] * 1e3:g} ms"))
 
     def _run_concurrently(self, tenant: str, reqs: list[_Request]) -> None:
         """One tenant's call of a concurrent launch, on a pool thread (and its own CUDA stream)."""
@@ -414,6 +458,8 @@ class Runtime:
             return
         finish = time.perf_counter()
         rows = {t: sum(r.rows for r in reqs) for t, reqs in batch.items()}
+        with self._lock:  # the fair shares are the worker's, read by decide() under this lock
+            self._scheduler.charge(rows, finish - start)
         with self._stats_lock:
             self._stats.launch(rows)
             self._scheduler.profile.observe(rows, finish - start)

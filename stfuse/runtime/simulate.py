@@ -19,7 +19,8 @@ from stfuse.runtime.profile import LatencyProfile
 
 @dataclass
 class SimRequest:
-    """A request in `simulate`; id (arrival order), start, finish and launch are filled in by it."""
+    """A request in `simulate`; id (arrival order) and its outcome are filled in by it: start,
+    finish and launch for a request that ran, else `rejected` (at arrival) or `shed` (at `shed_at`)."""
 
     tenant: str
     arrival: float
@@ -29,6 +30,9 @@ class SimRequest:
     start: float | None = None
     finish: float | None = None
     launch: int | None = None
+    rejected: bool = False
+    shed: bool = False
+    shed_at: float | None = None
 
 
 @dataclass
@@ -42,12 +46,15 @@ def simulate(scheduler: Scheduler, requests: Iterable[SimRequest], device: Laten
              *, slo_s: Mapping[str, float] | None = None, max_queue: int | None = None) -> SimResult:
     """Run a policy on a fake clock against a device whose latencies come from `device`.
 
-    Discrete events: arrivals and launch completions. The scheduler is asked
-    for a decision whenever the device is idle; a Wait advances the clock to
-    its time or to the next arrival, whichever is first. Every request ends
-    with start/finish set, except arrivals that found their tenant's queue
-    holding `max_queue` requests (rejected, as Runtime.submit does). A
-    decision that takes more than is queued, or waits for the past, raises.
+    Discrete events: arrivals and launch completions, in the Runtime's order:
+    an arrival is refused (`rejected`) when the scheduler does not `admit` it
+    or its tenant's queue holds `max_queue` requests, as Runtime.submit does;
+    whenever the device is idle the scheduler first sheds what has `expired`
+    (`shed`), then is asked for a decision; a Wait advances the clock to its
+    time or to the next arrival, whichever is first; each launch's duration
+    is `charge`d to the scheduler's fair shares. Every request ends exactly one
+    way: run (start/finish set), rejected or shed. A decision that takes more
+    than is queued, or waits for the past, raises.
     """
     reqs = sorted(requests, key=lambda r: (r.arrival, r.id))
     for i, r in enumerate(reqs):
@@ -64,10 +71,17 @@ def simulate(scheduler: Scheduler, requests: Iterable[SimRequest], device: Laten
     while True:
         while arrivals and arrivals[0][0] <= now:
             r = heapq.heappop(arrivals)[2]
-            if max_queue is not None and len(queues[r.tenant]) >= max_queue:
+            if (max_queue is not None and len(queues[r.tenant]) >= max_queue) \
+                    or scheduler.admit(r.tenant, r.arrival) is not None:
+                r.rejected = True
                 stats.count(r.tenant, "rejected")
             else:
                 queues[r.tenant].append(r)
+        for t, k in scheduler.expired(queues, now).items():
+            for _ in range(k):
+                r = queues[t].popleft()
+                r.shed, r.shed_at = True, now
+            stats.count(t, "shed", k)
         decision = scheduler.decide(queues, now)
         if decision is None:
             if not arrivals:
@@ -89,9 +103,11 @@ def simulate(scheduler: Scheduler, requests: Iterable[SimRequest], device: Laten
             duration = device.estimate_concurrent(rows)
             for t, b in rows.items():
                 stats.launch({t: b})
+                scheduler.charge({t: b}, device.estimate({t: b}))
         else:
             duration = device.estimate(rows)
             stats.launch(rows)
+            scheduler.charge(rows, duration)
         end = now + duration
         launches.append((now, end, rows, decision.mode))
         for rs in taken.values():

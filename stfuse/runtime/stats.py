@@ -33,7 +33,7 @@ class StatsRecorder:
         self.last = None
         self.launches = 0
         self.launch_tenants = 0
-        self.t = {name: {"served": 0, "failed": 0, "cancelled": 0, "rejected": 0, "slo_misses": 0,
+        self.t = {name: {"served": 0, "failed": 0, "cancelled": 0, "rejected": 0, "shed": 0, "slo_misses": 0,
                          "launches": 0, "fused_launches": 0, "rows": 0, "retries": 0,
                          "batch_sizes": {}, "latencies": deque(maxlen=self.window)}
                   for name in self.tenants}
@@ -55,7 +55,7 @@ class StatsRecorder:
             s["slo_misses"] += 1
 
     def count(self, tenant: str, what: str, n: int = 1) -> None:
-        """Bump a plain counter: "cancelled", "rejected" or "retries"."""
+        """Bump a plain counter: "cancelled", "rejected", "shed" or "retries"."""
         self.t[tenant][what] += n
 
     def launch(self, rows: Mapping[str, int]) -> None:
@@ -78,7 +78,7 @@ class StatsRecorder:
             served += s["served"]
             out[name] = {
                 "served": s["served"], "failed": s["failed"], "cancelled": s["cancelled"],
-                "rejected": s["rejected"], "retries": s["retries"],
+                "rejected": s["rejected"], "shed": s["shed"], "retries": s["retries"],
                 "p50_ms": ms[0], "p90_ms": ms[1], "p99_ms": ms[2],
                 "mean_ms": sum(lat) / len(lat) * 1e3 if lat else None,
                 "slo_ms": self.slo_s[name] * 1e3, "slo_misses": s["slo_misses"],

@@ -1,0 +1,67 @@
+"""stfuse/frontend.py: tracing tenants."""
+
+import contextlib
+import logging
+
+import torch
+
+import stfuse
+
+from conftest import check_tenants
+
+
+class BatchBakedIntoView(torch.nn.Module):
+    """``reshape(32, -1)`` folds the batch into the reduction dim of the mm: the export
+    with a dynamic batch fails (its fake mm sees [32, 256*B] x [256, 8]), the static
+    export holds. What a Dynamo graph traced at batch 1 looks like."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(256, 8))
+
+    def forward(self, x):
+        return torch.mm(x.reshape(32, -1), self.w)
+
+
+@contextlib.contextmanager
+def records(name: str):
+    """Every record logged through logger ``name`` (torch's loggers do not propagate to
+    the root logger, so pytest's caplog never sees them)."""
+    got: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = got.append
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield got
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_a_failed_dynamic_trial_export_logs_no_error():
+    """torch logs the failing fake kernel at error level; a compile that succeeds must
+    not leave error records behind (issue 17, item 3)."""
+    torch.manual_seed(0)
+    models = [BatchBakedIntoView().eval() for _ in range(2)]
+    args = [(torch.randn(1, 32, 256),), (torch.randn(1, 32, 256),)]
+    with records("torch._subclasses.fake_tensor") as got:  # it does not propagate
+        fused = stfuse.compile(models, args)
+    assert not [r.getMessage() for r in got if r.levelno >= logging.ERROR]
+    assert not any(s.dynamic for s in fused.specs.values())  # the static export was kept
+    check_tenants(fused, models, args)
+
+
+def test_the_filter_is_per_thread_and_ends_with_the_trial():
+    import threading
+
+    from stfuse.frontend import _TRIALS
+
+    log = logging.getLogger(_TRIALS.LOGGER)
+    with records(_TRIALS.LOGGER) as got:
+        with _TRIALS.quiet():
+            log.error("inside the trial")
+            other = threading.Thread(target=log.error, args=("another thread",))
+            other.start()
+            other.join()
+        log.error("after the trial")
+    assert [r.getMessage() for r in got] == ["another thread", "after the trial"]
