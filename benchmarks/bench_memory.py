@@ -4,16 +4,15 @@
 
 The packed [R, ...] weights of fused groups are copies: the tenants' traced graphs keep
 the original parameters (for subsets, respecialising and the self-check), so every packed
-group adds its weights' size once more. ``--fuse-all`` prices groups with the CUDA cost
-model (STFUSE_DEVICE_MODEL=cuda), which keeps every group: the worst case. Linux only
-(reads VmRSS from /proc/self/status).
+group adds its weights' size once more. By default groups are priced by the CPU cost model
+(``tune="model"``, the numbers in RESULTS.md); ``--fuse-all`` keeps every group the matcher
+forms (``tune="off"``): the worst case. Linux only (reads VmRSS from /proc/self/status).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import os
 import time
 
 
@@ -28,10 +27,8 @@ def rss_mib() -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=12, help="encoder layers (BERT-base: 12)")
-    ap.add_argument("--fuse-all", action="store_true", help="keep every group (the CUDA cost model)")
+    ap.add_argument("--fuse-all", action="store_true", help='keep every group (tune="off")')
     args = ap.parse_args(argv)
-    if args.fuse_all:
-        os.environ["STFUSE_DEVICE_MODEL"] = "cuda"  # read when the pipeline runs
     import torch
     import transformers as T
 
@@ -46,7 +43,8 @@ def main(argv=None) -> int:
     params = sum(p.numel() * p.element_size() for m in models.values() for p in m.parameters()) / 2**20
     gc.collect()
     before = rss_mib()
-    fused = stfuse.compile(models, {n: torch.randint(0, 1000, (1, 32)) for n in models})
+    fused = stfuse.compile(models, {n: torch.randint(0, 1000, (1, 32)) for n in models},
+                           tune="off" if args.fuse_all else "model")
     gc.collect()
     after = rss_mib()
     packed = sum(t.numel() * t.element_size() for entry in fused.graph.graph.get("packed", {}).values()

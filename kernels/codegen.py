@@ -238,17 +238,23 @@ def write_source(template: KernelTemplate, source: str) -> tuple[Path, bool]:
     path = source_path(template, source)
     if path.exists() and path.read_text() == source:
         return path, False
+    write_atomic(path, source)
+    return path, True
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same directory and
+    ``os.replace``: a reader never sees a partial file under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(source)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path, True
 
 
 # path of a generated file -> its imported module, so a process imports each once

@@ -46,7 +46,7 @@ def _next_steps(g, grp: FusedOp):
     return found
 
 
-def _own_steps(g, grp: FusedOp) -> FusedOp:
+def own_steps(g, grp: FusedOp) -> FusedOp:
     """A pointwise group's epilogue begins with its members' own step."""
     steps = [optable.pointwise_step(g, k) for k in grp.members]
     operands = tuple(() if operand is None else (operand,) for _, _, operand in steps)
@@ -68,7 +68,7 @@ def _fold(grp: FusedOp, found) -> FusedOp:
 def fold_epilogues(g):
     """Fold pointwise successors into every group; returns a new graph."""
     g = g.copy()
-    groups = {gid: (_own_steps(g, grp) if grp.op_class == "pointwise" else grp)
+    groups = {gid: (own_steps(g, grp) if grp.op_class == "pointwise" else grp)
               for gid, grp in g.graph["groups"].items()}
     for gid in list(groups):
         if gid not in groups:

@@ -5,9 +5,9 @@ independent operators of one class can share a launch too: the Q, K and V
 projections of attention (three linears reading one input), the parallel
 branches of an inception block, the experts of a mixture. This pass runs after
 drop_unprofitable and groups the fusable ops left ungrouped (never matched, or
-in a cross-tenant group the cost model dropped); groups already kept stay
-exactly as they are. Each proposed group is priced by the same cost model
-(cost.best_split): kept whole, split into equal-shape subgroups, or dropped.
+in a cross-tenant group the cost pass dropped); groups already kept stay
+exactly as they are. Each proposed group is priced like a cross-tenant one (cost.best_split, in
+the graph's tuning mode): kept whole, split into equal-shape subgroups, or dropped.
 
 Which ops may share a group (the three parts kept apart, as in match):
 
@@ -28,7 +28,7 @@ Which ops may share a group (the three parts kept apart, as in match):
 
 Deterministic: buckets are formed by (tenant, level, class key), numbered in
 order of (tenant, level, first member's position); members keep tenant order;
-a bucket split by the cost model numbers its parts ``h<i>.<j>``.
+a bucket split by the cost pass numbers its parts ``h<i>.<j>``.
 
 Before/after (one attention block; views and the softmax are not fusable)::
 
@@ -47,7 +47,7 @@ from stfuse.errors import StfuseError
 from stfuse.ir import FusedOp
 
 from . import optable
-from .cost import best_split, device_model, estimate
+from .cost import Pricer, best_split, record, tuning_record
 from .match import class_key
 
 PREFIX = "h"  # intra-tenant group ids: h0, h1, ... (cross-tenant ones are g0, g1, ...)
@@ -95,15 +95,15 @@ def propose_sibling_groups(g) -> list[tuple[str, ...]]:
 
 
 def group_siblings(g):
-    """Add the intra-tenant groups of independent same-class ops that the cost model
-    keeps; returns a new graph."""
+    """Add the intra-tenant groups of independent same-class ops whose prices say they
+    pay (cost.best_split, in the graph's tuning mode); returns a new graph."""
     g = g.copy()
     groups = dict(g.graph["groups"])
-    estimates = dict(g.graph.get("cost", {}))
-    dev = device_model(g)
+    pricer = Pricer(g)
+    tuning = tuning_record(g, pricer)
     for i, proposed in enumerate(propose_sibling_groups(g)):
-        estimates[f"{PREFIX}{i}"] = estimate(g, proposed, dev)
-        parts = best_split(g, proposed, dev)
+        parts, prices = best_split(g, proposed, pricer)
+        tuning["groups"].update(record(f"{PREFIX}{i}", proposed, parts, prices))
         for j, members in enumerate(parts):
             gid = f"{PREFIX}{i}" if len(parts) == 1 else f"{PREFIX}{i}.{j}"
             if gid in groups:
@@ -111,8 +111,9 @@ def group_siblings(g):
             groups[gid] = FusedOp(gid, g.nodes[members[0]]["op_class"], members)
             for k in members:
                 g.nodes[k]["group"] = gid
+    pricer.close(tuning)
     if not nx.is_directed_acyclic_graph(ir.quotient(g, groups)):
         raise StfuseError("group_siblings: same-level groups closed a cycle (the level rule is broken)")
     g.graph["groups"] = groups
-    g.graph["cost"] = estimates
+    g.graph["tuning"] = tuning
     return g

@@ -28,6 +28,7 @@ import re
 import torch
 import torch.utils._pytree as pytree
 
+from stfuse import ir
 from stfuse.ir import Ref
 from stfuse.kernels.ops import op
 
@@ -41,6 +42,18 @@ def _uniform(g, members) -> bool:
         return False
     row = optable.OP_CLASSES[g.nodes[members[0]]["op_class"]]
     return row.uniform(row.extras([g.nodes[k]["args"] for k in members]))
+
+
+def arrives_stacked(g, members) -> bool:
+    """The members' first inputs are distinct outputs of one group: a stacked tensor, no copy.
+
+    Members of one tenant may read one tensor (Q, K and V of one input): stacking
+    that tensor R times is a copy, however it was produced.
+    """
+    srcs = [ir.refs(g.nodes[k]["args"][:1]) for k in members]
+    gids = {g.nodes[s[0]]["group"] if s else None for s in srcs}
+    firsts = [s[0] for s in srcs if s]
+    return len(gids) == 1 and None not in gids and len(set(firsts)) == len(firsts)
 
 
 def _uniform_operands(g, ext) -> bool:

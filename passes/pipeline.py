@@ -16,16 +16,18 @@ from .lower import lower
 from .match import match_groups
 from .normalize import normalize
 from .schedule import schedule
+from .tune import check_program
 
 PASSES = [
     normalize,          # canonical forms: addmm/mm/matmul -> linear, fold eval BN, drop eval dropout
     annotate,           # shapes (and their batch dependence), dtypes, op classes, FLOPs, bytes
     match_groups,       # align tenants' fusable ops into cross-tenant groups (acyclic, deterministic)
-    drop_unprofitable,  # cost model: keep groups whose one launch beats their members apart
+    drop_unprofitable,  # keep groups whose one launch beats their members apart (timed, or the cost model)
     group_siblings,     # a tenant's ungrouped independent same-class ops (QKV, branches, experts), where they pay
     fold_epilogues,     # fold bias / activation / residual / scale successors into each group
     schedule,           # one topological order of groups and unfused calls
     lower,              # pack weights; emit the fx program calling stfuse:: custom ops
+    check_program,      # tune="measure": time the program against the tenants apart; keep the faster
 ]
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import ir
+from . import config, ir
 from .errors import StfuseError, TraceError
 from .calls import tenant_name_problem
 from .frontend import trace_tenant
@@ -62,7 +63,8 @@ def _dynamic(names: list, dynamic) -> dict:
 
 def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
             example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
-            dynamic: Sequence[Any] | Mapping[str, Any] | None = None) -> FusedProgram:
+            dynamic: Sequence[Any] | Mapping[str, Any] | None = None,
+            tune: str | None = None) -> FusedProgram:
     """Compile tenant models into one fused program.
 
     ``models``: a list (tenants named "0", "1", ...) or a dict {name: model}.
@@ -73,7 +75,12 @@ def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
     ``dynamic``: per tenant, the dims other than the batch that vary per call,
     ``{input: {dim: name}}`` with an input named by keyword or positional index
     (stfuse/dims.py), e.g. ``{"bert": {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}}``.
+    ``tune``: how fusion groups are chosen (passes/tune.py): "measure" times each
+    candidate group and the whole program on the device (cached per device and
+    shape), "model" prices them with the analytic cost model, "off" keeps every
+    group the matcher forms. Default: STFUSE_TUNE, else "measure".
     """
+    tune = config.tune_mode(tune)
     models, examples = _named(models, example_inputs)
     if not models:
         raise StfuseError("stfuse.compile needs at least one model")
@@ -82,12 +89,19 @@ def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
     tenants = {}
     for name, model in models.items():
         tenants[name] = trace_tenant(name, model, examples[name], declared.get(name))
-    return compile_tenants(tenants)
+    return compile_tenants(tenants, tune=tune)
 
 
-def compile_tenants(tenants: dict, verify: bool = False) -> FusedProgram:
+def _graph(tenants: dict, tune: str):
+    g = ir.build(tenants)
+    g.graph["tune"] = tune
+    return g
+
+
+def compile_tenants(tenants: dict, verify: bool = False, tune: str | None = None) -> FusedProgram:
     """The FusedProgram of already traced tenants (name -> TenantGraph): the pass
-    pipeline over their multi-tenant graph. ``verify`` runs ir.verify after every pass.
+    pipeline over their multi-tenant graph. ``verify`` runs ir.verify after every pass;
+    ``tune`` as for ``compile``.
 
     Then the self-check (stfuse/selfcheck.py): a tenant whose fused outputs differ from
     its traced graph's on its example inputs is taken out of every fusion group and the
@@ -99,16 +113,18 @@ def compile_tenants(tenants: dict, verify: bool = False) -> FusedProgram:
     devices = {n: tg.device for n, tg in tenants.items()}
     if len(set(devices.values())) > 1:
         raise StfuseError(f"all tenants must be on one device, got {devices}")
-    graph, history = pipeline.run(ir.build(tenants), verify=verify)
-    fused = FusedProgram(graph, history, compile_tenants)
+    tune = config.tune_mode(tune)
+    again = functools.partial(compile_tenants, tune=tune)  # a tenant traced again for another batch range
+    graph, history = pipeline.run(_graph(tenants, tune), verify=verify)
+    fused = FusedProgram(graph, history, again)
     bad = selfcheck.mismatches(fused) if graph.graph["groups"] else {}
     still = {}
     if bad:
         log.warning("stfuse: tenant(s) %s run unfused: their fused outputs differ from their own "
                     "traced graphs (%s)", sorted(bad), "; ".join(f"{t}: {w}" for t, w in bad.items()))
-        graph, history = pipeline.run(ir.build(tenants), passes=pipeline.passes_without_fusing(bad),
+        graph, history = pipeline.run(_graph(tenants, tune), passes=pipeline.passes_without_fusing(bad),
                                       verify=verify)
-        fused = FusedProgram(graph, history, compile_tenants)
+        fused = FusedProgram(graph, history, again)
         still = selfcheck.mismatches(fused)
     # unfused: tenants taken out of fusion; still_differ: tenants that differ unfused too
     fused.plan.stats["self_check"] = {"unfused": sorted(bad), "reasons": dict(bad),

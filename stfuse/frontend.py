@@ -85,6 +85,17 @@ def with_batch(args, batch: int, old: int):
     return pytree.tree_map(resize, args)
 
 
+def example_args(tg: TenantGraph) -> tuple:
+    """The tenant's example inputs as traced, or tensors of the example shapes
+    (normal floats, zero integers: a valid index for any embedding)."""
+    if "example" in tg.meta:
+        return tg.meta["example"]
+    gen = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(s.shape, generator=gen).to(s.dtype).to(s.device) if s.dtype.is_floating_point
+              else torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in tg.inputs]
+    return pytree.tree_unflatten(leaves, tg.in_spec)
+
+
 def _device_of(model: torch.nn.Module, args) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()) + _tensor_leaves(args):
         return t.device

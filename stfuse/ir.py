@@ -40,7 +40,8 @@ group      fusion group id, or None
 Graph attributes: ``tenants`` (name -> TenantGraph, in order), ``op_classes``
 (the fusable classes, from passes/optable.py, set by annotate), ``groups``
 (id -> FusedOp), ``schedule`` (list of Stage, after schedule), ``program``
-(after lower).
+(after lower), ``tune`` (the tuning mode stfuse.compile asked for, if any) and
+``tuning`` (what the cost passes and the program check priced: passes/tune.py).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ from its plan.json record (``Plan.from_record``), so both read and draw alike.""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from . import ir
@@ -80,6 +82,9 @@ class Plan:
             "flops": sum(g.nodes[k]["flops"] for k in calls),
             # per tenant: may the runtime merge its requests along dim 0 (passes/rows.py)
             "rows_independent": rows_independent(g),
+            # mode, margin, per candidate group {fused_us, apart_us, decision, source} and the
+            # whole-program check {fused_us, apart_us, decision, source} (passes/tune.py)
+            "tuning": copy.deepcopy(g.graph.get("tuning")),
         }
 
     def kernels(self) -> dict[str, str]:
@@ -93,24 +98,65 @@ class Plan:
                 for gid, grp in self.groups.items()}
 
     def summary(self) -> str:
-        """A table of groups (tenants, op, shapes, epilogue) and the totals."""
-        rows = [("group", "op", "tenants", "shapes", "epilogue")]
+        """A table of groups (tenants, op, shapes, epilogue, us fused/apart), the totals
+        and what tuning decided."""
+        tuned = (self.stats.get("tuning") or {}).get("groups") or {}
+        rows = [("group", "op", "tenants", "shapes", "epilogue", "us fused/apart")]
         for r in self.record()["groups"]:
             tenants = ",".join(t for t, _, _ in r["members"])
             shapes = " ".join("x".join(map(str, shape or ())) for _, _, shape in r["members"])
-            rows.append((r["id"], r["op_class"], tenants, shapes, r["epilogue"] or "-"))
-        widths = [min(max(len(r[i]) for r in rows), 48) for i in range(5)]
+            rows.append((r["id"], r["op_class"], tenants, shapes, r["epilogue"] or "-",
+                         _prices(tuned.get(r["id"]))))
+        widths = [min(max(len(r[i]) for r in rows), 48) for i in range(6)]
         lines = ["  ".join(c[:w].ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         s = self.stats
         lines.append("")
         lines.append(f"tenants {s['tenants']}  ops {s['ops']}  fusable {s['fusable_ops']}  "
                      f"fused {s['fused_ops']} in {s['fused_groups']} groups  coverage {s['coverage']:.0%}")
         lines.append(f"launches {s['launches_before']} -> {s['launches_after']}")
+        lines += tuning_lines(s.get("tuning"))
         lines.append("passes " + ", ".join(f"{r.name} {r.ms:.0f} ms" for r in self.history))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         return f"Plan({self.stats})"
+
+
+def _prices(row: dict | None) -> str:
+    """"41/63" (us fused / apart; "~" where the cost model priced it), or "-"."""
+    if not row or "fused_us" not in row:
+        return "-"
+    mark = "~" if row.get("source") == "model" else ""
+    return f"{mark}{row['fused_us']:.0f}/{row['apart_us']:.0f}"
+
+
+def tuning_lines(t: dict | None) -> list[str]:
+    """What tuning decided, in words: candidates, how they were priced, what was kept,
+    and the whole-program check."""
+    if not t:
+        return []
+    if t["mode"] == "off":
+        return ["tune off: every group the matcher formed is kept"]
+    cands = {gid: r for gid, r in t["groups"].items() if gid.rpartition(".")[0] not in t["groups"]}
+    count = {d: sum(r["decision"] == d for r in cands.values()) for d in ("fused", "split", "apart")}
+    sources = {src: sum(r.get("source") == src for r in cands.values()) for src in ("measured", "cached", "model")}
+    how = ("priced by the cost model" if t["mode"] == "model" else
+           f"{sources['measured']} timed, {sources['cached']} from cache, {sources['model']} by the cost model; "
+           f"kept if fusing saves over {t['margin']:.0%}")
+    lines = [f"tune {t['mode']}: {len(cands)} candidate groups ({how}): {count['fused']} kept, "
+             f"{count['split']} split, {count['apart']} run apart"]
+    apart = [f"{gid} {_prices(r)}" for gid, r in cands.items() if r["decision"] == "apart"]
+    if apart:
+        lines.append("  run apart (us fused/apart): " + ", ".join(apart[:12]) + (" ..." if len(apart) > 12 else ""))
+    if t.get("unsaved"):
+        lines.append(f"  timed while busy ({t['unsaved']}): not cached, the next compile times again")
+    p = t.get("program")
+    if p:
+        verdict = (f"fused kept ({p['apart_us'] / p['fused_us']:.2f}x)" if p["decision"] == "fused" else
+                   "fused is not faster: every tenant runs apart (no groups kept)")
+        lines.append(f"whole program{' (cached)' if p.get('source') == 'cached' else ''}: "
+                     f"fused {p['fused_us']:.0f} us, apart {p['apart_us']:.0f} us: {verdict}")
+    return lines
 
 
 def _short_label(a: dict) -> str:

@@ -17,23 +17,11 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.utils._pytree as pytree
 
 from . import dims
-from .frontend import TenantGraph, run_graph, with_batch
+from .frontend import TenantGraph, example_args, run_graph, with_batch
 from .tolerances import assert_close
-
-
-def example_args(tg: TenantGraph) -> tuple:
-    """The tenant's example inputs as traced, or tensors of the example shapes
-    (normal floats, zero integers: a valid index for any embedding)."""
-    if "example" in tg.meta:
-        return tg.meta["example"]
-    gen = torch.Generator().manual_seed(0)
-    leaves = [torch.randn(s.shape, generator=gen).to(s.dtype).to(s.device) if s.dtype.is_floating_point
-              else torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in tg.inputs]
-    return pytree.tree_unflatten(leaves, tg.in_spec)
 
 
 def traced_outputs(tg: TenantGraph, args: tuple) -> list:

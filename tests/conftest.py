@@ -10,6 +10,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Generated kernels go to a fresh cache, not the user's ~/.cache/stfuse.
 os.environ.setdefault("STFUSE_CACHE_DIR", tempfile.mkdtemp(prefix="stfuse-test-cache-"))
+# Plans must not depend on timings: the suite prices groups with the cost model on its
+# nominal constants (tests/test_tune.py runs "measure" with a fake timer). Children
+# started by tests (test_determinism, the CLI) inherit both.
+os.environ.setdefault("STFUSE_TUNE", "model")
+os.environ.setdefault("STFUSE_DEVICE_MODEL", "cuda" if torch.cuda.is_available() else "cpu")
 
 import copy  # noqa: E402
 

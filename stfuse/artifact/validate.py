@@ -110,7 +110,11 @@ MANIFEST_SCHEMA = {
 _STATS = {k: int for k in ("tenants", "ops", "fusable_ops", "fused_ops", "fused_groups",
                            "launches_before", "launches_after")} | {
     "coverage": NUM, "flops": NUM, "rows_independent": Opt({"*": bool}),
-    "self_check": Opt({"unfused": [str], "reasons": {"*": str}, "still_differ": [str]})}
+    "self_check": Opt({"unfused": [str], "reasons": {"*": str}, "still_differ": [str]}),
+    "tuning": Opt({"mode": str, "margin": NUM,
+                   "groups": {"*": {"fused_us": Opt(NUM), "apart_us": Opt(NUM), "decision": str, "source": str}},
+                   "program": Opt({"fused_us": NUM, "apart_us": NUM, "decision": str, "source": str}),
+                   "unsaved": Opt(str)})}
 PLAN_SCHEMA = {
     "stats": _STATS,
     "passes": [{"name": str, "ms": NUM, "nodes": int, "groups": int}],

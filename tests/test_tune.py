@@ -1,0 +1,296 @@
+"""passes/tune.py: compile(tune="measure") with a fake timer (deterministic, fast), the
+candidate programs it times, the cache, the whole-program check and what summary() says."""
+
+import json
+
+import pytest
+import torch
+
+import stfuse
+from stfuse import config, zoo
+from stfuse.errors import StfuseError
+from stfuse.kernels import timing
+from stfuse.passes import pipeline, tune
+from stfuse.passes.cost import MARGIN
+
+from conftest import check_tenants, tenant_graph
+
+
+class FakeTimer:
+    """Stands in for timing.time_pair: runs both callables once (they must work), records
+    what it was asked to time, and answers from ``prices(what) -> (fused us, apart us)``."""
+
+    def __init__(self, prices):
+        self.prices, self.calls = prices, []
+
+    def __call__(self, first, second, device, what="", budget_ms=None):
+        with torch.no_grad():
+            first(), second()
+        self.calls.append(what)
+        return self.prices(what)
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    """The machine counts as quiet, so measurements are cached whatever the load now."""
+    monkeypatch.setattr(timing, "busy", lambda: None)
+
+
+def _conv_loses(what):
+    if what == "program":
+        return 100.0, 200.0  # the whole fused program wins
+    return (80.0, 50.0) if what.startswith("conv2d") else (30.0, 50.0)
+
+
+@pytest.fixture
+def timer(monkeypatch, tmp_path):
+    """A fresh cache directory and a fake timer where fused conv groups lose."""
+    monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
+    fake = FakeTimer(_conv_loses)
+    monkeypatch.setattr(timing, "time_pair", fake)
+    return fake
+
+
+def _tenants():
+    torch.manual_seed(0)
+    models = [zoo.mlp(16, 32, 4), zoo.mlp(16, 32, 4), zoo.cnn(4), zoo.cnn(4)]
+    args = [(torch.randn(2, 16),), (torch.randn(2, 16),), (torch.randn(2, 3, 8, 8),), (torch.randn(2, 3, 8, 8),)]
+    return models, args
+
+
+def _compile(models, args, tune_mode="measure"):
+    return stfuse.compile(models, [a[0] for a in args], tune=tune_mode)
+
+
+def test_a_group_whose_fused_time_is_worse_is_dropped(timer):
+    models, args = _tenants()
+    fused = _compile(models, args)
+    classes = {grp.op_class for grp in fused.plan.groups.values()}
+    assert "linear" in classes and "conv2d" not in classes
+    rows = fused.plan.stats["tuning"]["groups"]
+    conv_rows = [r for r in rows.values() if r["fused_us"] == 80.0]
+    assert conv_rows and all(r["decision"] == "apart" and r["source"] == "measured" for r in conv_rows)
+    assert any(r["decision"] == "fused" for r in rows.values())
+    check_tenants(fused, models, args)
+
+
+def test_a_group_must_win_by_the_margin(monkeypatch, tmp_path):
+    monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
+    # fused saves half the margin: not enough
+    monkeypatch.setattr(timing, "time_pair", FakeTimer(lambda what: (100.0, 100.0 / (1 - MARGIN / 2))))
+    models, args = _tenants()
+    fused = _compile(models, args)
+    assert fused.plan.stats["fused_groups"] == 0
+    assert all(r["decision"] == "apart" for r in fused.plan.stats["tuning"]["groups"].values())
+
+
+def test_second_compile_of_the_same_shapes_times_nothing(timer):
+    models, args = _tenants()
+    first = _compile(models, args)
+    assert timer.calls and "program" in timer.calls
+    timer.calls.clear()
+    torch.manual_seed(1)  # other weights, same shapes: the same measurements apply
+    others = [zoo.mlp(16, 32, 4), zoo.mlp(16, 32, 4), zoo.cnn(4), zoo.cnn(4)]
+    second = _compile(others, args)
+    assert timer.calls == []
+    assert set(second.plan.groups) == set(first.plan.groups)
+    t = second.plan.stats["tuning"]
+    assert {r["source"] for r in t["groups"].values()} == {"cached"}
+    assert t["program"]["source"] == "cached"
+    check_tenants(second, others, args)
+
+
+def test_timings_taken_while_busy_are_used_but_not_kept(timer, monkeypatch):
+    monkeypatch.setattr(timing, "busy", lambda: "load average 7.0 on 2 CPUs")
+    models, args = _tenants()
+    fused = _compile(models, args)
+    assert "conv2d" not in {grp.op_class for grp in fused.plan.groups.values()}  # used
+    assert fused.plan.stats["tuning"]["unsaved"] == "load average 7.0 on 2 CPUs"
+    assert "timed while busy (load average 7.0 on 2 CPUs): not cached" in fused.plan.summary()
+    assert not (config.cache_dir() / "tuning").exists()
+    calls = len(timer.calls)
+    monkeypatch.setattr(timing, "busy", lambda: None)
+    _compile(models, args)
+    assert len(timer.calls) == 2 * calls  # timed again, all of it
+
+
+def test_other_shapes_are_timed_again(timer):
+    models, args = _tenants()
+    _compile(models, args)
+    timer.calls.clear()
+    torch.manual_seed(0)
+    wider = [zoo.mlp(16, 48, 4), zoo.mlp(16, 48, 4)]
+    _compile(wider, [(torch.randn(2, 16),), (torch.randn(2, 16),)])
+    assert any(w.startswith("linear") for w in timer.calls)
+
+
+@pytest.mark.parametrize("garbage", ["{not json", json.dumps({"version": 1, "entries": {"k": {"fused_us": "x"}}}),
+                                     json.dumps([1, 2, 3])])
+def test_a_corrupt_cache_file_is_ignored(timer, garbage):
+    models, args = _tenants()
+    _compile(models, args)
+    files = list((config.cache_dir() / "tuning").glob("*.json"))
+    assert len(files) == 1
+    files[0].write_text(garbage)
+    timer.calls.clear()
+    fused = _compile(models, args)
+    assert timer.calls  # measured again
+    check_tenants(fused, models, args)
+    data = json.loads(files[0].read_text())  # and the file is whole again
+    assert data["version"] == timing.CACHE_VERSION and data["entries"]
+
+
+def test_whole_program_fallback_runs_the_tenants_apart(monkeypatch, tmp_path):
+    monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
+    fake = FakeTimer(lambda what: (300.0, 200.0) if what == "program" else (30.0, 50.0))
+    monkeypatch.setattr(timing, "time_pair", fake)
+    models, args = _tenants()
+    fused = _compile(models, args)
+    assert fused.plan.stats["fused_groups"] == 0 and not fused.plan.groups
+    assert "stfuse" not in fused.canonical_program.code  # only the tenants' own ops
+    assert fused.plan.stats["tuning"]["program"] == {"fused_us": 300.0, "apart_us": 200.0,
+                                                     "decision": "apart", "source": "measured"}
+    check_tenants(fused, models, args)
+    outs = fused.run({"2": args[2][0]})  # subsets lower from the unfused plan too
+    assert outs["2"].shape == (2, 10)
+    text = fused.plan.summary()
+    assert "whole program: fused 300 us, apart 200 us: fused is not faster: every tenant runs apart" in text
+
+
+@pytest.mark.parametrize("program_wins", [True, False])
+def test_every_pass_output_verifies_in_measure_mode(monkeypatch, tmp_path, program_wins):
+    from stfuse.api import compile_tenants
+    from stfuse.frontend import trace_tenant
+
+    monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
+    prices = (100.0, 200.0) if program_wins else (300.0, 200.0)
+    monkeypatch.setattr(timing, "time_pair", FakeTimer(lambda what: prices if what == "program" else (30.0, 50.0)))
+    models, args = _tenants()
+    fused = compile_tenants({str(i): trace_tenant(str(i), m, a) for i, (m, a) in enumerate(zip(models, args))},
+                            verify=True, tune="measure")
+    assert (fused.plan.stats["fused_groups"] > 0) == program_wins
+    check_tenants(fused, models, args)
+
+
+def test_summary_says_what_was_timed_and_decided(timer):
+    models, args = _tenants()
+    text = _compile(models, args).plan.summary()
+    lines = text.splitlines()
+    assert lines[0].endswith("us fused/apart")
+    assert any(ln.split()[-1] == "30/50" for ln in lines[1:] if ln.startswith(("g", "h")))
+    tune_line = next(ln for ln in lines if ln.startswith("tune measure:"))
+    assert "0 from cache" in tune_line and "0 by the cost model" in tune_line
+    assert f"saves over {MARGIN:.0%}" in tune_line and "run apart" in tune_line
+    assert any(ln.startswith("  run apart (us fused/apart):") and "80/50" in ln for ln in lines)
+    assert "whole program: fused 100 us, apart 200 us: fused kept (2.00x)" in text
+    again = _compile(models, args).plan.summary()
+    assert "whole program (cached)" in again and "0 timed" in again
+
+
+def test_off_keeps_every_group_the_matcher_forms(timer):
+    models, args = _tenants()
+    off = _compile(models, args, "off")
+    assert timer.calls == []
+    measured = _compile(models, args)
+    assert off.plan.stats["coverage"] == 1.0  # same-architecture pairs: every fusable op
+    assert measured.plan.stats["fused_ops"] < off.plan.stats["fused_ops"]
+    assert {r["decision"] for r in off.plan.stats["tuning"]["groups"].values()} == {"fused"}
+    assert "tune off: every group the matcher formed is kept" in off.plan.summary()
+    check_tenants(off, models, args)
+
+
+def test_model_mode_times_nothing(timer):
+    models, args = _tenants()
+    fused = _compile(models, args, "model")
+    assert timer.calls == []
+    t = fused.plan.stats["tuning"]
+    assert t["mode"] == "model" and t["program"] is None
+    assert {r["source"] for r in t["groups"].values()} == {"model"}
+
+
+def test_tune_mode_is_checked_and_read_from_the_environment(monkeypatch, timer):
+    models, args = _tenants()
+    with pytest.raises(StfuseError, match="tune must be one of"):
+        _compile(models, args, "fast")
+    monkeypatch.setenv("STFUSE_TUNE", "off")
+    assert config.tune_mode() == "off"
+    assert stfuse.compile(models[:2], [a[0] for a in args[:2]]).plan.stats["tuning"]["mode"] == "off"
+    monkeypatch.setenv("STFUSE_TUNE", "sometimes")
+    with pytest.raises(StfuseError, match="STFUSE_TUNE must be one of"):
+        config.tune_mode()
+
+
+# ---------------------------------------------------------------------------- candidate programs
+
+
+def _matched(models, args):
+    g = tenant_graph(models, args)
+    for p in pipeline.PASSES[:pipeline.PASSES.index(pipeline.drop_unprofitable)]:
+        g = p(g)
+    return g
+
+
+def _flat(out):
+    return [t for y in out for t in (y.unbind(0) if len(out) == 1 else (y,))]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_candidate_programs_compute_what_the_members_compute(packed):
+    models, args = _tenants()
+    g = _matched(models, args)
+    assert {grp.op_class for grp in g.graph["groups"].values()} >= {"linear", "conv2d", "pointwise"}
+    for grp in g.graph["groups"].values():
+        fused, apart, specs = tune.candidate_programs(g, grp.members, packed=packed)
+        inputs = tune._inputs(specs, torch.device("cpu"))
+        with torch.no_grad():
+            want = tune._module(apart)(*inputs)
+            got = _flat(tune._module(fused)(*inputs))
+        assert len(got) == len(want) == len(grp.members)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_keys_ignore_names_and_weight_values_but_not_shapes():
+    models, args = _tenants()
+    g = _matched(models, args)
+    keys = {gid: tune.candidate_key(g, grp.members) for gid, grp in g.graph["groups"].items()}
+    linear = [k for gid, k in keys.items() if g.graph["groups"][gid].op_class == "linear"]
+    assert len(set(linear)) == len(linear) >= 3  # 16->32, 32->32, 32->4 differ
+    torch.manual_seed(5)  # other weights, same shapes
+    other = _matched([zoo.mlp(16, 32, 4), zoo.mlp(16, 32, 4), zoo.cnn(4), zoo.cnn(4)], args)
+    assert {tune.candidate_key(other, grp.members) for grp in other.graph["groups"].values()} == set(keys.values())
+    # the program key: the same program text under other node names and weights
+    programs = []
+    for g_ in (g, other):
+        for p in pipeline.PASSES[pipeline.PASSES.index(pipeline.drop_unprofitable):-1]:
+            g_ = p(g_)
+        gm = g_.graph["program"][0]
+        programs.append(tune.program_key([(gm.graph, gm)], []))
+    assert programs[0] == programs[1]
+    wide = _matched([zoo.mlp(16, 48, 4), zoo.mlp(16, 48, 4)], args[:2])
+    assert not {tune.candidate_key(wide, grp.members) for grp in wide.graph["groups"].values()} & set(keys.values())
+
+
+def test_a_candidate_that_cannot_be_built_is_priced_by_the_model(monkeypatch, timer):
+    monkeypatch.setattr(tune, "candidate_programs", lambda g, members, packed=False: None)
+    models, args = _tenants()
+    fused = _compile(models, args)
+    assert [w for w in timer.calls if w != "program"] == []
+    assert {r["source"] for r in fused.plan.stats["tuning"]["groups"].values()} == {"model"}
+    check_tenants(fused, models, args)
+
+
+def test_measure_profile_is_measured_once_per_device(monkeypatch, tmp_path):
+    monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake_median(fn, device, budget_ms=None):
+        fn()
+        calls.append(fn)
+        return [6.0, 10.0, 45.0, 1340.0, 800.0][len(calls) - 1]  # launch, 1, 8 members, gemm, copy
+
+    monkeypatch.setattr(timing, "median_us", fake_median)
+    prof = tune.measure_profile(torch.device("cpu"))
+    assert prof == pytest.approx({"launch_us": 6.0, "member_us": 5.0, "gflops": 2 * 128 * 512 * 512 / 1340e3,
+                                  "gbps": 8 * 2 ** 20 / 800e3})
+    assert tune.measure_profile(torch.device("cpu")) == prof and len(calls) == 5
