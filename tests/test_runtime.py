@@ -895,20 +895,3 @@ def test_requests_of_other_lengths_run_in_separate_launches():
         assert_close(f.result(), float64_reference(models[t], (x,)), msg=f"{t} at {tuple(x.shape)}")
     assert stats["a"]["retries"] == 0 and stats["a"]["failed"] == 0
     assert stats["a"]["launches"] < len(lengths)  # equal lengths still merged
-
-
-def test_concurrent_launches_never_oversubscribe_the_cpu(monkeypatch):
-    """The "space" policy's thread pool on CPU: the cores each launch's intra-op threads
-    leave over (at least one thread); one per tenant on CUDA."""
-    from stfuse.runtime import requests
-
-    cpu, cuda = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=torch.device("cuda"))
-    monkeypatch.setattr(requests.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(requests.torch, "get_num_threads", lambda: 2)
-    assert requests.concurrent_workers(cpu, 4) == 1
-    assert requests.concurrent_workers(cuda, 4) == 4
-    monkeypatch.setattr(requests.torch, "get_num_threads", lambda: 1)
-    assert requests.concurrent_workers(cpu, 4) == 2 and requests.concurrent_workers(cpu, 1) == 1
-    monkeypatch.setattr(requests.os, "cpu_count", lambda: 16)
-    monkeypatch.setattr(requests.torch, "get_num_threads", lambda: 4)
-    assert requests.concurrent_workers(cpu, 8) == 4

@@ -1,13 +1,8 @@
 """Requests on their way into the runtime: what one is, the input check of submit(),
-which tenants' requests may share a launch along dim 0, and how many launches may
-run at once.
+and which tenants' requests may share a launch along dim 0.
 """
 
 from __future__ import annotations
-
-import os
-
-import torch
 
 from stfuse.calls import input_problem
 from stfuse.errors import InputError, StfuseError
@@ -43,20 +38,6 @@ def rows_independent(fused) -> set[str]:
         return set(fused.tenants)
     rows = plan.stats.get("rows_independent") or {}
     return {t for t in fused.tenants if rows.get(t, False)}
-
-
-def concurrent_workers(fused, tenants: int) -> int:
-    """Threads for the "space" policy's concurrent launches. On CUDA one per tenant,
-    each with its own stream. On CPU each launch already runs torch's intra-op
-    threads (one per core by default), so only the cores they leave get a launch of
-    their own: with the default threads, one, and concurrent launches take turns
-    rather than oversubscribe the cores (seen on the 2-core machine: a 6 us op
-    took 16 ms with twice as many busy threads as cores)."""
-    device = getattr(fused, "device", None)
-    if device is not None and torch.device(device).type == "cuda":
-        return tenants
-    cores = os.cpu_count() or 1
-    return max(1, min(tenants, cores // max(1, torch.get_num_threads())))
 
 
 class InputCheck:

@@ -38,7 +38,7 @@ from stfuse.runtime.batching import (Unsplittable, as_args, as_call, call_specs,
 from stfuse.runtime.stats import StatsRecorder
 from stfuse.runtime.policies import Dispatch, Scheduler, Wait, make_scheduler
 from stfuse.runtime.profile import LatencyProfile
-from stfuse.runtime.requests import InputCheck, Request, concurrent_workers, rows_independent, same_shape
+from stfuse.runtime.requests import InputCheck, Request, rows_independent, same_shape
 
 __all__ = ["Runtime", "QueueFullError", "RuntimeClosedError", "DeadlineExceededError", "measure_profile",
            "DEFAULT_SLO_MS", "DEFAULT_MAX_QUEUE"]
@@ -323,8 +323,7 @@ class Runtime:
                     # each tenant's call runs on its own thread (stream) and the worker does not wait:
                     # the tenant shows work again as soon as its own call is done
                     if self._pool is None:
-                        self._pool = ThreadPoolExecutor(concurrent_workers(self._fused, len(self.tenants)),
-                                                        thread_name_prefix="stfuse-space")
+                        self._pool = ThreadPoolExecutor(len(self.tenants), thread_name_prefix="stfuse-space")
                     with self._lock:
                         self._running.update(batch)
                     for t, reqs in batch.items():
