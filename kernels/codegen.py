@@ -178,9 +178,11 @@ def render_epilogue(buf: Source, template: KernelTemplate, steps) -> None:
             col = {f: columns.index(f"e{tensor_k}{f}") for f in EXT_FIELDS}
             operand = buf.name("e")
             buf.line(f"{operand}_ptr = tl.load(prob + {col['']}).to(tl.pointer_type(DTYPE))")
-            buf.line(f"{operand}_offs = ep_outer * tl.load(prob + {col['_outer']})"
-                     f" + ep_inner * tl.load(prob + {col['_inner']})"
-                     f" + ep_col * tl.load(prob + {col['_col']})")
+            # offsets in the template's IDX (int32 where members span < 2**31 elements), else int64
+            cast = ".to(IDX)" if "IDX: tl.constexpr" in template.source else ""
+            buf.line(f"{operand}_offs = ep_outer * tl.load(prob + {col['_outer']}){cast}"
+                     f" + ep_inner * tl.load(prob + {col['_inner']}){cast}"
+                     f" + ep_col * tl.load(prob + {col['_col']}){cast}")
             buf.line(f"{operand} = tl.load({operand}_ptr + {operand}_offs, mask=mask, other=0.0).to(tl.float32)")
             tensor_k += 1
         else:

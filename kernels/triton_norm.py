@@ -9,6 +9,7 @@ tiles rows x D with BLOCK_R x BLOCK_D programs and only runs the epilogue.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -131,6 +132,7 @@ POINTWISE = codegen.KernelTemplate(
 )
 
 
+@functools.lru_cache(maxsize=None)
 def norm_configs(max_d: int) -> list[triton.Config]:
     """Row blocks to time on the GPU: BLOCK_D covers the widest member up to 4096."""
     if interpreting():
@@ -143,6 +145,7 @@ def norm_configs(max_d: int) -> list[triton.Config]:
     ]
 
 
+@functools.lru_cache(maxsize=None)
 def pointwise_configs() -> list[triton.Config]:
     """Tile shapes to time on the GPU (the first one alone under the interpreter)."""
     if interpreting():
@@ -202,13 +205,12 @@ def _run(kind: str, members: list[_Member], epilogue: str, uniform: int | None =
     dtype, device = members[0].x2.dtype, members[0].x2.device
     kernel = codegen.load_kernel(template, epilogue)
 
-    run = launcher(kernel, template, steps, members, add_member, uniform, floats, device,
-                   DTYPE=TL_DTYPE[dtype])
+    prepare = launcher(kernel, template, steps, members, add_member, uniform, floats, device,
+                       DTYPE=TL_DTYPE[dtype])
 
-    max_r = max(m.x2.shape[0] for m in members)
     max_d = max(m.x2.shape[1] for m in members)
-    key = (kind, epilogue, dtype, next_pow2(max_r), next_pow2(max_d), next_pow2(uniform or len(members)))
-    run(choose_config(key, configs(max_d), run))
+    key = (kind, epilogue, dtype, next_pow2(max_d), next_pow2(uniform or len(members)))
+    prepare(choose_config(key, configs(max_d), prepare))()
 
 
 def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:

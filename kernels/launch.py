@@ -1,0 +1,306 @@
+"""The host side of a Triton launch: problem tables built once per member signature, configs
+chosen without timing on a request.
+
+A launch needs three device tables (see ``Launch``): the problem table (sizes,
+addresses, strides per member), the tile table (tile -> member row) and the
+float table (per-member scalars). Everything in them but the addresses is
+fixed by the members' shapes, strides and scalars, so ``launcher`` keeps one
+``_Plan`` per (kernel, constexprs, config, member signature):
+
+- first call (a miss): rows built in Python as before, copied to the device;
+  the plan records which cells hold addresses and the addresses it saw;
+- later calls (hits): the members' addresses are read (one ``data_ptr`` each)
+  and compared with the plan's. Equal (a program that reuses its buffers, or a
+  stack whose inputs did not move): the device tables are launched as they
+  are, with no copy at all. Different: the moved addresses are added to a copy
+  of the host table, staged in pinned memory and copied with
+  ``non_blocking=True``, ordered on the current stream. Nothing on the call
+  path waits for the device.
+
+Alignment for vector loads (``VEC``) and 32-bit indexing (``IDX``) are decided
+here too: strides and spans at a miss, addresses on every call (one OR over
+them: 16-byte alignment of all is the low 4 bits of their OR).
+
+Configs are never timed on a request: ``choose_config`` takes the one tuned
+for its key in an explicit warm-up (``with tuning(): fused(*inputs)``), timing
+the kernel alone on tables built beforehand, or else the launcher's heuristic
+pick. Keys leave the batch out (a new batch size never triggers tuning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import operator
+from typing import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from . import codegen
+
+_I32_MAX = 2**31 - 1
+
+
+class Launch:
+    """The problem and tile tables of one launch, built row by row (a plan's miss path)."""
+
+    def __init__(self, template: codegen.KernelTemplate, steps) -> None:
+        self.columns = codegen.table_columns(template, steps)
+        self.nfloat = codegen.float_width(template, steps)
+        self.rows: list[list[int]] = []
+        self.tiles: list[int] = []
+        self.floats: list[float] = []
+        self.keep: list[torch.Tensor] = []  # temporaries the table points into, alive until launch
+        self.total = 0
+
+    def add(self, tiles: int, floats: Sequence[float], **cols: int) -> None:
+        """One member with ``tiles`` programs of work; members with none get no row."""
+        if tiles == 0:
+            return
+        cols["tile0"] = self.total
+        self.rows.append([int(cols[c]) for c in self.columns])
+        self.tiles.append(tiles)
+        self.floats.extend(float(f) for f in floats)
+        self.total += tiles
+
+    def extend_uniform(self, count: int, floats: Sequence[float]) -> None:
+        """Rows for ``count`` members of a stack, from the rows ``add``-ed for its first two.
+
+        ``floats`` holds all ``count`` members' floats (scalars differ per member).
+        """
+        if not self.rows:
+            return
+        assert len(self.rows) == min(count, 2), "add members 0 and 1 of the stack first"
+        self.floats = [float(f) for f in floats]
+        self.total = self.tiles[0] * count
+        self.tiles = [self.tiles[0]] * count
+        if count > 2:
+            first = torch.tensor(self.rows[0], dtype=torch.int64)
+            step = torch.tensor(self.rows[1], dtype=torch.int64) - first
+            self.rows = first + torch.arange(count, dtype=torch.int64)[:, None] * step
+
+    def host_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(problem table [g, C], tile table, float table as int64 bits) on the host."""
+        rows = self.rows if isinstance(self.rows, torch.Tensor) else torch.tensor(self.rows, dtype=torch.int64)
+        tile_member = torch.repeat_interleave(torch.arange(rows.shape[0], dtype=torch.int64),
+                                              torch.tensor(self.tiles, dtype=torch.int64))
+        floats = torch.tensor(self.floats, dtype=torch.float64).view(torch.int64)
+        return rows.reshape(rows.shape[0], len(self.columns)), tile_member, floats
+
+
+def to_device(parts: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """int64 host tensors as device tensors from one copy: pinned staging and a non-blocking
+    copy on CUDA (the caching host allocator keeps the staging block until the copy is done)."""
+    # each part starts 16-byte aligned, as Triton assumes of its pointer arguments
+    flat = [p.reshape(-1) for p in parts]
+    sizes = [f.numel() + f.numel() % 2 for f in flat]
+    cuda = device.type == "cuda"
+    buf = torch.zeros(sum(sizes), dtype=torch.int64, pin_memory=cuda)
+    at = 0
+    for f, n in zip(flat, sizes):
+        buf[at:at + f.numel()] = f
+        at += n
+    if cuda:
+        buf = buf.to(device, non_blocking=True)
+    out, at = [], 0
+    for p, n in zip(parts, sizes):
+        out.append(buf[at:at + p.numel()].view(p.shape))
+        at += n
+    return out
+
+
+def member_tensors(m) -> tuple:
+    """The tensors a member's table row points into, by column: x, w, b, y, e0, e1, ..."""
+    return (m.x, m.w, m.b, m.y, *m.operands)
+
+
+def _signature(members, uniform) -> tuple:
+    """What a plan depends on besides addresses: every member tensor's shape and strides,
+    and the member's other parameters. For a stack, its first two members stand for all."""
+    sig = []
+    for m in members:
+        for t in member_tensors(m):
+            sig.append(None if t is None else (t.shape, t.stride()))
+        sig.append(m.extra)
+    if uniform and len(members) > 1:  # the stack's strides: member 1's addresses against member 0's
+        sig.extend(a - b for a, b in zip(_addresses(members[1:2]), _addresses(members[:1])))
+    return tuple(sig), uniform
+
+
+def _addresses(members) -> list[int]:
+    return [0 if t is None else t.data_ptr() for m in members for t in member_tensors(m)]
+
+
+def _span_ok(t: torch.Tensor | None) -> bool:
+    """Whether every element offset of ``t`` (from its address) fits in int32."""
+    return t is None or sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0) <= _I32_MAX
+
+
+class _Plan:
+    """One launch's device tables and what it takes to reuse them (see the module docstring)."""
+
+    __slots__ = ("total", "host", "device_tables", "cells", "addresses", "aligned", "idx64", "uniform", "flags")
+
+    def __init__(self, launch: Launch, members, row_of, uniform, device, ptr_columns, flags):
+        self.flags = flags
+        host, tiles, floats = launch.host_tables()
+        self.total, self.host, self.uniform = launch.total, host, uniform
+        table, tiles, floats = to_device([host, tiles, floats], device)
+        self.device_tables = [table, tiles, floats.view(torch.float64)]
+        tracked = members[:1] if uniform else members
+        self.addresses = _addresses(tracked)
+        self.idx64 = not all(_span_ok(t) for m in members for t in member_tensors(m))
+        # (rows, columns, address index) of every address cell; None: rebuild the table per call
+        self.cells = self._locate(tracked, row_of, ptr_columns)
+        self.aligned = self.cells is not None and functools.reduce(
+            operator.or_, host[self.cells[0], self.cells[1]].tolist(), 0) % 16 == 0
+
+    def _locate(self, tracked, row_of, ptr_columns):
+        """Where each member address sits in the table, checked against the table itself
+        (an operand copied for the launch points elsewhere: then the plan cannot be reused)."""
+        per = len(ptr_columns)
+        rows, cols, index = [], [], []
+        for i, row in enumerate(row_of[:len(tracked)]):
+            for k, col in enumerate(ptr_columns):
+                if row is not None and col is not None:
+                    rows.append(row)
+                    cols.append(col)
+                    index.append(i * per + k)
+        rows, cols = torch.tensor(rows, dtype=torch.int64), torch.tensor(cols, dtype=torch.int64)
+        index = torch.tensor(index, dtype=torch.int64)
+        if not torch.equal(self.host[rows, cols], torch.tensor(self.addresses, dtype=torch.int64)[index]):
+            return None
+        if self.uniform:  # every row of a stack moves with its first
+            g = self.host.shape[0]
+            rows = torch.arange(g).repeat_interleave(len(cols))
+            cols, index = cols.repeat(g), index.repeat(g)
+        return rows, cols, index
+
+    def tables(self, members, device) -> tuple[list[torch.Tensor], bool] | None:
+        """The device tables for ``members`` (same signature), and whether all addresses are
+        16-byte aligned; None where this plan cannot be reused."""
+        if self.cells is None:
+            return None
+        now = _addresses(members[:1] if self.uniform else members)
+        aligned = self.aligned and functools.reduce(operator.or_, now, 0) % 16 == 0
+        if now == self.addresses:
+            return self.device_tables, aligned
+        rows, cols, index = self.cells
+        delta = torch.tensor(now, dtype=torch.int64) - torch.tensor(self.addresses, dtype=torch.int64)
+        host = self.host.clone()
+        host[rows, cols] += delta[index]
+        return [to_device([host], device)[0], *self.device_tables[1:]], aligned
+
+
+# (kernel, constexprs, config, device, signature, floats) -> _Plan; bounded
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 512
+
+
+def plan_count() -> int:
+    return len(_PLANS)
+
+
+def launcher(kernel, template, steps, members, add_member, uniform, floats, device, flags=None,
+             **constexprs) -> Callable[[triton.Config], Callable[[], None]]:
+    """``prepare(cfg)``: the launch of ``kernel`` over ``members`` with ``cfg``, tables ready
+    (from a plan, or built now), as a function of no arguments.
+
+    ``uniform=R``: ``members`` are the first two of R equal-shape views of stacks and
+    ``floats`` all R members' scalars. ``flags(members)``: constexprs that follow from the
+    members' shapes and strides, computed once per plan; its ``VEC`` (the vector width the
+    strides and sizes allow) is used where the addresses are aligned too, else 1.
+    """
+    columns = codegen.table_columns(template, steps)
+    per = len(member_tensors(members[0]))
+    names = ("x", "w", "b", "y", *(f"e{k}" for k in range(per - 4)))
+    ptr_columns = [columns.index(n) if n in columns else None for n in names]
+    sig = _signature(members, uniform)
+    flat_floats = tuple(floats) if uniform else tuple(f for m in members for f in m.floats)
+    base = (kernel, tuple(constexprs.items()), device, sig, flat_floats)
+
+    def prepare(cfg: triton.Config) -> Callable[[], None]:
+        key = (*base, id(cfg))
+        plan = _PLANS.get(key)
+        ready = plan.tables(members, device) if plan is not None else None
+        keep = None
+        if ready is None:
+            launch, row_of = Launch(template, steps), []
+            for m in members:
+                before = len(launch.rows)
+                add_member(launch, m, cfg)
+                row_of.append(before if len(launch.rows) > before else None)
+            if uniform is not None:
+                launch.extend_uniform(uniform, floats)
+            if launch.total == 0:
+                return lambda: None
+            plan = _Plan(launch, members, row_of, uniform, device, ptr_columns, flags(members) if flags else {})
+            keep = launch.keep
+            if plan.cells is not None:
+                if len(_PLANS) >= _MAX_PLANS:
+                    _PLANS.clear()
+                _PLANS[key] = plan
+            ready = plan.device_tables, plan.aligned
+        (table, tiles, float_table), aligned = ready
+        consts = dict(constexprs, **plan.flags)
+        if "VEC" in kernel.arg_names:
+            consts["VEC"] = consts.get("VEC", 1) if aligned else 1
+        if "IDX" in kernel.arg_names:
+            consts["IDX"] = tl.int64 if plan.idx64 else tl.int32
+        options = launch_options(cfg)
+        grid = (plan.total,)
+
+        def launch_now() -> None:
+            _ = keep  # the temporaries the table points into live until the launch is queued
+            # Triton launches on the current device: make it the tensors' own (cuda:1 from a
+            # thread whose current device is cuda:0 would otherwise read foreign memory).
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                kernel[grid](table, tiles, float_table, **consts, **options)
+
+        return launch_now
+
+    return prepare
+
+
+def launch_options(cfg: triton.Config) -> dict:
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# key (kernel kind, epilogue, dtype, flags, size classes; no batch) -> the config a warm-up timed fastest
+_TUNED: dict[tuple, triton.Config] = {}
+_TUNING = False
+
+
+@contextlib.contextmanager
+def tuning():
+    """Launches inside time every candidate config for their key (kernel alone, tables built
+    first) and keep the fastest for later calls: an explicit warm-up, never a request."""
+    global _TUNING
+    old, _TUNING = _TUNING, True
+    try:
+        yield
+    finally:
+        _TUNING = old
+
+
+def choose_config(key: tuple, configs: list[triton.Config], prepare, default: int = 0) -> triton.Config:
+    """The config tuned for ``key`` in a warm-up, else ``configs[default]`` (the launcher's
+    heuristic pick). Times configs only inside ``tuning()`` and on a GPU."""
+    chosen = _TUNED.get(key)
+    if chosen is not None:
+        return chosen
+    if not _TUNING or len(configs) == 1 or not torch.cuda.is_available():
+        return configs[default]
+    from triton.runtime.errors import OutOfResources
+    from triton.testing import do_bench
+
+    times = []
+    for cfg in configs:
+        try:
+            times.append(do_bench(prepare(cfg), warmup=5, rep=25))
+        except OutOfResources:
+            times.append(float("inf"))
+    chosen = _TUNED[key] = configs[times.index(min(times))]
+    return chosen
