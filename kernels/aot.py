@@ -85,11 +85,12 @@ def variants(quick: bool = False, arch: str = "sm_90") -> list[Variant]:
     for name, dtype in DTYPES.items():
         precision = dot_precision(dtype, name == "tf32")
         vec, i32 = 16 // dtype.itemsize, tl_int32()
-        gemm = triton_gemm.gemm_configs(name, cap)
-        # aligned (vector loads), then the fallbacks: unaligned, K strided, 64-bit offsets
-        add("gemm", triton_gemm.GEMM, gemm, name, K_CONTIGUOUS=True, VEC=vec, IDX=i32, INPUT_PRECISION=precision)
-        add("gemm", triton_gemm.GEMM, gemm, name, True, K_CONTIGUOUS=True, VEC=1, IDX=i32, INPUT_PRECISION=precision)
-        add("gemm", triton_gemm.GEMM, gemm, name, True, K_CONTIGUOUS=False, VEC=1, IDX=tl_int32(64),
+        # aligned (vector loads); unaligned, K strided, 64-bit offsets (scalar loads)
+        add("gemm", triton_gemm.GEMM, triton_gemm.gemm_configs(name, cap, True), name, K_CONTIGUOUS=True, VEC=vec,
+            IDX=i32, INPUT_PRECISION=precision)
+        scalar = triton_gemm.gemm_configs(name, cap, False)
+        add("gemm", triton_gemm.GEMM, scalar, name, K_CONTIGUOUS=True, VEC=1, IDX=i32, INPUT_PRECISION=precision)
+        add("gemm", triton_gemm.GEMM, scalar, name, True, K_CONTIGUOUS=False, VEC=1, IDX=tl_int32(64),
             INPUT_PRECISION=precision)
         # channels_last x and w; NCHW x with 1x1 (channel-contiguous) w; NCHW x and 3x3 w
         for x_unit, w_unit in ((True, True), (False, True), (False, False)):

@@ -141,28 +141,22 @@ def _span_ok(t: torch.Tensor | None) -> bool:
 class _Plan:
     """One launch's device tables and what it takes to reuse them (see the module docstring)."""
 
-    __slots__ = ("total", "host", "device_tables", "cells", "addresses", "aligned", "idx64", "uniform", "flags")
+    __slots__ = ("total", "host", "device_tables", "cells", "addresses", "uniform")
 
-    def __init__(self, launch: Launch, members, row_of, uniform, device, ptr_columns, flags):
-        self.flags = flags
+    def __init__(self, launch: Launch, addresses, row_of, uniform, device, ptr_columns):
         host, tiles, floats = launch.host_tables()
-        self.total, self.host, self.uniform = launch.total, host, uniform
+        self.total, self.host, self.uniform, self.addresses = launch.total, host, uniform, addresses
         table, tiles, floats = to_device([host, tiles, floats], device)
         self.device_tables = [table, tiles, floats.view(torch.float64)]
-        tracked = members[:1] if uniform else members
-        self.addresses = _addresses(tracked)
-        self.idx64 = not all(_span_ok(t) for m in members for t in member_tensors(m))
         # (rows, columns, address index) of every address cell; None: rebuild the table per call
-        self.cells = self._locate(tracked, row_of, ptr_columns)
-        self.aligned = self.cells is not None and functools.reduce(
-            operator.or_, host[self.cells[0], self.cells[1]].tolist(), 0) % 16 == 0
+        self.cells = self._locate(row_of, ptr_columns)
 
-    def _locate(self, tracked, row_of, ptr_columns):
+    def _locate(self, row_of, ptr_columns):
         """Where each member address sits in the table, checked against the table itself
         (an operand copied for the launch points elsewhere: then the plan cannot be reused)."""
         per = len(ptr_columns)
         rows, cols, index = [], [], []
-        for i, row in enumerate(row_of[:len(tracked)]):
+        for i, row in enumerate(row_of[:len(self.addresses) // per]):
             for k, col in enumerate(ptr_columns):
                 if row is not None and col is not None:
                     rows.append(row)
@@ -178,24 +172,21 @@ class _Plan:
             cols, index = cols.repeat(g), index.repeat(g)
         return rows, cols, index
 
-    def tables(self, members, device) -> tuple[list[torch.Tensor], bool] | None:
-        """The device tables for ``members`` (same signature), and whether all addresses are
-        16-byte aligned; None where this plan cannot be reused."""
-        if self.cells is None:
-            return None
-        now = _addresses(members[:1] if self.uniform else members)
-        aligned = self.aligned and functools.reduce(operator.or_, now, 0) % 16 == 0
+    def tables(self, now: list[int], device) -> list[torch.Tensor]:
+        """The device tables for members at addresses ``now`` (same signature as the plan's)."""
         if now == self.addresses:
-            return self.device_tables, aligned
+            return self.device_tables
         rows, cols, index = self.cells
         delta = torch.tensor(now, dtype=torch.int64) - torch.tensor(self.addresses, dtype=torch.int64)
         host = self.host.clone()
         host[rows, cols] += delta[index]
-        return [to_device([host], device)[0], *self.device_tables[1:]], aligned
+        return [to_device([host], device)[0], *self.device_tables[1:]]
 
 
-# (kernel, constexprs, config, device, signature, floats) -> _Plan; bounded
+# (kernel, constexprs, device, signature, floats, config) -> _Plan; bounded
 _PLANS: dict[tuple, _Plan] = {}
+# (kernel, constexprs, device, signature, floats) -> (flags, whether offsets need int64)
+_FLAGS: dict[tuple, tuple[dict, bool]] = {}
 _MAX_PLANS = 512
 
 
@@ -203,15 +194,23 @@ def plan_count() -> int:
     return len(_PLANS)
 
 
+def _remember(cache: dict, key, value):
+    if len(cache) >= _MAX_PLANS:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def launcher(kernel, template, steps, members, add_member, uniform, floats, device, flags=None,
              **constexprs) -> Callable[[triton.Config], Callable[[], None]]:
     """``prepare(cfg)``: the launch of ``kernel`` over ``members`` with ``cfg``, tables ready
-    (from a plan, or built now), as a function of no arguments.
+    (from a plan, or built now), as a function of no arguments; ``prepare.consts`` are the
+    constexprs this call launches with (VEC among them: choose the config list by them).
 
     ``uniform=R``: ``members`` are the first two of R equal-shape views of stacks and
     ``floats`` all R members' scalars. ``flags(members)``: constexprs that follow from the
-    members' shapes and strides, computed once per plan; its ``VEC`` (the vector width the
-    strides and sizes allow) is used where the addresses are aligned too, else 1.
+    members' shapes and strides, computed once per signature; its ``VEC`` (the vector width
+    the strides and sizes allow) is used where the addresses are aligned too, else 1.
     """
     columns = codegen.table_columns(template, steps)
     per = len(member_tensors(members[0]))
@@ -220,13 +219,26 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
     sig = _signature(members, uniform)
     flat_floats = tuple(floats) if uniform else tuple(f for m in members for f in m.floats)
     base = (kernel, tuple(constexprs.items()), device, sig, flat_floats)
+    fixed, idx64 = _FLAGS.get(base) or _remember(_FLAGS, base, (
+        flags(members) if flags else {},
+        not all(_span_ok(t) for m in members for t in member_tensors(m))))
+    now = _addresses(members[:1] if uniform else members)
+    # a stack's members sit at its first one's addresses plus multiples of the steps in sig
+    moved = [d for d in sig[0][len(members) * (per + 1):]] if uniform else []
+    aligned = functools.reduce(operator.or_, now + moved, 0) % 16 == 0
+    consts = dict(constexprs, **fixed)
+    if "VEC" in kernel.arg_names:
+        consts["VEC"] = consts.get("VEC", 1) if aligned else 1
+    if "IDX" in kernel.arg_names:
+        consts["IDX"] = tl.int64 if idx64 else tl.int32
 
     def prepare(cfg: triton.Config) -> Callable[[], None]:
         key = (*base, id(cfg))
         plan = _PLANS.get(key)
-        ready = plan.tables(members, device) if plan is not None else None
         keep = None
-        if ready is None:
+        if plan is not None:
+            table, tiles, float_table = plan.tables(now, device)
+        else:
             launch, row_of = Launch(template, steps), []
             for m in members:
                 before = len(launch.rows)
@@ -236,19 +248,10 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
                 launch.extend_uniform(uniform, floats)
             if launch.total == 0:
                 return lambda: None
-            plan = _Plan(launch, members, row_of, uniform, device, ptr_columns, flags(members) if flags else {})
-            keep = launch.keep
+            plan, keep = _Plan(launch, now, row_of, uniform, device, ptr_columns), launch.keep
             if plan.cells is not None:
-                if len(_PLANS) >= _MAX_PLANS:
-                    _PLANS.clear()
-                _PLANS[key] = plan
-            ready = plan.device_tables, plan.aligned
-        (table, tiles, float_table), aligned = ready
-        consts = dict(constexprs, **plan.flags)
-        if "VEC" in kernel.arg_names:
-            consts["VEC"] = consts.get("VEC", 1) if aligned else 1
-        if "IDX" in kernel.arg_names:
-            consts["IDX"] = tl.int64 if plan.idx64 else tl.int32
+                _remember(_PLANS, key, plan)
+            table, tiles, float_table = plan.device_tables
         options = launch_options(cfg)
         grid = (plan.total,)
 
@@ -261,6 +264,7 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
 
         return launch_now
 
+    prepare.consts = consts
     return prepare
 
 

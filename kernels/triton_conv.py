@@ -153,19 +153,20 @@ CONV = codegen.KernelTemplate(
 
 
 @functools.lru_cache(maxsize=None)
-def conv_configs(arith: str, arch: int | None, channels_unit: bool) -> tuple[triton.Config, ...]:
+def conv_configs(arith: str, arch: int | None, vector: bool) -> tuple[triton.Config, ...]:
     """Tile shapes per arithmetic (``math_of``), compute capability and x layout, largest
-    first; ``pick_config`` chooses, a warm-up tunes. ``channels_unit``: x has unit channel
-    stride (channels_last), so its tiles load as vectors with cp.async and may pipeline
-    deeper; NCHW x is a gather of scalars held in registers, so 2 stages and 8 warps for
-    64-row tiles keep it at 0 spills (4 warps and 3 stages spilled up to 5 KB, RESULTS.md).
+    first; ``pick_config`` chooses, a warm-up tunes. ``vector``: x has unit channel stride
+    (channels_last) and is aligned, so its tiles load as 16-byte vectors with cp.async and
+    pipeline 3 stages; otherwise x is a gather of scalars held in registers until the dot,
+    and 2 stages with 8 warps for the larger tiles keep it at 0 spills (4 warps and 3 stages
+    spilled up to 5 KB per thread; ``stfuse kernels``, RESULTS.md).
     """
     if arch is None:
         return (triton.Config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), num_warps=1, num_stages=1),)
-    if channels_unit:
+    if vector:
         shapes = ((128, 64, 32, 8, 3), (64, 64, 64, 4, 3), (128, 32, 64, 4, 3), (32, 64, 64, 4, 3))
     else:
-        shapes = ((128, 128, 32, 8, 2), (64, 64, 32, 8, 2), (64, 64, 16, 4, 2), (32, 64, 32, 4, 2))
+        shapes = ((64, 128, 32, 8, 2), (64, 64, 32, 8, 2), (32, 64, 32, 4, 2))
     return tuple(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
                  for bm, bn, bk, w, st in shapes)
 
@@ -256,11 +257,11 @@ def _run(members: list[_Member], epilogue: str, uniform: int | None = None, floa
     count = uniform or len(members)
     max_m = max(m.y.shape[0] * m.y.shape[2] * m.y.shape[3] for m in members)
     max_n = max(m.w.shape[0] // m.groups for m in members)
-    channels_unit = all(_unit(m.x, 1) for m in members)
-    configs = conv_configs(arith, device_arch(device), channels_unit)
+    vector = prepare.consts["X_C_UNIT"] and prepare.consts["VEC"] > 1
+    configs = conv_configs(arith, device_arch(device), vector)
     default = pick_config(configs, max_m, lambda c: count * cdiv(max_m, c.kwargs["BLOCK_M"])
                           * cdiv(max_n, c.kwargs["BLOCK_N"]), sm_count(device))
-    key = ("conv", epilogue, arith, channels_unit, max_m <= 64, next_pow2(max_n),
+    key = ("conv", epilogue, arith, vector, prepare.consts["W_C_UNIT"], max_m <= 64, next_pow2(max_n),
            next_pow2(max(m.w[0].numel() for m in members)), next_pow2(count))
     prepare(choose_config(key, configs, prepare, default))()
 

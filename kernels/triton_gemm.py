@@ -108,28 +108,29 @@ GEMM = codegen.KernelTemplate(
 
 
 @functools.lru_cache(maxsize=None)
-def gemm_configs(arith: str, arch: int | None) -> tuple[triton.Config, ...]:
-    """Tile shapes per arithmetic (``math_of``: fp32, tf32, fp16, bf16) and compute capability,
-    largest first, the small-M ones last; ``pick_config`` chooses among them, a warm-up tunes.
+def gemm_configs(arith: str, arch: int | None, vector: bool = True) -> tuple[triton.Config, ...]:
+    """Tile shapes per arithmetic (``math_of``: fp32, tf32, fp16, bf16), compute capability and
+    load width, largest first, the small-M ones last; ``pick_config`` chooses, a warm-up tunes.
 
-    Each was compiled for sm_80 and sm_90 by ``stfuse kernels`` with 0 spills (RESULTS.md).
-    fp32 without tf32 has no tensor cores: its FMA tiles hold more in registers, so its
-    64-row tiles use 8 warps (4 spilled 32 bytes on sm_90).
+    Each compiles for sm_80 and sm_90 with 0 spills (``stfuse kernels``, RESULTS.md).
+    ``vector``: x and w load as 16-byte vectors (VEC > 1), through cp.async, so tiles pipeline
+    3-4 stages deep. Unaligned members load scalars held in registers until the dot: there
+    128x128 tiles and 3 stages spilled up to 900 bytes, so smaller tiles and 2 stages.
+    fp32 without tf32 has no tensor cores: its 64x128 FMA tile takes 8 warps (4 spilled).
     """
     if arch is None:
         # The interpreter runs every program in numpy: 16 is the smallest tl.dot
         # tile on GPUs, and keeps the tests' odd shapes at a few programs each.
         return (triton.Config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), num_warps=1, num_stages=1),)
-    bk = 64 if arith in ("fp16", "bf16") else 32
-    mid_warps = 8 if arith == "fp32" else 4
-    return tuple(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s) for bm, bn, w, s in (
-        (128, 128, 8, 3),
-        (128, 64, 4, 4),
-        (64, 128, mid_warps, 4),
-        (64, 64, 4, 4),
-        (32, 64, 4, 4),  # small M: a batch of a few rows per member
-        (16, 64, 4, 4),
-    ))
+    if vector:
+        bk = 64 if arith in ("fp16", "bf16") else 32
+        mid_warps = 8 if arith == "fp32" else 4
+        shapes = ((128, 128, bk, 8, 3), (128, 64, bk, 4, 4), (64, 128, bk, mid_warps, 4), (64, 64, bk, 4, 4),
+                  (32, 64, bk, 4, 4), (16, 64, bk, 4, 4))  # the last two: small M, a few rows per member
+    else:
+        shapes = ((128, 64, 32, 8, 2), (64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (16, 64, 32, 4, 2))
+    return tuple(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
+                 for bm, bn, bk, w, st in shapes)
 
 
 _Member = RowsMember
@@ -181,10 +182,10 @@ def _run(members: list[_Member], epilogue: str, uniform: int | None = None, floa
     count = uniform or len(members)
     max_m = max(m.x2.shape[0] for m in members)
     max_n, max_k = max(m.w.shape[0] for m in members), max(m.x2.shape[1] for m in members)
-    configs = gemm_configs(arith, device_arch(device))
+    configs = gemm_configs(arith, device_arch(device), prepare.consts["VEC"] > 1)
     default = pick_config(configs, max_m, lambda c: count * cdiv(max_m, c.kwargs["BLOCK_M"])
                           * cdiv(max_n, c.kwargs["BLOCK_N"]), sm_count(device))
-    key = ("gemm", epilogue, arith, max_m <= 64, next_pow2(max_n), next_pow2(max_k), next_pow2(count))
+    key = ("gemm", epilogue, arith, prepare.consts["VEC"] > 1, max_m <= 64, next_pow2(max_n), next_pow2(max_k), next_pow2(count))
     prepare(choose_config(key, configs, prepare, default))()
 
 
