@@ -269,13 +269,14 @@ def load_module(template: KernelTemplate, source: str):
     return module
 
 
-# (template kind, epilogue, cache dir) -> kernel; skips rendering on every call
+# (template kind, epilogue, cache dir's variables) -> kernel; skips rendering on every call
 _KERNELS: dict[tuple[str, str, Path], object] = {}
 
 
 def load_kernel(template: KernelTemplate, epilogue: str):
     """The compiled-on-first-launch Triton kernel of ``template`` with ``epilogue``."""
-    key = (template.kind, epilogue, config.cache_dir())
+    # keyed on the variables cache_dir() reads (building its Path took ~5 us per launch)
+    key = (template.kind, epilogue, os.environ.get("STFUSE_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME"))
     kernel = _KERNELS.get(key)
     if kernel is None:
         module = load_module(template, render(template, epilogue))

@@ -61,9 +61,10 @@ def check_operands(op: str, epilogue: str, ext, scalars, members: int, stacked: 
     """The epilogue operand counts: per member (grouped, flat member-major) or per step (stacked)."""
     n_tensor, n_scalar = ep.counts(ep.parse(epilogue))
     want = n_tensor if stacked else n_tensor * members
-    check(len(ext) == want, op, f"epilogue {epilogue!r} takes {want} tensors here, got {len(ext)}")
-    check(len(scalars) == n_scalar * members, op,
-          f"epilogue {epilogue!r} takes {n_scalar * members} scalars here, got {len(scalars)}")
+    if len(ext) != want:  # messages formatted only on failure (every call comes here)
+        check(False, op, f"epilogue {epilogue!r} takes {want} tensors here, got {len(ext)}")
+    if len(scalars) != n_scalar * members:
+        check(False, op, f"epilogue {epilogue!r} takes {n_scalar * members} scalars here, got {len(scalars)}")
 
 
 def check_lengths(op: str, **lists) -> int:
@@ -205,10 +206,12 @@ def vec_width(dtype: torch.dtype, *multiples: int) -> int:
 
 def pick_config(configs: Sequence[triton.Config], max_m: int, tiles: Callable[[triton.Config], int],
                 sms: int) -> int:
-    """The heuristic config (no timing): the largest tile, in list order, whose BLOCK_M does
-    not exceed the rows (small-M configs for small batches) and that still gives every SM a
-    tile; failing that, the smallest such tile."""
-    fits = [i for i, c in enumerate(configs) if c.kwargs["BLOCK_M"] <= max(16, next_pow2(max_m))] or [0]
+    """The heuristic config (no timing): the largest tile, in list order, that still gives every
+    SM a tile, failing that the smallest; among tiles no taller than the rows, and the small-M
+    ones (BLOCK_M < 64) only for members of at most 64 rows."""
+    top = max(16, next_pow2(max_m))
+    fits = [i for i, c in enumerate(configs)
+            if c.kwargs["BLOCK_M"] <= top and (max_m <= 64 or c.kwargs["BLOCK_M"] >= 64)] or [0]
     for i in fits:
         if tiles(configs[i]) >= sms:
             return i

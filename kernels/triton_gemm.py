@@ -194,9 +194,11 @@ def grouped_linear(x, w, b, epilogue, ext, scalars):
     op = "grouped_linear"
     check_operands(op, epilogue, ext, scalars, check_lengths(op, x=x, w=w, b=b), stacked=False)
     for i, (xi, wi, bi) in enumerate(zip(x, w, b)):
-        check(xi.dim() >= 1 and wi.dim() == 2 and xi.shape[-1] == wi.shape[1], op,
-              f"member {i}: x {tuple(xi.shape)} does not match w {tuple(wi.shape)}")
-        check(bi is None or tuple(bi.shape) == (wi.shape[0],), op, f"member {i}: bias is not [{wi.shape[0]}]")
+        # messages formatted only on failure: this is the per-call path
+        if not (xi.dim() >= 1 and wi.dim() == 2 and xi.shape[-1] == wi.shape[1]):
+            check(False, op, f"member {i}: x {tuple(xi.shape)} does not match w {tuple(wi.shape)}")
+        if not (bi is None or bi.shape == wi.shape[:1]):
+            check(False, op, f"member {i}: bias is not [{wi.shape[0]}]")
 
     steps = ep.parse(epilogue)
     members, ys = [], []
@@ -213,9 +215,11 @@ def grouped_linear(x, w, b, epilogue, ext, scalars):
 def stacked_linear(x, w, b, epilogue, ext, scalars):
     """x [R, ..., K], w [R, N, K], b [R, N] or None -> [R, ..., N]; members are views, one launch."""
     op = "stacked_linear"
-    check(x.dim() >= 2 and w.dim() == 3 and x.shape[0] == w.shape[0] and x.shape[-1] == w.shape[2], op,
-          f"x {tuple(x.shape)} does not match w {tuple(w.shape)}")
-    check(b is None or tuple(b.shape) == tuple(w.shape[:2]), op, f"bias is not {list(w.shape[:2])}")
+    # messages formatted only on failure: this is the per-call path
+    if not (x.dim() >= 2 and w.dim() == 3 and x.shape[0] == w.shape[0] and x.shape[-1] == w.shape[2]):
+        check(False, op, f"x {tuple(x.shape)} does not match w {tuple(w.shape)}")
+    if not (b is None or b.shape == w.shape[:2]):
+        check(False, op, f"bias is not {list(w.shape[:2])}")
     check_operands(op, epilogue, ext, scalars, x.shape[0], stacked=True)
 
     R, K, N = x.shape[0], x.shape[-1], w.shape[1]
