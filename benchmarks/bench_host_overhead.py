@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -136,6 +138,7 @@ def measure(kind: str, R: int, device: torch.device, repeat: int, stub: bool) ->
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=200, help="timed calls per point (default 200)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     stub = device.type != "cuda"
@@ -152,6 +155,9 @@ def main(argv=None) -> int:
             print(f"{kind:<8} {R:>4} {r['total_us']:>9.1f} {r['records_us']:>8.1f} {r['tables_us']:>8.1f} "
                   f"{r['launch_us']:>8.1f} {r['total_us'] / R:>9.2f}")
     at = {r["kind"]: r["total_us"] for r in rows if r["R"] == RS[-1]}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine(device), "stubbed": stub, "rows": rows}, indent=1))
     print(f"host overhead per call at R={RS[-1]}: stacked {at['stacked']:.1f} us, grouped {at['grouped']:.1f} us")
     return 0
 

@@ -109,3 +109,47 @@ def test_configs_are_never_timed_on_a_call(monkeypatch):
     assert launch.choose_config(key, CONFIGS, lambda cfg: (lambda: None), default=1) is CONFIGS[1]
     with launch.tuning():  # no CUDA here: a warm-up cannot time either, and says so by the default
         assert launch.choose_config(key, CONFIGS, lambda cfg: (lambda: None), default=2) is CONFIGS[2]
+
+
+# --- GPU: aligned and unaligned members, layouts, and no sync on the call path -----------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_aligned_and_unaligned_members_on_cuda(dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(4, 64, 264, generator=g).to(dtype).cuda()
+    w = (torch.randn(4, 96, 256, generator=g) / 16).to(dtype).cuda()
+    for x in (base[..., :256], base[..., 1:257]):  # 16-byte aligned rows (VEC > 1); rows off by one element
+        for _ in range(2):  # the second call reuses the plan
+            y = torch.ops.stfuse.stacked_linear(x, w, None, "gelu", [], [])
+            ref = reference.stacked_linear(x.cpu().double(), w.cpu().double(), None, "gelu", [], [])
+            assert_close(y.cpu(), ref, k=256)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_channels_last_conv_on_cuda(dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 64, 14, 14, generator=g).to(dtype)
+    w = (torch.randn(2, 32, 64, 3, 3, generator=g) / 24).to(dtype)
+    xc = x.cuda().flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (2, 3))
+    wc = w.cuda().flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (2, 32))
+    y = torch.ops.stfuse.stacked_conv2d(xc, wc, None, [1, 1], [1, 1], [1, 1], 1, "relu", [], [])
+    ref = reference.stacked_conv2d(x.double(), w.double(), None, [1, 1], [1, 1], [1, 1], 1, "relu", [], [])
+    assert_close(y.cpu(), ref, k=576)
+
+
+@pytest.mark.gpu
+def test_a_planned_call_never_synchronizes():
+    x, w, b = (t.cuda() for t in stack(9, R=8, M=64, K=256, N=128))
+    torch.ops.stfuse.stacked_linear(x, w, b, "relu", [], [])  # compiles, builds the plan
+    x2 = x.clone()  # moved: the table is refreshed through pinned memory, asynchronously
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.ops.stfuse.stacked_linear(x2, w, b, "relu", [], [])
+        torch.ops.stfuse.stacked_linear(x, w, b, "relu", [], [])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
