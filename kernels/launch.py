@@ -120,21 +120,26 @@ def member_tensors(m) -> tuple:
     return (m.x, m.w, m.b, m.y, *m.operands)
 
 
-def _signature(members, uniform) -> tuple:
-    """What a plan depends on besides addresses: every member tensor's shape and strides,
-    and the member's other parameters. For a stack, its first two members stand for all."""
-    sig = []
-    for m in members:
-        for t in member_tensors(m):
-            sig.append(None if t is None else (t.shape, t.stride()))
+def _signature(members, uniform) -> tuple[tuple, list[int]]:
+    """(what a plan depends on besides addresses, the addresses), in one pass over the members:
+    every member tensor's shape and strides, and the member's other parameters. For a stack
+    its first member's addresses, and its first two members' shapes and steps stand for all."""
+    sig, addresses = [], []
+    for i, m in enumerate(members):
+        for t in (m.x, m.w, m.b, m.y, *m.operands):
+            if t is None:
+                sig.append(None)
+                addresses.append(0)
+            else:
+                sig.append((t.shape, t.stride()))
+                addresses.append(t.data_ptr())
         sig.append(m.extra)
-    if uniform and len(members) > 1:  # the stack's strides: member 1's addresses against member 0's
-        sig.extend(a - b for a, b in zip(_addresses(members[1:2]), _addresses(members[:1])))
-    return tuple(sig), uniform
-
-
-def _addresses(members) -> list[int]:
-    return [0 if t is None else t.data_ptr() for m in members for t in member_tensors(m)]
+    if uniform:
+        per = len(addresses) // len(members)
+        if len(members) > 1:  # the stack's steps: member 1's addresses against member 0's
+            sig.extend(a - b for a, b in zip(addresses[per:], addresses[:per]))
+        addresses = addresses[:per]
+    return (tuple(sig), uniform), addresses
 
 
 def _span_ok(t: torch.Tensor | None) -> bool:
@@ -231,13 +236,12 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
     """
     per = len(member_tensors(members[0]))
     ptr_columns = _pointer_columns(template, steps, per)
-    sig = _signature(members, uniform)
+    sig, now = _signature(members, uniform)
     flat_floats = tuple(floats) if uniform else tuple(f for m in members for f in m.floats)
     base = (id(kernel), tuple(constexprs.items()), device, sig, flat_floats)
     fixed, idx64 = _FLAGS.get(base) or _remember(_FLAGS, base, (
         flags(members) if flags else {},
         not all(_span_ok(t) for m in members for t in member_tensors(m))))
-    now = _addresses(members[:1] if uniform else members)
     # a stack's members sit at its first one's addresses plus multiples of the steps in sig
     moved = [d for d in sig[0][len(members) * (per + 1):]] if uniform else []
     aligned = functools.reduce(operator.or_, now + moved, 0) % 16 == 0

@@ -220,15 +220,14 @@ def pick_config(configs: Sequence[triton.Config], max_m: int, tiles: Callable[[t
 
 class RowsMember:
     """One member seen as rows: x2 and y2 2-D, w/b or None, y_shape the output's shape,
-    its epilogue tensor operands and scalars."""
+    its epilogue tensor operands and scalars. ``x``, ``y`` and ``extra`` are the names the
+    launch plans read (launch.member_tensors), set once rather than as properties (the
+    plan's signature reads them on every call)."""
 
-    __slots__ = ("x2", "w", "b", "y2", "y_shape", "operands", "floats")
+    __slots__ = ("x2", "w", "b", "y2", "y_shape", "operands", "floats", "x", "y", "extra")
 
     def __init__(self, x2, w, b, y2, y_shape, operands, floats):
         self.x2, self.w, self.b, self.y2 = x2, w, b, y2
+        self.x, self.y = x2, y2
         self.y_shape, self.operands, self.floats = y_shape, operands, floats
-
-    # the names launch.member_tensors and the plan signature read
-    x = property(lambda self: self.x2)
-    y = property(lambda self: self.y2)
-    extra = property(lambda self: tuple(self.y_shape))
+        self.extra = tuple(y_shape)
