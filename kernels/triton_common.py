@@ -1,7 +1,7 @@
-"""Host-side pieces shared by the Triton launchers: dtypes, problem tables, epilogue operands, configs.
+"""Host-side pieces shared by the Triton launchers: dtypes, checks, epilogue operands, configs.
 
-A launch is described by two tables built on the host per call and copied to
-the device in one transfer (see ``Launch``):
+A launch is described by tables (kernels/launch.py builds them, once per member
+signature, and keeps them on the device):
 
 - the problem table, one int64 row per member with work: sizes, addresses and
   strides (columns from ``codegen.table_columns``), and ``tile0``, the
@@ -11,10 +11,12 @@ the device in one transfer (see ``Launch``):
 
 Members of a stacked op are views of one tensor, so every column is affine in
 the member index; ``Launch.extend_uniform`` builds their rows from the first
-two with one multiply-add instead of R Python-level row builds: for R=118
-GEMMs, 70 us against 0.8 ms for the rows one by one (timeit, min of 5, on the
-2-core CPU these were written on). Grouped ops build a row per member, so their
-host cost grows by about 12 us per member there.
+two with one multiply-add instead of R Python-level row builds.
+
+Config lists come from a named function per kernel, keyed by ``math_of`` (the
+arithmetic: fp32, tf32, fp16, bf16), the compute capability (``device_arch``)
+and whether loads are vectors (``vec_width``); ``pick_config`` is the heuristic
+choice where no warm-up tuned one (docs/cuda.md).
 """
 
 from __future__ import annotations

@@ -80,32 +80,18 @@ CONV = codegen.KernelTemplate(
         DW = tl.load(prob + $DW).to(tl.int32)
         oc = grp * O + offs_n
 
-        # VEC > 1 promises, for x if X_C_UNIT and for w if W_C_UNIT: a 16-byte aligned address
-        # and every other stride a multiple of VEC, and C a multiple of VEC (triton_conv.conv_flags).
-        sxb = tl.load(prob + $sxb).to(IDX)
-        sxh = tl.load(prob + $sxh).to(IDX)
-        sxw = tl.load(prob + $sxw).to(IDX)
-        swo = tl.load(prob + $swo).to(IDX)
-        swh = tl.load(prob + $swh).to(IDX)
-        sww = tl.load(prob + $sww).to(IDX)
-        x_ptr = tl.load(prob + $x).to(tl.pointer_type(DTYPE))
-        w_ptr = tl.load(prob + $w).to(tl.pointer_type(DTYPE))
-        if X_C_UNIT:
-            sxc = 1
-            x_ptr = tl.multiple_of(x_ptr, 16 if VEC > 1 else 1)
-            sxb = tl.multiple_of(sxb, VEC)
-            sxh = tl.multiple_of(sxh, VEC)
-            sxw = tl.multiple_of(sxw, VEC)
-        else:
-            sxc = tl.load(prob + $sxc).to(IDX)
-        if W_C_UNIT:
-            swc = 1
-            w_ptr = tl.multiple_of(w_ptr, 16 if VEC > 1 else 1)
-            swo = tl.multiple_of(swo, VEC)
-            swh = tl.multiple_of(swh, VEC)
-            sww = tl.multiple_of(sww, VEC)
-        else:
-            swc = tl.load(prob + $swc).to(IDX)
+        # VEC > 1 promises, for x if X_C_UNIT and for w if W_C_UNIT: a 16-byte aligned address,
+        # every other stride and C multiples of VEC (triton_conv._flags); the hints say so
+        x_ptr = tl.multiple_of(tl.load(prob + $x).to(tl.pointer_type(DTYPE)), (16 if VEC > 1 else 1) if X_C_UNIT else 1)
+        w_ptr = tl.multiple_of(tl.load(prob + $w).to(tl.pointer_type(DTYPE)), (16 if VEC > 1 else 1) if W_C_UNIT else 1)
+        sxb = tl.multiple_of(tl.load(prob + $sxb).to(IDX), VEC if X_C_UNIT else 1)
+        sxh = tl.multiple_of(tl.load(prob + $sxh).to(IDX), VEC if X_C_UNIT else 1)
+        sxw = tl.multiple_of(tl.load(prob + $sxw).to(IDX), VEC if X_C_UNIT else 1)
+        swo = tl.multiple_of(tl.load(prob + $swo).to(IDX), VEC if W_C_UNIT else 1)
+        swh = tl.multiple_of(tl.load(prob + $swh).to(IDX), VEC if W_C_UNIT else 1)
+        sww = tl.multiple_of(tl.load(prob + $sww).to(IDX), VEC if W_C_UNIT else 1)
+        sxc = 1 if X_C_UNIT else tl.load(prob + $sxc).to(IDX)
+        swc = 1 if W_C_UNIT else tl.load(prob + $swc).to(IDX)
         x_rows = img * sxb + (grp * C) * sxc
         w_cols = oc * swo
 
