@@ -175,44 +175,44 @@ class _Plan:
         index = torch.tensor(index, dtype=torch.int64)
         if not torch.equal(self.host[rows, cols], torch.tensor(self.addresses, dtype=torch.int64)[index]):
             return None
-        if self.uniform:  # every row of a stack moves with its first
-            g = self.host.shape[0]
-            rows = torch.arange(g).repeat_interleave(len(cols))
-            cols, index = cols.repeat(g), index.repeat(g)
+        if self.uniform:  # every row of a stack moves with its first: (column, address index) pairs
+            return list(zip(cols.tolist(), index.tolist()))
         return rows, cols, index
 
     def tables(self, now: list[int], device) -> list[torch.Tensor]:
         """The device tables for members at addresses ``now`` (same signature as the plan's)."""
         if now == self.addresses:
             return self.device_tables
-        rows, cols, index = self.cells
-        delta = torch.tensor(now, dtype=torch.int64) - torch.tensor(self.addresses, dtype=torch.int64)
-        if self.uniform:  # a stack moves as a whole: one row of deltas, broadcast
-            row = torch.zeros(self.host.shape[1], dtype=torch.int64)
-            row[cols[:len(index) // self.host.shape[0]]] = delta[index[:len(index) // self.host.shape[0]]]
-            host = self.host + row
+        if self.uniform:  # a stack moves as a whole: one row of deltas, built in Python, broadcast
+            row = [0] * self.host.shape[1]
+            for col, i in self.cells:
+                row[col] = now[i] - self.addresses[i]
+            host = self.host + torch.tensor(row, dtype=torch.int64)
         else:
+            rows, cols, index = self.cells
+            delta = torch.tensor(now, dtype=torch.int64) - torch.tensor(self.addresses, dtype=torch.int64)
             host = self.host.clone()
             host[rows, cols] += delta[index]
         return [to_device([host], device)[0], *self.device_tables[1:]]
 
 
-# (kernel, constexprs, device, signature, floats, config) -> _Plan; bounded
-_PLANS: dict[tuple, _Plan] = {}
-# (kernel, constexprs, device, signature, floats) -> (flags, whether offsets need int64)
-_FLAGS: dict[tuple, tuple[dict, bool]] = {}
-_MAX_PLANS = 512
+class _Entry:
+    """What one member signature fixes: its constexpr flags, whether offsets need int64,
+    and its plans by config."""
+
+    __slots__ = ("fixed", "idx64", "plans")
+
+    def __init__(self, fixed: dict, idx64: bool):
+        self.fixed, self.idx64, self.plans = fixed, idx64, {}
+
+
+# (kernel, constexprs, device, signature, floats) -> _Entry; bounded (cleared when full)
+_ENTRIES: dict[tuple, _Entry] = {}
+_MAX_ENTRIES = 512
 
 
 def plan_count() -> int:
-    return len(_PLANS)
-
-
-def _remember(cache: dict, key, value):
-    if len(cache) >= _MAX_PLANS:
-        cache.clear()
-    cache[key] = value
-    return value
+    return sum(len(e.plans) for e in _ENTRIES.values())
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,21 +239,23 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
     sig, now = _signature(members, uniform)
     flat_floats = tuple(floats) if uniform else tuple(f for m in members for f in m.floats)
     base = (id(kernel), tuple(constexprs.items()), device, sig, flat_floats)
-    fixed, idx64 = _FLAGS.get(base) or _remember(_FLAGS, base, (
-        flags(members) if flags else {},
-        not all(_span_ok(t) for m in members for t in member_tensors(m))))
+    entry = _ENTRIES.get(base)
+    if entry is None:
+        if len(_ENTRIES) >= _MAX_ENTRIES:
+            _ENTRIES.clear()
+        entry = _ENTRIES[base] = _Entry(flags(members) if flags else {},
+                                        not all(_span_ok(t) for m in members for t in member_tensors(m)))
     # a stack's members sit at its first one's addresses plus multiples of the steps in sig
     moved = [d for d in sig[0][len(members) * (per + 1):]] if uniform else []
     aligned = functools.reduce(operator.or_, now + moved, 0) % 16 == 0
-    consts = dict(constexprs, **fixed)
+    consts = dict(constexprs, **entry.fixed)
     if "VEC" in kernel.arg_names:
         consts["VEC"] = consts.get("VEC", 1) if aligned else 1
     if "IDX" in kernel.arg_names:
-        consts["IDX"] = tl.int64 if idx64 else tl.int32
+        consts["IDX"] = tl.int64 if entry.idx64 else tl.int32
 
     def prepare(cfg: triton.Config) -> Callable[[], None]:
-        key = (*base, id(cfg))
-        plan = _PLANS.get(key)
+        plan = entry.plans.get(id(cfg))
         keep = None
         if plan is not None:
             table, tiles, float_table = plan.tables(now, device)
@@ -269,7 +271,7 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
                 return lambda: None
             plan, keep = _Plan(launch, now, row_of, uniform, device, ptr_columns), launch.keep
             if plan.cells is not None:
-                _remember(_PLANS, key, plan)
+                entry.plans[id(cfg)] = plan
             table, tiles, float_table = plan.device_tables
         options = launch_options(cfg)
         grid = (plan.total,)
