@@ -197,13 +197,28 @@ class _Plan:
 
 
 class _Entry:
-    """What one member signature fixes: its constexpr flags, whether offsets need int64,
-    and its plans by config."""
+    """What one member signature fixes: its constexpr flags, whether offsets need int64, a
+    stack's steps between members (bytes, per tensor), and its plans by config."""
 
-    __slots__ = ("fixed", "idx64", "plans")
+    __slots__ = ("fixed", "idx64", "steps", "plans")
 
-    def __init__(self, fixed: dict, idx64: bool):
-        self.fixed, self.idx64, self.plans = fixed, idx64, {}
+    def __init__(self, fixed: dict, idx64: bool, steps: list[int]):
+        self.fixed, self.idx64, self.steps, self.plans = fixed, idx64, steps, {}
+
+
+class Stack:
+    """A stacked op's members before they are built: its whole tensors (x, w, b, y, operands,
+    each member r at ``[r]``) and the members' other parameters stand for them, so a call
+    that finds its plan never builds the member views (``build()`` returns them)."""
+
+    __slots__ = ("tensors", "extra", "build")
+
+    def __init__(self, tensors: Sequence, extra, build: Callable[[], list]):
+        self.tensors, self.extra, self.build = tensors, extra, build
+
+    def signature(self) -> tuple[tuple, list[int]]:
+        sig = [None if t is None else (t.shape, t.stride()) for t in self.tensors]
+        return (tuple(sig), self.extra), [0 if t is None else t.data_ptr() for t in self.tensors]
 
 
 # (kernel, constexprs, device, signature, floats) -> _Entry; bounded (cleared when full)
@@ -229,25 +244,40 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
     (from a plan, or built now), as a function of no arguments; ``prepare.consts`` are the
     constexprs this call launches with (VEC among them: choose the config list by them).
 
-    ``uniform=R``: ``members`` are the first two of R equal-shape views of stacks and
-    ``floats`` all R members' scalars. ``flags(members)``: constexprs that follow from the
-    members' shapes and strides, computed once per signature; its ``VEC`` (the vector width
-    the strides and sizes allow) is used where the addresses are aligned too, else 1.
+    ``members``: a list, or a ``Stack`` with ``uniform=R`` (the first two of R equal-shape
+    members are built only when a plan is); ``floats``: then all R members' scalars.
+    ``flags(members)``: constexprs that follow from the members' shapes and strides,
+    computed once per signature; its ``VEC`` (the vector width the strides and sizes allow)
+    is used where the addresses are aligned too, else 1.
     """
-    per = len(member_tensors(members[0]))
-    ptr_columns = _pointer_columns(template, steps, per)
-    sig, now = _signature(members, uniform)
-    flat_floats = tuple(floats) if uniform else tuple(f for m in members for f in m.floats)
+    built = members if isinstance(members, list) else None
+
+    def get_members() -> list:
+        nonlocal built
+        if built is None:
+            built = members.build()
+        return built
+
+    if built is None:
+        sig, now = members.signature()
+        sig = ("stack", sig, uniform)
+    else:
+        sig, now = _signature(built, uniform)
+    flat_floats = tuple(floats) if uniform else tuple(f for m in built for f in m.floats)
     base = (id(kernel), tuple(constexprs.items()), device, sig, flat_floats)
     entry = _ENTRIES.get(base)
     if entry is None:
+        ms = get_members()
         if len(_ENTRIES) >= _MAX_ENTRIES:
             _ENTRIES.clear()
-        entry = _ENTRIES[base] = _Entry(flags(members) if flags else {},
-                                        not all(_span_ok(t) for m in members for t in member_tensors(m)))
-    # a stack's members sit at its first one's addresses plus multiples of the steps in sig
-    moved = [d for d in sig[0][len(members) * (per + 1):]] if uniform else []
-    aligned = functools.reduce(operator.or_, now + moved, 0) % 16 == 0
+        # a stack's members sit at its first one's addresses plus multiples of these steps
+        steps_between = []
+        if uniform and len(ms) > 1:
+            first, second = (_signature(ms[i:i + 1], None)[1] for i in (0, 1))
+            steps_between = [b - a for a, b in zip(first, second)]
+        entry = _ENTRIES[base] = _Entry(flags(ms) if flags else {},
+                                        not all(_span_ok(t) for m in ms for t in member_tensors(m)), steps_between)
+    aligned = functools.reduce(operator.or_, now + entry.steps, 0) % 16 == 0
     consts = dict(constexprs, **entry.fixed)
     if "VEC" in kernel.arg_names:
         consts["VEC"] = consts.get("VEC", 1) if aligned else 1
@@ -260,8 +290,9 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
         if plan is not None:
             table, tiles, float_table = plan.tables(now, device)
         else:
+            ms = get_members()
             launch, row_of = Launch(template, steps), []
-            for m in members:
+            for m in ms:
                 before = len(launch.rows)
                 add_member(launch, m, cfg)
                 row_of.append(before if len(launch.rows) > before else None)
@@ -269,6 +300,7 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
                 launch.extend_uniform(uniform, floats)
             if launch.total == 0:
                 return lambda: None
+            ptr_columns = _pointer_columns(template, steps, len(member_tensors(ms[0])))
             plan, keep = _Plan(launch, now, row_of, uniform, device, ptr_columns), launch.keep
             if plan.cells is not None:
                 entry.plans[id(cfg)] = plan

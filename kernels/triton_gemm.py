@@ -22,6 +22,7 @@ import triton
 
 from . import codegen
 from . import epilogue as ep
+from .launch import Stack
 from .triton_common import (TL_DTYPE, Launch, RowsMember, as_rows, cdiv, check, check_lengths, check_operands,
                             choose_config, device_arch, dot_precision, expand_operands, launcher, math_of,
                             next_pow2, operand_columns, pick_config, rows_layout, sm_count, stack_rows_operands,
@@ -163,16 +164,11 @@ def _flags(members: list[_Member]) -> dict:
     return dict(K_CONTIGUOUS=k_contiguous, VEC=vec)
 
 
-def _run(members: list[_Member], epilogue: str, uniform: int | None = None, floats=None) -> None:
-    """Launch the grouped GEMM over ``members``.
-
-    ``uniform=R``: ``members`` are the first two (or one) of R equal-shape views
-    of stacked tensors and ``floats`` all R members' scalars.
-    """
-    if not members:
-        return
+def _run(members, epilogue: str, dtype: torch.dtype, device: torch.device, sizes: tuple[int, int, int],
+         uniform: int | None = None, floats=None) -> None:
+    """Launch the grouped GEMM over ``members`` (a list, or a ``launch.Stack`` with
+    ``uniform=R`` and ``floats`` all R members' scalars); ``sizes``: the largest M, N, K."""
     steps = ep.parse(epilogue)
-    dtype, device = members[0].x2.dtype, members[0].x2.device
     kernel = codegen.load_kernel(GEMM, epilogue)
     # fp32 follows torch's own switch for matmuls (off by default: exact fp32, no tensor cores)
     arith = math_of(dtype, torch.backends.cuda.matmul.allow_tf32)
@@ -180,12 +176,12 @@ def _run(members: list[_Member], epilogue: str, uniform: int | None = None, floa
                        DTYPE=TL_DTYPE[dtype], INPUT_PRECISION=dot_precision(dtype, arith == "tf32"))
 
     count = uniform or len(members)
-    max_m = max(m.x2.shape[0] for m in members)
-    max_n, max_k = max(m.w.shape[0] for m in members), max(m.x2.shape[1] for m in members)
-    configs = gemm_configs(arith, device_arch(device), prepare.consts["VEC"] > 1)
+    max_m, max_n, max_k = sizes
+    vector = prepare.consts["VEC"] > 1
+    configs = gemm_configs(arith, device_arch(device), vector)
     default = pick_config(configs, max_m, lambda c: count * cdiv(max_m, c.kwargs["BLOCK_M"])
                           * cdiv(max_n, c.kwargs["BLOCK_N"]), sm_count(device))
-    key = ("gemm", epilogue, arith, prepare.consts["VEC"] > 1, max_m <= 64, next_pow2(max_n), next_pow2(max_k), next_pow2(count))
+    key = ("gemm", epilogue, arith, vector, max_m <= 64, next_pow2(max_n), next_pow2(max_k), next_pow2(count))
     prepare(choose_config(key, configs, prepare, default))()
 
 
@@ -208,7 +204,10 @@ def grouped_linear(x, w, b, epilogue, ext, scalars):
         members.append(_Member(as_rows(xi), wi, bi, as_rows(y), y.shape,
                                expand_operands(tensors, y.shape, y.dtype), member_scalars))
         ys.append(y)
-    _run(members, epilogue)
+    if members:
+        sizes = (max(m.x2.shape[0] for m in members), max(m.w.shape[0] for m in members),
+                 max(m.x2.shape[1] for m in members))
+        _run(members, epilogue, members[0].x2.dtype, members[0].x2.device, sizes)
     return ys
 
 
@@ -227,10 +226,11 @@ def stacked_linear(x, w, b, epilogue, ext, scalars):
     rows = math.prod(x.shape[1:-1])
     x3, y3 = x.reshape(R, rows, K), y.view(R, rows, N)
     operands = stack_rows_operands(expand_operands(ext, y.shape, y.dtype), y.shape[1:])
-    members = [
-        _Member(x3[r], w[r], None if b is None else b[r], y3[r], y.shape[1:],
-                [o[r] for o in operands], ())
-        for r in range(min(R, 2))
-    ]
-    _run(members, epilogue, uniform=R, floats=[float(s) for s in scalars])
+
+    def members():
+        return [_Member(x3[r], w[r], None if b is None else b[r], y3[r], y.shape[1:], [o[r] for o in operands], ())
+                for r in range(min(R, 2))]
+    if R:
+        stack = Stack((x3, w, b, y3, *operands), tuple(y.shape), members)
+        _run(stack, epilogue, x.dtype, x.device, (rows, N, K), uniform=R, floats=[float(s) for s in scalars])
     return y
