@@ -25,24 +25,36 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+def variant_class(row) -> str:
+    """The flags part of a row's config ("K_CONTIGUOUS=1,VEC=8"), "-" for none."""
+    return row["config"].partition(" ")[2] or "-"
+
+
 def kernels(rows) -> list[str]:
-    """One line per (kernel, dtype, arch): variants, failures, spills, regs, occupancy, facts."""
+    """One line per (kernel, variant class, dtype): variants over all archs, failures,
+    spills, max regs and occupancy per arch, and the compiled code's facts."""
     groups = defaultdict(list)
     for r in rows:
-        groups[r["kernel"], r["dtype"], r["arch"]].append(r)
+        groups[r["kernel"], variant_class(r), r["dtype"]].append(r)
+    archs = sorted({r["arch"] for r in rows})
 
     def share(rs, field):
         n = sum(bool(r[field]) for r in rs)
         return "all" if n == len(rs) else "none" if n == 0 else f"{n}/{len(rs)}"
+
+    def per_arch(rs, fmt):
+        return " / ".join(fmt([r for r in rs if r["arch"] == a]) for a in archs)
     out = []
-    for (kernel, dtype, arch), rs in sorted(groups.items()):
+    for (kernel, cls, dtype), rs in sorted(groups.items()):
         ok = [r for r in rs if r["ok"]]
-        occ = [r["occupancy"] for r in ok]
-        out.append([kernel, dtype, arch, len(rs), len(rs) - len(ok), sum(r["spill_bytes"] > 0 for r in ok),
-                    max((r["regs"] for r in ok), default="-"), f"{min(occ, default=0)}-{max(occ, default=0)}",
+        out.append([kernel, cls, dtype, len(rs), len(rs) - len(ok), sum(r["spill_bytes"] > 0 for r in ok),
+                    max((r["spill_bytes"] for r in ok), default="-"),
+                    per_arch(ok, lambda g: str(max((r["regs"] for r in g), default="-"))),
+                    per_arch(ok, lambda g: f"{min((r['occupancy'] for r in g), default=0):.2f}-"
+                                           f"{max((r['occupancy'] for r in g), default=0):.2f}"),
                     share(ok, "tensor_cores"), share(ok, "async_copy"), share(ok, "vector_loads")])
-    return _table(["kernel", "dtype", "arch", "variants", "failed", "spilling", "max regs", "occupancy",
-                   "tensor cores", "async copy", "vector loads"], out)
+    return _table(["kernel", "flags", "dtype", "variants", "failed", "spilling", "max spill B", f"max regs ({' / '.join(archs)})",
+                   "occupancy", "tensor cores", "async copy", "vector loads"], out)
 
 
 def gemm(results) -> list[str]:
