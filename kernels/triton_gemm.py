@@ -196,18 +196,18 @@ def grouped_linear(x, w, b, epilogue, ext, scalars):
         if not (bi is None or bi.shape == wi.shape[:1]):
             check(False, op, f"member {i}: bias is not [{wi.shape[0]}]")
 
-    steps = ep.parse(epilogue)
+    nt, ns = ep.counts(ep.parse(epilogue))
     members, ys = [], []
+    max_m = max_n = max_k = 0
     for i, (xi, wi, bi) in enumerate(zip(x, w, b)):
         y = xi.new_empty(*xi.shape[:-1], wi.shape[0])
-        tensors, member_scalars = ep.member_operands(steps, ext, scalars, i)
-        members.append(_Member(as_rows(xi), wi, bi, as_rows(y), y.shape,
-                               expand_operands(tensors, y.shape, y.dtype), member_scalars))
+        x2, y2 = as_rows(xi), as_rows(y)
+        operands = expand_operands(ext[i * nt:(i + 1) * nt], y.shape, y.dtype) if nt else ()
+        members.append(_Member(x2, wi, bi, y2, y.shape, operands, scalars[i * ns:(i + 1) * ns]))
         ys.append(y)
+        max_m, max_n, max_k = max(max_m, x2.shape[0]), max(max_n, y2.shape[1]), max(max_k, x2.shape[1])
     if members:
-        sizes = (max(m.x2.shape[0] for m in members), max(m.w.shape[0] for m in members),
-                 max(m.x2.shape[1] for m in members))
-        _run(members, epilogue, members[0].x2.dtype, members[0].x2.device, sizes)
+        _run(members, epilogue, members[0].x2.dtype, members[0].x2.device, (max_m, max_n, max_k))
     return ys
 
 
