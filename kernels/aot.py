@@ -71,13 +71,13 @@ def variants(quick: bool = False, arch: str = "sm_90") -> list[Variant]:
     out = []
     cap = ARCHS[arch]["capability"]
 
-    def add(kind, template, configs, dtype_name, first=False, **constexprs):
+    def add(kind, template, configs, dtype_name, **constexprs):
         flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items()
                          if k not in ("INPUT_PRECISION", "IDX"))
-        for cfg in configs[:1] if quick or first else configs:
+        for cfg in configs[:1] if quick else configs:
             name = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f",w{cfg.num_warps},s{cfg.num_stages}"
             name += f" {flags}" if flags else ""
-            for epi in EPILOGUES[-1:] if quick or first else EPILOGUES:
+            for epi in EPILOGUES[-1:] if quick else EPILOGUES:
                 consts = {"DTYPE": TL_DTYPE[DTYPES[dtype_name]], **constexprs, **cfg.kwargs}
                 out.append(Variant(kind, name, dtype_name, epi, tuple(consts.items()), cfg.num_warps,
                                    cfg.num_stages))
@@ -90,7 +90,7 @@ def variants(quick: bool = False, arch: str = "sm_90") -> list[Variant]:
             IDX=i32, INPUT_PRECISION=precision)
         scalar = triton_gemm.gemm_configs(name, cap, False)
         add("gemm", triton_gemm.GEMM, scalar, name, K_CONTIGUOUS=True, VEC=1, IDX=i32, INPUT_PRECISION=precision)
-        add("gemm", triton_gemm.GEMM, scalar, name, True, K_CONTIGUOUS=False, VEC=1, IDX=tl_int32(64),
+        add("gemm", triton_gemm.GEMM, scalar, name, K_CONTIGUOUS=False, VEC=1, IDX=tl_int32(64),
             INPUT_PRECISION=precision)
         # channels_last x and w; NCHW x with 1x1 (channel-contiguous) w; NCHW x and 3x3 w
         for x_unit, w_unit in ((True, True), (False, True), (False, False)):
@@ -100,9 +100,9 @@ def variants(quick: bool = False, arch: str = "sm_90") -> list[Variant]:
             continue  # no dot products: tf32 is fp32 there
         for width in NORM_WIDTHS[:1] if quick else NORM_WIDTHS:
             add("layer_norm", triton_norm.LAYER_NORM, triton_norm.norm_configs(width), name, VEC=vec)
-            add("layer_norm", triton_norm.LAYER_NORM, triton_norm.norm_configs(width), name, True, VEC=1)
+            add("layer_norm", triton_norm.LAYER_NORM, triton_norm.norm_configs(width), name, VEC=1)
         add("pointwise", triton_norm.POINTWISE, triton_norm.pointwise_configs(), name, VEC=vec)
-        add("pointwise", triton_norm.POINTWISE, triton_norm.pointwise_configs(), name, True, VEC=1)
+        add("pointwise", triton_norm.POINTWISE, triton_norm.pointwise_configs(), name, VEC=1)
     return out
 
 
