@@ -92,10 +92,11 @@ def variants(quick: bool = False, arch: str = "sm_90") -> list[Variant]:
         add("gemm", triton_gemm.GEMM, scalar, name, K_CONTIGUOUS=True, VEC=1, IDX=i32, INPUT_PRECISION=precision)
         add("gemm", triton_gemm.GEMM, scalar, name, K_CONTIGUOUS=False, VEC=1, IDX=tl_int32(64),
             INPUT_PRECISION=precision)
-        # channels_last x and w; NCHW x with 1x1 (channel-contiguous) w; NCHW x and 3x3 w
-        for x_unit, w_unit in ((True, True), (False, True), (False, False)):
+        # aligned channels_last x and w; channels_last x, 3x3 NCHW w; NCHW x, 1x1 (or channels_last)
+        # w; anything unaligned (the launcher drops the unit flags where VEC is 1)
+        for x_unit, w_unit in ((True, True), (True, False), (False, True), (False, False)):
             add("conv", triton_conv.CONV, triton_conv.conv_configs(name, cap, x_unit), name, X_C_UNIT=x_unit,
-                W_C_UNIT=w_unit, VEC=vec if w_unit else 1, IDX=i32, INPUT_PRECISION=precision)
+                W_C_UNIT=w_unit, VEC=vec if x_unit or w_unit else 1, IDX=i32, INPUT_PRECISION=precision)
         if name == "tf32":
             continue  # no dot products: tf32 is fp32 there
         for width in NORM_WIDTHS[:1] if quick else NORM_WIDTHS:

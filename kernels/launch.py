@@ -242,7 +242,8 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
              **constexprs) -> Callable[[triton.Config], Callable[[], None]]:
     """``prepare(cfg)``: the launch of ``kernel`` over ``members`` with ``cfg``, tables ready
     (from a plan, or built now), as a function of no arguments; ``prepare.consts`` are the
-    constexprs this call launches with (VEC among them: choose the config list by them).
+    constexprs this call launches with (VEC among them: choose the config list by them; a
+    caller may narrow them, in place, before ``prepare(cfg)``).
 
     ``members``: a list, or a ``Stack`` with ``uniform=R`` (the first two of R equal-shape
     members are built only when a plan is); ``floats``: then all R members' scalars.

@@ -246,11 +246,14 @@ def _run(members: list[_Member], epilogue: str, uniform: int | None = None, floa
     count = uniform or len(members)
     max_m = max(m.y.shape[0] * m.y.shape[2] * m.y.shape[3] for m in members)
     max_n = max(m.w.shape[0] // m.groups for m in members)
-    vector = prepare.consts["X_C_UNIT"] and prepare.consts["VEC"] > 1
+    consts = prepare.consts  # the constexprs this launch will use (the same dict)
+    if consts["VEC"] == 1:  # unit strides only matter for vector loads: one variant fewer to compile and check
+        consts["X_C_UNIT"] = consts["W_C_UNIT"] = False
+    vector = consts["X_C_UNIT"]
     configs = conv_configs(arith, device_arch(device), vector)
     default = pick_config(configs, max_m, lambda c: count * cdiv(max_m, c.kwargs["BLOCK_M"])
                           * cdiv(max_n, c.kwargs["BLOCK_N"]), sm_count(device))
-    key = ("conv", epilogue, arith, vector, prepare.consts["W_C_UNIT"], max_m <= 64, next_pow2(max_n),
+    key = ("conv", epilogue, arith, vector, consts["W_C_UNIT"], max_m <= 64, next_pow2(max_n),
            next_pow2(max(m.w[0].numel() for m in members)), next_pow2(count))
     prepare(choose_config(key, configs, prepare, default))()
 
