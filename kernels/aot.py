@@ -100,10 +100,10 @@ def variants(quick: bool = False, arch: str = "sm_90") -> list[Variant]:
         if name == "tf32":
             continue  # no dot products: tf32 is fp32 there
         for width in NORM_WIDTHS[:1] if quick else NORM_WIDTHS:
-            add("layer_norm", triton_norm.LAYER_NORM, triton_norm.norm_configs(width), name, VEC=vec)
-            add("layer_norm", triton_norm.LAYER_NORM, triton_norm.norm_configs(width), name, VEC=1)
-        add("pointwise", triton_norm.POINTWISE, triton_norm.pointwise_configs(), name, VEC=vec)
-        add("pointwise", triton_norm.POINTWISE, triton_norm.pointwise_configs(), name, VEC=1)
+            add("layer_norm", triton_norm.LAYER_NORM, triton_norm.norm_configs(width), name, VEC=vec, IDX=i32)
+            add("layer_norm", triton_norm.LAYER_NORM, triton_norm.norm_configs(width), name, VEC=1, IDX=i32)
+        add("pointwise", triton_norm.POINTWISE, triton_norm.pointwise_configs(), name, VEC=vec, IDX=i32)
+        add("pointwise", triton_norm.POINTWISE, triton_norm.pointwise_configs(), name, VEC=1, IDX=i32)
     return out
 
 

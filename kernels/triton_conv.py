@@ -149,7 +149,7 @@ def conv_configs(arith: str, arch: int | None, vector: bool) -> tuple[triton.Con
     """
     if arch is None:
         return (triton.Config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), num_warps=1, num_stages=1),)
-    if vector and arith == "fp32":  # FMA tiles hold more in registers: BLOCK_K=64 spilled up to 18 KB
+    if vector and arith in ("fp32", "tf32"):  # 4-byte elements: BLOCK_K=64 spilled up to 18 KB (fp32 FMA)
         shapes = ((128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3))
     elif vector:
         shapes = ((128, 64, 32, 8, 3), (64, 64, 64, 4, 3), (128, 32, 64, 4, 3), (32, 64, 64, 4, 3))

@@ -33,6 +33,7 @@ LAYER_NORM = codegen.KernelTemplate(
         tile_ptr,  # int64 [tiles]: the table row of the member that owns each block of rows
         float_ptr,  # float64 [members, $NFLOAT]: eps, then the epilogue scalars
         DTYPE: tl.constexpr,  # element type of x, w, b, y and the epilogue tensors
+        IDX: tl.constexpr,  # offset type: tl.int32 unless a member spans 2**31 elements
         VEC: tl.constexpr,  # 16 bytes in elements where x, w, b, y are 16-byte aligned and D and the row strides multiples of it, else 1
         BLOCK_R: tl.constexpr,  # rows per program
         BLOCK_D: tl.constexpr,  # columns per step along D
@@ -49,7 +50,7 @@ LAYER_NORM = codegen.KernelTemplate(
         r_mask = offs_r < R
         cols = tl.arange(0, BLOCK_D)
         x_ptr = tl.multiple_of(tl.load(prob + $x).to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
-        x_rows = x_ptr + offs_r * tl.multiple_of(tl.load(prob + $sxr), VEC)
+        x_rows = x_ptr + offs_r * tl.multiple_of(tl.load(prob + $sxr).to(IDX), VEC)
 
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
         for d in range(0, D, BLOCK_D):
@@ -69,7 +70,7 @@ LAYER_NORM = codegen.KernelTemplate(
         w_addr = tl.load(prob + $w)
         b_addr = tl.load(prob + $b)
         y_ptr = tl.multiple_of(tl.load(prob + $y).to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
-        y_rows = y_ptr + offs_r * tl.multiple_of(tl.load(prob + $syr), VEC)
+        y_rows = y_ptr + offs_r * tl.multiple_of(tl.load(prob + $syr).to(IDX), VEC)
         inner = tl.load(prob + $inner).to(tl.int32)
         ep_outer = (offs_r // inner)[:, None]
         ep_inner = (offs_r % inner)[:, None]
@@ -104,6 +105,7 @@ POINTWISE = codegen.KernelTemplate(
         tile_ptr,  # int64 [tiles]: the table row of the member that owns each tile
         float_ptr,  # float64 [members, $NFLOAT]: the members' epilogue scalars
         DTYPE: tl.constexpr,  # element type of x, y and the epilogue tensors
+        IDX: tl.constexpr,  # offset type: tl.int32 unless a member spans 2**31 elements
         VEC: tl.constexpr,  # 16 bytes in elements where x, y are 16-byte aligned, x has unit stride along D and D and the row strides are multiples of it, else 1
         BLOCK_R: tl.constexpr,  # rows per tile
         BLOCK_D: tl.constexpr,  # columns per tile
@@ -121,8 +123,8 @@ POINTWISE = codegen.KernelTemplate(
         mask = (offs_r < R)[:, None] & (offs_d < D)[None, :]
 
         x_ptr = tl.multiple_of(tl.load(prob + $x).to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
-        sxd = 1 if VEC > 1 else tl.load(prob + $sxd)
-        x_offs = offs_r[:, None] * tl.multiple_of(tl.load(prob + $sxr), VEC) + offs_d[None, :] * sxd
+        sxd = 1 if VEC > 1 else tl.load(prob + $sxd).to(IDX)
+        x_offs = offs_r[:, None] * tl.multiple_of(tl.load(prob + $sxr).to(IDX), VEC) + offs_d[None, :] * sxd
         y = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
 
         inner = tl.load(prob + $inner).to(tl.int32)
@@ -132,7 +134,7 @@ POINTWISE = codegen.KernelTemplate(
         #@epilogue
 
         y_ptr = tl.multiple_of(tl.load(prob + $y).to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
-        y_offs = offs_r[:, None] * tl.multiple_of(tl.load(prob + $syr), VEC) + offs_d[None, :]
+        y_offs = offs_r[:, None] * tl.multiple_of(tl.load(prob + $syr).to(IDX), VEC) + offs_d[None, :]
         tl.store(y_ptr + y_offs, y.to(DTYPE), mask=mask)
     ''',
 )
@@ -157,7 +159,8 @@ def pointwise_configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config(dict(BLOCK_R=4, BLOCK_D=16), num_warps=1, num_stages=1)]
     return [
-        triton.Config(dict(BLOCK_R=8, BLOCK_D=256), num_warps=4, num_stages=1),
+        # 4 x 256, not 8 x 256: ptxas spilled 8-16 bytes there with scalar (unaligned) loads
+        triton.Config(dict(BLOCK_R=4, BLOCK_D=256), num_warps=4, num_stages=1),
         triton.Config(dict(BLOCK_R=32, BLOCK_D=128), num_warps=8, num_stages=1),
         triton.Config(dict(BLOCK_R=1, BLOCK_D=1024), num_warps=4, num_stages=1),
     ]
