@@ -239,11 +239,12 @@ def _pointer_columns(template: codegen.KernelTemplate, steps, per: int) -> tuple
 
 
 def launcher(kernel, template, steps, members, add_member, uniform, floats, device, flags=None,
-             **constexprs) -> Callable[[triton.Config], Callable[[], None]]:
-    """``prepare(cfg)``: the launch of ``kernel`` over ``members`` with ``cfg``, tables ready
-    (from a plan, or built now), as a function of no arguments; ``prepare.consts`` are the
-    constexprs this call launches with (VEC among them: choose the config list by them; a
-    caller may narrow them, in place, before ``prepare(cfg)``).
+             **constexprs) -> Callable[[triton.Config], None]:
+    """``run(cfg)``: launches ``kernel`` over ``members`` with ``cfg``, its tables from a plan
+    or built now. ``run.prepare(cfg)`` does all of it but the launch, returned as a function
+    of no arguments (a warm-up times that alone). ``run.consts`` are the constexprs this call
+    launches with (VEC among them: choose the config list by them; a caller may narrow them,
+    in place, before running).
 
     ``members``: a list, or a ``Stack`` with ``uniform=R`` (the first two of R equal-shape
     members are built only when a plan is); ``floats``: then all R members' scalars.
@@ -318,8 +319,11 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
 
         return launch_now
 
-    prepare.consts = consts
-    return prepare
+    def run(cfg: triton.Config) -> None:
+        prepare(cfg)()
+
+    run.prepare, run.consts = prepare, consts
+    return run
 
 
 def launch_options(cfg: triton.Config) -> dict:
@@ -343,9 +347,10 @@ def tuning():
         _TUNING = old
 
 
-def choose_config(key: tuple, configs: list[triton.Config], prepare, default: int = 0) -> triton.Config:
+def choose_config(key: tuple, configs: list[triton.Config], run, default: int = 0) -> triton.Config:
     """The config tuned for ``key`` in a warm-up, else ``configs[default]`` (the launcher's
-    heuristic pick). Times configs only inside ``tuning()`` and on a GPU."""
+    heuristic pick). Times configs only inside ``tuning()`` and on a GPU: ``run.prepare(cfg)``
+    (the launch alone, tables built before) where ``run`` has it, else ``run(cfg)``."""
     chosen = _TUNED.get(key)
     if chosen is not None:
         return chosen
@@ -357,7 +362,8 @@ def choose_config(key: tuple, configs: list[triton.Config], prepare, default: in
     times = []
     for cfg in configs:
         try:
-            times.append(do_bench(prepare(cfg), warmup=5, rep=25))
+            launch = run.prepare(cfg) if hasattr(run, "prepare") else (lambda c=cfg: run(c))
+            times.append(do_bench(launch, warmup=5, rep=25))
         except OutOfResources:
             times.append(float("inf"))
     chosen = _TUNED[key] = configs[times.index(min(times))]

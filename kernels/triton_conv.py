@@ -240,13 +240,13 @@ def _run(members: list[_Member], epilogue: str, uniform: int | None = None, floa
     kernel = codegen.load_kernel(CONV, epilogue)
     # fp32 follows torch's switch for convolutions (cuDNN's, on by default: tf32 tensor cores)
     arith = math_of(dtype, torch.backends.cudnn.allow_tf32)
-    prepare = launcher(kernel, CONV, steps, members, _add_member, uniform, floats, device, flags=_flags,
-                       DTYPE=TL_DTYPE[dtype], INPUT_PRECISION=dot_precision(dtype, arith == "tf32"))
+    run = launcher(kernel, CONV, steps, members, _add_member, uniform, floats, device, flags=_flags,
+                   DTYPE=TL_DTYPE[dtype], INPUT_PRECISION=dot_precision(dtype, arith == "tf32"))
 
     count = uniform or len(members)
     max_m = max(m.y.shape[0] * m.y.shape[2] * m.y.shape[3] for m in members)
     max_n = max(m.w.shape[0] // m.groups for m in members)
-    consts = prepare.consts  # the constexprs this launch will use (the same dict)
+    consts = run.consts  # the constexprs this launch will use (the same dict)
     if consts["VEC"] == 1:  # unit strides only matter for vector loads: one variant fewer to compile and check
         consts["X_C_UNIT"] = consts["W_C_UNIT"] = False
     vector = consts["X_C_UNIT"]
@@ -255,7 +255,7 @@ def _run(members: list[_Member], epilogue: str, uniform: int | None = None, floa
                           * cdiv(max_n, c.kwargs["BLOCK_N"]), sm_count(device))
     key = ("conv", epilogue, arith, vector, consts["W_C_UNIT"], max_m <= 64, next_pow2(max_n),
            next_pow2(max(m.w[0].numel() for m in members)), next_pow2(count))
-    prepare(choose_config(key, configs, prepare, default))()
+    run(choose_config(key, configs, run, default))
 
 
 def grouped_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, scalars):

@@ -174,17 +174,17 @@ def _run(members, epilogue: str, dtype: torch.dtype, device: torch.device, sizes
     kernel = codegen.load_kernel(GEMM, epilogue)
     # fp32 follows torch's own switch for matmuls (off by default: exact fp32, no tensor cores)
     arith = math_of(dtype, torch.backends.cuda.matmul.allow_tf32)
-    prepare = launcher(kernel, GEMM, steps, members, _add_member, uniform, floats, device, flags=_flags,
-                       DTYPE=TL_DTYPE[dtype], INPUT_PRECISION=dot_precision(dtype, arith == "tf32"))
+    run = launcher(kernel, GEMM, steps, members, _add_member, uniform, floats, device, flags=_flags,
+                   DTYPE=TL_DTYPE[dtype], INPUT_PRECISION=dot_precision(dtype, arith == "tf32"))
 
     count = uniform or len(members)
     max_m, max_n, max_k = sizes
-    vector = prepare.consts["VEC"] > 1
+    vector = run.consts["VEC"] > 1
     configs = gemm_configs(arith, device_arch(device), vector)
     default = pick_config(configs, max_m, lambda c: count * cdiv(max_m, c.kwargs["BLOCK_M"])
                           * cdiv(max_n, c.kwargs["BLOCK_N"]), sm_count(device))
     key = ("gemm", epilogue, arith, vector, max_m <= 64, next_pow2(max_n), next_pow2(max_k), next_pow2(count))
-    prepare(choose_config(key, configs, prepare, default))()
+    run(choose_config(key, configs, run, default))
 
 
 def grouped_linear(x, w, b, epilogue, ext, scalars):

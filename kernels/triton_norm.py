@@ -222,12 +222,12 @@ def _run(kind: str, members: list[_Member], epilogue: str, uniform: int | None =
     dtype, device = members[0].x2.dtype, members[0].x2.device
     kernel = codegen.load_kernel(template, epilogue)
 
-    prepare = launcher(kernel, template, steps, members, add_member, uniform, floats, device, flags=_flags,
-                       DTYPE=TL_DTYPE[dtype])
+    run = launcher(kernel, template, steps, members, add_member, uniform, floats, device, flags=_flags,
+                   DTYPE=TL_DTYPE[dtype])
 
     max_d = max(m.x2.shape[1] for m in members)
     key = (kind, epilogue, dtype, next_pow2(max_d), next_pow2(uniform or len(members)))
-    prepare(choose_config(key, configs(max_d), prepare))()
+    run(choose_config(key, configs(max_d), run))
 
 
 def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:

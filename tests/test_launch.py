@@ -106,9 +106,9 @@ def test_configs_are_never_timed_on_a_call(monkeypatch):
         raise AssertionError("timed a config outside tuning()")
     monkeypatch.setattr(triton.testing, "do_bench", fail)
     key = ("test", object())
-    assert launch.choose_config(key, CONFIGS, lambda cfg: (lambda: None), default=1) is CONFIGS[1]
+    assert launch.choose_config(key, CONFIGS, lambda cfg: None, default=1) is CONFIGS[1]
     with launch.tuning():  # no CUDA here: a warm-up cannot time either, and says so by the default
-        assert launch.choose_config(key, CONFIGS, lambda cfg: (lambda: None), default=2) is CONFIGS[2]
+        assert launch.choose_config(key, CONFIGS, lambda cfg: None, default=2) is CONFIGS[2]
 
 
 # --- GPU: aligned and unaligned members, layouts, and no sync on the call path -----------
