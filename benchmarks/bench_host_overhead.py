@@ -4,15 +4,17 @@ The paper's GEMM (M=256, N=128, K=1152, fp32) across R = 1, 8, 32, 118 tenants,
 through the Triton launchers of ``stacked_linear`` (one [R, M, K] stack) and
 ``grouped_linear`` (R separate members), as the fused program calls them:
 
-- ``records``: output allocation and the per-member records (views, operands);
-- ``tables``: the per-call problem, tile and float tables, built and copied
-  to the device (``Launch.add`` / ``tables``);
+- ``records``: argument checks, output allocation and the per-member records
+  (views, operands), and the config choice;
+- ``tables``: the launch plan (kernels/launch.py): the member signature, the
+  plan lookup, and the problem table refreshed and copied where addresses
+  moved (built from scratch only on a plan's first call);
 - ``launch``: the kernel launch call itself;
 - ``total``: the whole op call, median of ``--repeat`` calls after warm-up.
 
 On a machine without CUDA the launch is STUBBED (the kernel is replaced by a
-function that returns at once, and the first config is used instead of
-autotuning), so the numbers are host work alone, on CPU tensors. On CUDA the
+function that returns at once; configs are never timed on a call anyway), so
+the numbers are host work alone, on CPU tensors. On CUDA the
 kernels run for real; each call is timed to its return, as a caller sees it
 (launches are asynchronous; no synchronize inside the timing).
 
@@ -25,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -55,34 +59,49 @@ class _Timed:
 class _StubKernel:
     """Stands in for a Triton kernel on a machine without CUDA: ``k[grid](...)`` returns at once."""
 
+    def __init__(self, arg_names):
+        self.arg_names = arg_names
+
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
 
 
 @contextlib.contextmanager
 def _instrumented(stub: bool):
-    """Patch the launch path: time ``Launch.tables`` and the launch; stub the kernel on CPU."""
-    from stfuse.kernels import codegen, triton_common, triton_gemm
+    """Patch the launch path: time the launch plan and the launch; stub the kernel on CPU."""
+    from stfuse.kernels import codegen, triton_gemm
 
     tables, launch = _Timed(), _Timed()
-    saved = (triton_common.Launch.tables, codegen.load_kernel, triton_gemm.choose_config)
-    triton_common.Launch.tables = tables.wrap(saved[0])
+    saved = (triton_gemm.launcher, codegen.load_kernel)
+
+    def launcher(*args, **kwargs):
+        run = tables.wrap(saved[0])(*args, **kwargs)
+        prepare = tables.wrap(run.prepare)
+
+        def timed_run(cfg):
+            prepare(cfg)()
+        timed_run.prepare, timed_run.consts = prepare, run.consts
+        return timed_run
+    triton_gemm.launcher = launcher
+
+    kernels = {}  # one wrapper per kernel, as codegen.load_kernel returns one kernel (plans key on it)
 
     def load(template, epilogue):
-        kernel = _StubKernel() if stub else saved[1](template, epilogue)
-        return _TimedKernel(kernel, launch)
+        if (template.kind, epilogue) not in kernels:
+            real = saved[1](template, epilogue)
+            kernels[template.kind, epilogue] = _TimedKernel(_StubKernel(real.arg_names) if stub else real, launch)
+        return kernels[template.kind, epilogue]
     codegen.load_kernel = load
-    if stub:  # no GPU to time configs on: the launchers' first (largest) config
-        triton_gemm.choose_config = lambda key, configs, run: configs[0]
     try:
         yield tables, launch
     finally:
-        triton_common.Launch.tables, codegen.load_kernel, triton_gemm.choose_config = saved
+        triton_gemm.launcher, codegen.load_kernel = saved
 
 
 class _TimedKernel:
     def __init__(self, kernel, timer: _Timed):
         self.kernel, self.timer = kernel, timer
+        self.arg_names = kernel.arg_names
 
     def __getitem__(self, grid):
         return self.timer.wrap(self.kernel[grid])
@@ -120,6 +139,7 @@ def measure(kind: str, R: int, device: torch.device, repeat: int, stub: bool) ->
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=200, help="timed calls per point (default 200)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     stub = device.type != "cuda"
@@ -136,6 +156,9 @@ def main(argv=None) -> int:
             print(f"{kind:<8} {R:>4} {r['total_us']:>9.1f} {r['records_us']:>8.1f} {r['tables_us']:>8.1f} "
                   f"{r['launch_us']:>8.1f} {r['total_us'] / R:>9.2f}")
     at = {r["kind"]: r["total_us"] for r in rows if r["R"] == RS[-1]}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine(device), "stubbed": stub, "rows": rows}, indent=1))
     print(f"host overhead per call at R={RS[-1]}: stacked {at['stacked']:.1f} us, grouped {at['grouped']:.1f} us")
     return 0
 

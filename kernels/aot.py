@@ -58,9 +58,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def variants(quick: bool = False) -> list[Variant]:
-    """Every (kernel, config, dtype, epilogue) the launchers can run. ``quick``: the first
-    config of each kernel and dtype, with the epilogue chain only (a CI-sized subset)."""
+def variants(quick: bool = False, arch: str = "sm_90") -> list[Variant]:
+    """Every (kernel, config, flags, dtype, epilogue) the launchers can run on ``arch``.
+    ``quick``: the first config of each kernel, dtype and flag set, with the epilogue chain
+    only (a CI-sized subset)."""
     from . import triton_conv, triton_gemm, triton_group_norm, triton_norm
     from .triton_common import TL_DTYPE, dot_precision
 
@@ -68,10 +69,14 @@ def variants(quick: bool = False) -> list[Variant]:
         raise StfuseError("compiling kernels for a GPU needs TRITON_INTERPRET unset before Triton "
                           "is imported (run `stfuse kernels` in its own process)")
     out = []
+    cap = ARCHS[arch]["capability"]
 
     def add(kind, template, configs, dtype_name, **constexprs):
+        flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items()
+                         if k not in ("INPUT_PRECISION", "IDX"))
         for cfg in configs[:1] if quick else configs:
             name = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f",w{cfg.num_warps},s{cfg.num_stages}"
+            name += f" {flags}" if flags else ""
             for epi in EPILOGUES[-1:] if quick else EPILOGUES:
                 consts = {"DTYPE": TL_DTYPE[DTYPES[dtype_name]], **constexprs, **cfg.kwargs}
                 out.append(Variant(kind, name, dtype_name, epi, tuple(consts.items()), cfg.num_warps,
@@ -79,16 +84,34 @@ def variants(quick: bool = False) -> list[Variant]:
 
     for name, dtype in DTYPES.items():
         precision = dot_precision(dtype, name == "tf32")
-        add("gemm", triton_gemm.GEMM, triton_gemm.gemm_configs(dtype), name, K_CONTIGUOUS=True,
+        vec, i32 = 16 // dtype.itemsize, tl_int32()
+        # aligned (vector loads); unaligned, K strided, 64-bit offsets (scalar loads)
+        add("gemm", triton_gemm.GEMM, triton_gemm.gemm_configs(name, cap, True), name, K_CONTIGUOUS=True, VEC=vec,
+            IDX=i32, INPUT_PRECISION=precision)
+        scalar = triton_gemm.gemm_configs(name, cap, False)
+        add("gemm", triton_gemm.GEMM, scalar, name, K_CONTIGUOUS=True, VEC=1, IDX=i32, INPUT_PRECISION=precision)
+        add("gemm", triton_gemm.GEMM, scalar, name, K_CONTIGUOUS=False, VEC=1, IDX=tl_int32(64),
             INPUT_PRECISION=precision)
-        add("conv", triton_conv.CONV, triton_conv.conv_configs(dtype), name, INPUT_PRECISION=precision)
+        # aligned channels_last x and w; channels_last x, 3x3 NCHW w; NCHW x, 1x1 (or channels_last)
+        # w; anything unaligned (the launcher drops the unit flags where VEC is 1)
+        for x_unit, w_unit in ((True, True), (True, False), (False, True), (False, False)):
+            add("conv", triton_conv.CONV, triton_conv.conv_configs(name, cap, x_unit), name, X_C_UNIT=x_unit,
+                W_C_UNIT=w_unit, VEC=vec if x_unit or w_unit else 1, IDX=i32, INPUT_PRECISION=precision)
         if name == "tf32":
             continue  # no dot products: tf32 is fp32 there
         for width in NORM_WIDTHS[:1] if quick else NORM_WIDTHS:
-            add("layer_norm", triton_norm.LAYER_NORM, triton_norm.norm_configs(width), name)
+            add("layer_norm", triton_norm.LAYER_NORM, triton_norm.norm_configs(width), name, VEC=vec, IDX=i32)
+            add("layer_norm", triton_norm.LAYER_NORM, triton_norm.norm_configs(width), name, VEC=1, IDX=i32)
             add("group_norm", triton_group_norm.GROUP_NORM, triton_norm.norm_configs(width), name)
-        add("pointwise", triton_norm.POINTWISE, triton_norm.pointwise_configs(), name)
+        add("pointwise", triton_norm.POINTWISE, triton_norm.pointwise_configs(), name, VEC=vec, IDX=i32)
+        add("pointwise", triton_norm.POINTWISE, triton_norm.pointwise_configs(), name, VEC=1, IDX=i32)
     return out
+
+
+def tl_int32(bits: int = 32):
+    import triton.language as tl
+
+    return tl.int64 if bits == 64 else tl.int32
 
 
 def _template(kind: str):
@@ -105,7 +128,7 @@ _PTXAS = {  # what ptxas -v reports, as Triton's TRITON_DUMP_PTXAS_LOG prints it
     "spill_loads": re.compile(r"(\d+) bytes spill loads"),
 }
 _CUOBJDUMP = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
-_VECTOR_LOAD = re.compile(r"ld\.global(\.[a-z0-9]+)*\.v[248]")
+_VECTOR_LOAD = re.compile(r"ld\.global(\.[a-z0-9]+)*\.v[248]|cp\.async\.c[ag]\.shared\.global[^;]*, (0x10|0x8|16|8)[,;]|cp\.async\.bulk")
 
 
 def _tool(name: str) -> str:
@@ -195,7 +218,7 @@ def compile_all(archs=("sm_80", "sm_90"), quick: bool = False, progress=None) ->
     if unknown:
         raise StfuseError(f"unknown arch {unknown}; known: {', '.join(ARCHS)}")
     rows = []
-    todo = [(v, a) for a in archs for v in variants(quick)]
+    todo = [(v, a) for a in archs for v in variants(quick, a)]
     for i, (v, arch) in enumerate(todo):
         if progress:
             progress(f"compiling {i + 1}/{len(todo)}: {v.kernel} {v.dtype} {v.config} {v.epilogue or '-'} {arch}")

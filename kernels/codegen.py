@@ -27,7 +27,7 @@ Before (GEMM template excerpt) and after, for ``epilogue="add:tensor,relu"``::
     y = acc                                  y = acc
     #@epilogue                               # epilogue: add:tensor,relu
                                      ->      e0_ptr = tl.load(prob + 15).to(tl.pointer_type(DTYPE))
-                                             e0_offs = ep_outer * tl.load(prob + 16) + ...
+                                             e0_offs = ep_outer * tl.load(prob + 16).to(IDX) + ...
                                              e0 = tl.load(e0_ptr + e0_offs, mask=mask, other=0.0).to(tl.float32)
                                              y = y + e0  # add:tensor
                                              y = tl.maximum(y, 0.0)  # relu
@@ -180,9 +180,11 @@ def render_epilogue(buf: Source, template: KernelTemplate, steps) -> None:
             col = {f: columns.index(f"e{tensor_k}{f}") for f in EXT_FIELDS}
             operand = buf.name("e")
             buf.line(f"{operand}_ptr = tl.load(prob + {col['']}).to(tl.pointer_type(DTYPE))")
-            buf.line(f"{operand}_offs = ep_outer * tl.load(prob + {col['_outer']})"
-                     f" + ep_inner * tl.load(prob + {col['_inner']})"
-                     f" + ep_col * tl.load(prob + {col['_col']})")
+            # offsets in the template's IDX (int32 where members span < 2**31 elements), else int64
+            cast = ".to(IDX)" if "IDX: tl.constexpr" in template.source else ""
+            buf.line(f"{operand}_offs = ep_outer * tl.load(prob + {col['_outer']}){cast}"
+                     f" + ep_inner * tl.load(prob + {col['_inner']}){cast}"
+                     f" + ep_col * tl.load(prob + {col['_col']}){cast}")
             buf.line(f"{operand} = tl.load({operand}_ptr + {operand}_offs, mask=mask, other=0.0).to(tl.float32)")
             tensor_k += 1
         else:
@@ -275,13 +277,14 @@ def load_module(template: KernelTemplate, source: str):
     return module
 
 
-# (template kind, epilogue, cache dir) -> kernel; skips rendering on every call
+# (template kind, epilogue, cache dir's variables) -> kernel; skips rendering on every call
 _KERNELS: dict[tuple[str, str, Path], object] = {}
 
 
 def load_kernel(template: KernelTemplate, epilogue: str):
     """The compiled-on-first-launch Triton kernel of ``template`` with ``epilogue``."""
-    key = (template.kind, epilogue, config.cache_dir())
+    # keyed on the variables cache_dir() reads (building its Path took ~5 us per launch)
+    key = (template.kind, epilogue, os.environ.get("STFUSE_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME"))
     kernel = _KERNELS.get(key)
     if kernel is None:
         module = load_module(template, render(template, epilogue))

@@ -1,7 +1,7 @@
-"""Host-side pieces shared by the Triton launchers: dtypes, problem tables, epilogue operands, configs.
+"""Host-side pieces shared by the Triton launchers: dtypes, checks, epilogue operands, configs.
 
-A launch is described by two tables built on the host per call and copied to
-the device in one transfer (see ``Launch``):
+A launch is described by tables (kernels/launch.py builds them, once per member
+signature, and keeps them on the device):
 
 - the problem table, one int64 row per member with work: sizes, addresses and
   strides (columns from ``codegen.table_columns``), and ``tile0``, the
@@ -11,16 +11,19 @@ the device in one transfer (see ``Launch``):
 
 Members of a stacked op are views of one tensor, so every column is affine in
 the member index; ``Launch.extend_uniform`` builds their rows from the first
-two with one multiply-add instead of R Python-level row builds: for R=118
-GEMMs, 70 us against 0.8 ms for the rows one by one (timeit, min of 5, on the
-2-core CPU these were written on). Grouped ops build a row per member, so their
-host cost grows by about 12 us per member there.
+two with one multiply-add instead of R Python-level row builds.
+
+Config lists come from a named function per kernel, keyed by ``math_of`` (the
+arithmetic: fp32, tf32, fp16, bf16), the compute capability (``device_arch``)
+and whether loads are vectors (``vec_width``); ``pick_config`` is the heuristic
+choice where no warm-up tuned one (docs/cuda.md).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
+import operator
 import os
 from typing import Callable, Sequence
 
@@ -30,8 +33,8 @@ import triton.language as tl
 
 from stfuse.errors import InputError
 
-from . import codegen
 from . import epilogue as ep
+from .launch import Launch, choose_config, launch_options, launcher, tuning  # noqa: F401 - re-exported
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -60,9 +63,10 @@ def check_operands(op: str, epilogue: str, ext, scalars, members: int, stacked: 
     """The epilogue operand counts: per member (grouped, flat member-major) or per step (stacked)."""
     n_tensor, n_scalar = ep.counts(ep.parse(epilogue))
     want = n_tensor if stacked else n_tensor * members
-    check(len(ext) == want, op, f"epilogue {epilogue!r} takes {want} tensors here, got {len(ext)}")
-    check(len(scalars) == n_scalar * members, op,
-          f"epilogue {epilogue!r} takes {n_scalar * members} scalars here, got {len(scalars)}")
+    if len(ext) != want:  # messages formatted only on failure (every call comes here)
+        check(False, op, f"epilogue {epilogue!r} takes {want} tensors here, got {len(ext)}")
+    if len(scalars) != n_scalar * members:
+        check(False, op, f"epilogue {epilogue!r} takes {n_scalar * members} scalars here, got {len(scalars)}")
 
 
 def check_lengths(op: str, **lists) -> int:
@@ -84,6 +88,8 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 
     Row count spelled out rather than -1, which torch refuses when D is 0.
     """
+    if t.dim() == 2:  # already rows: no new view object (~1 us per member on the call path)
+        return t
     if t.dim() == 0:
         return t.reshape(1, 1)
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
@@ -161,59 +167,6 @@ def operand_columns(views: list[torch.Tensor], col_dim: int = 2) -> dict[str, in
     return cols
 
 
-class Launch:
-    """The problem and tile tables of one launch."""
-
-    def __init__(self, template: codegen.KernelTemplate, steps) -> None:
-        self.columns = codegen.table_columns(template, steps)
-        self.nfloat = codegen.float_width(template, steps)
-        self.rows: list[list[int]] = []
-        self.tiles: list[int] = []
-        self.floats: list[float] = []
-        self.keep: list[torch.Tensor] = []  # temporaries the table points into, alive until launch
-        self.total = 0
-
-    def add(self, tiles: int, floats: Sequence[float], **cols: int) -> None:
-        """One member with ``tiles`` programs of work; members with none get no row."""
-        if tiles == 0:
-            return
-        cols["tile0"] = self.total
-        self.rows.append([int(cols[c]) for c in self.columns])
-        self.tiles.append(tiles)
-        self.floats.extend(float(f) for f in floats)
-        self.total += tiles
-
-    def extend_uniform(self, count: int, floats: Sequence[float]) -> None:
-        """Rows for ``count`` members of a stack, from the rows ``add``-ed for its first two.
-
-        ``floats`` holds all ``count`` members' floats (scalars differ per member).
-        """
-        if not self.rows:
-            return
-        assert len(self.rows) == min(count, 2), "add members 0 and 1 of the stack first"
-        self.floats = [float(f) for f in floats]
-        self.total = self.tiles[0] * count
-        self.tiles = [self.tiles[0]] * count
-        if count > 2:
-            first = torch.tensor(self.rows[0], dtype=torch.int64)
-            step = torch.tensor(self.rows[1], dtype=torch.int64) - first
-            self.rows = first + torch.arange(count, dtype=torch.int64)[:, None] * step
-
-    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(problem table, tile table, float table) on ``device``, from one host-to-device copy."""
-        rows = self.rows if isinstance(self.rows, torch.Tensor) else torch.tensor(self.rows, dtype=torch.int64)
-        g = rows.shape[0]
-        tile_member = torch.repeat_interleave(torch.arange(g, dtype=torch.int64),
-                                              torch.tensor(self.tiles, dtype=torch.int64))
-        floats = torch.tensor(self.floats, dtype=torch.float64).view(torch.int64)
-        parts = [rows.reshape(-1), tile_member, floats]
-        # each part starts 16-byte aligned, as Triton assumes of its pointer arguments
-        parts = [torch.cat([p, p.new_zeros(p.numel() % 2)]) for p in parts]
-        buf = torch.cat(parts).to(device)
-        a, b = parts[0].numel(), parts[0].numel() + parts[1].numel()
-        return buf[:a], buf[a:b], buf[b:].view(torch.float64)
-
-
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -222,65 +175,63 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-# (kernel kind, epilogue, dtype, size bucket) -> the config timed fastest in this process
-_CHOSEN: dict[tuple, triton.Config] = {}
+def math_of(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """The arithmetic a dot product runs in: fp16, bf16, tf32 (fp32 inputs, torch's tf32
+    switch on) or fp32 (ieee, no tensor cores). Config functions are keyed by it."""
+    if dtype == torch.float32:
+        return "tf32" if allow_tf32 else "fp32"
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
-def choose_config(key: tuple, configs: list[triton.Config], run: Callable[[triton.Config], None]) -> triton.Config:
-    """The fastest of ``configs`` for ``key``, timed once per process; the first one in the interpreter.
-
-    Hand-rolled instead of ``triton.autotune`` because the tile table depends
-    on the config's block sizes, so each config needs its own table.
-    """
-    if interpreting() or len(configs) == 1:
-        return configs[0]
-    chosen = _CHOSEN.get(key)
-    if chosen is None:
-        from triton.runtime.errors import OutOfResources
-        from triton.testing import do_bench
-
-        times = []
-        for cfg in configs:
-            try:
-                times.append(do_bench(lambda: run(cfg), warmup=5, rep=25))
-            except OutOfResources:
-                times.append(float("inf"))
-        chosen = _CHOSEN[key] = configs[times.index(min(times))]
-    return chosen
+@functools.lru_cache(maxsize=None)
+def _device_facts(device: torch.device) -> tuple[int | None, int]:
+    if device.type != "cuda":
+        return None, 132
+    props = torch.cuda.get_device_properties(device)
+    return props.major * 10 + props.minor, props.multi_processor_count
 
 
-def launch_options(cfg: triton.Config) -> dict:
-    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+def device_arch(device: torch.device) -> int | None:
+    """The CUDA compute capability as 80, 90, ... (None off CUDA: the interpreter's configs)."""
+    return None if interpreting() else _device_facts(device)[0] or 90
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors on ``device`` (132, an H100's, off CUDA)."""
+    return _device_facts(device)[1]
+
+
+def vec_width(dtype: torch.dtype, *multiples: int) -> int:
+    """16 bytes in elements if every value in ``multiples`` (strides, sizes) is a multiple
+    of it, else 1: the VEC a kernel may promise once the addresses are aligned too."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    return vec if functools.reduce(operator.or_, multiples, 0) % vec == 0 else 1
+
+
+def pick_config(configs: Sequence[triton.Config], max_m: int, tiles: Callable[[triton.Config], int],
+                sms: int) -> int:
+    """The heuristic config (no timing): the largest tile, in list order, that still gives every
+    SM a tile, failing that the smallest; among tiles no taller than the rows, and the small-M
+    ones (BLOCK_M < 64) only for members of at most 64 rows."""
+    top = max(16, next_pow2(max_m))
+    fits = [i for i, c in enumerate(configs)
+            if c.kwargs["BLOCK_M"] <= top and (max_m <= 64 or c.kwargs["BLOCK_M"] >= 64)] or [0]
+    for i in fits:
+        if tiles(configs[i]) >= sms:
+            return i
+    return fits[-1]
 
 
 class RowsMember:
     """One member seen as rows: x2 and y2 2-D, w/b or None, y_shape the output's shape,
-    its epilogue tensor operands and scalars."""
+    its epilogue tensor operands and scalars. ``x``, ``y`` and ``extra`` are the names the
+    launch plans read (launch.member_tensors), set once rather than as properties (the
+    plan's signature reads them on every call)."""
 
-    __slots__ = ("x2", "w", "b", "y2", "y_shape", "operands", "floats")
+    __slots__ = ("x2", "w", "b", "y2", "y_shape", "operands", "floats", "x", "y", "extra")
 
     def __init__(self, x2, w, b, y2, y_shape, operands, floats):
         self.x2, self.w, self.b, self.y2 = x2, w, b, y2
+        self.x, self.y = x2, y2
         self.y_shape, self.operands, self.floats = y_shape, operands, floats
-
-
-def launcher(kernel, template, steps, members, add_member, uniform, floats, device, **constexprs):
-    """The function that launches ``kernel`` once for a config: (1) builds the per-call
-    problem table from ``members`` (``uniform=R``: R equal rows after the given ones),
-    (2) copies it to the device, (3) launches one program per tile."""
-
-    def run(cfg) -> None:
-        launch = Launch(template, steps)
-        for m in members:
-            add_member(launch, m, cfg)
-        if uniform is not None:
-            launch.extend_uniform(uniform, floats)
-        if launch.total == 0:
-            return
-        table, tiles, float_table = launch.tables(device)
-        # Triton launches on the current device: make it the tensors' own (cuda:1 from a
-        # thread whose current device is cuda:0 would otherwise read foreign memory).
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            kernel[(launch.total,)](table, tiles, float_table, **constexprs, **launch_options(cfg))
-
-    return run
+        self.extra = tuple(y_shape)

@@ -14,14 +14,16 @@ they are correct but not fast here.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
 from . import codegen
 from . import epilogue as ep
-from .triton_common import (TL_DTYPE, Launch, launcher, cdiv, check, check_lengths, check_operands, choose_config,
-                            dot_precision, expand_operands, interpreting, next_pow2,
-                            operand_columns, try_view)
+from .triton_common import (TL_DTYPE, Launch, cdiv, check, check_lengths, check_operands, choose_config,
+                            device_arch, dot_precision, expand_operands, launcher, math_of, next_pow2,
+                            operand_columns, pick_config, sm_count, try_view, vec_width)
 
 CONV = codegen.KernelTemplate(
     kind="conv",
@@ -35,6 +37,10 @@ CONV = codegen.KernelTemplate(
         tile_ptr,  # int64 [tiles]: the table row of the member that owns each tile
         float_ptr,  # float64 [members, $NFLOAT]: the members' epilogue scalars
         DTYPE: tl.constexpr,  # element type of x, w, b, y and the epilogue tensors
+        IDX: tl.constexpr,  # offset type: tl.int32 (half the registers) unless a member spans 2**31 elements
+        X_C_UNIT: tl.constexpr,  # every member's x has unit stride over channels (channels_last)
+        W_C_UNIT: tl.constexpr,  # every member's w has unit stride over input channels (1x1 or channels_last)
+        VEC: tl.constexpr,  # 16 bytes in elements where the host found x, w aligned for vector loads, else 1
         INPUT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 ("ieee" or "tf32"), None otherwise
         BLOCK_M: tl.constexpr,  # output pixels (over all images) per tile
         BLOCK_N: tl.constexpr,  # output channels per tile
@@ -44,7 +50,7 @@ CONV = codegen.KernelTemplate(
         member = tl.load(tile_ptr + pid)
         prob = table_ptr + member * $NCOLS
         B = tl.load(prob + $B).to(tl.int32)
-        C = tl.load(prob + $C).to(tl.int32)
+        C = tl.multiple_of(tl.load(prob + $C).to(tl.int32), VEC)
         H = tl.load(prob + $H).to(tl.int32)
         W = tl.load(prob + $W).to(tl.int32)
         O = tl.load(prob + $O).to(tl.int32)
@@ -53,7 +59,6 @@ CONV = codegen.KernelTemplate(
         WO = tl.load(prob + $WO).to(tl.int32)
         P = tl.load(prob + $HO).to(tl.int32) * WO
         M = B * P
-        KG = C * KH * KW
 
         # this program's channel group and tile, row-major over tiles within a group
         local = (pid - tl.load(prob + $tile0)).to(tl.int32)
@@ -75,38 +80,48 @@ CONV = codegen.KernelTemplate(
         DW = tl.load(prob + $DW).to(tl.int32)
         oc = grp * O + offs_n
 
-        sxc = tl.load(prob + $sxc)
-        sxh = tl.load(prob + $sxh)
-        sxw = tl.load(prob + $sxw)
-        swc = tl.load(prob + $swc)
-        swh = tl.load(prob + $swh)
-        sww = tl.load(prob + $sww)
-        x_ptr = tl.load(prob + $x).to(tl.pointer_type(DTYPE))
-        w_ptr = tl.load(prob + $w).to(tl.pointer_type(DTYPE))
-        x_rows = x_ptr + img * tl.load(prob + $sxb) + (grp * C) * sxc
-        w_cols = w_ptr + oc * tl.load(prob + $swo)
+        # VEC > 1 promises, for x if X_C_UNIT and for w if W_C_UNIT: a 16-byte aligned address,
+        # every other stride and C multiples of VEC (triton_conv._flags); the hints say so
+        x_ptr = tl.multiple_of(tl.load(prob + $x).to(tl.pointer_type(DTYPE)), (16 if VEC > 1 else 1) if X_C_UNIT else 1)
+        w_ptr = tl.multiple_of(tl.load(prob + $w).to(tl.pointer_type(DTYPE)), (16 if VEC > 1 else 1) if W_C_UNIT else 1)
+        sxb = tl.multiple_of(tl.load(prob + $sxb).to(IDX), VEC if X_C_UNIT else 1)
+        sxh = tl.multiple_of(tl.load(prob + $sxh).to(IDX), VEC if X_C_UNIT else 1)
+        sxw = tl.multiple_of(tl.load(prob + $sxw).to(IDX), VEC if X_C_UNIT else 1)
+        swo = tl.multiple_of(tl.load(prob + $swo).to(IDX), VEC if W_C_UNIT else 1)
+        swh = tl.multiple_of(tl.load(prob + $swh).to(IDX), VEC if W_C_UNIT else 1)
+        sww = tl.multiple_of(tl.load(prob + $sww).to(IDX), VEC if W_C_UNIT else 1)
+        sxc = 1 if X_C_UNIT else tl.load(prob + $sxc).to(IDX)
+        swc = 1 if W_C_UNIT else tl.load(prob + $swc).to(IDX)
+        x_rows = img * sxb + (grp * C) * sxc
+        w_cols = oc * swo
 
+        # The reduction walks kernel positions (r, s) and, within each, BLOCK_K input channels:
+        # one flat loop (so Triton pipelines it) whose row offsets and padding masks are 1-d,
+        # instead of a gather over (c, r, s) that kept a BLOCK_M x BLOCK_K address tile live
+        # (255 registers and up to 12 KB of spills per thread; RESULTS.md).
+        c_steps = tl.cdiv(C, BLOCK_K)
+        offs_c = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, KG, BLOCK_K):
-            offs_k = k + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < KG
-            # reduction index -> (input channel, kernel row, kernel column), the weight's dim order
-            c = offs_k // (KH * KW)
-            r = (offs_k // KW) % KH
-            s = offs_k % KW
-            ih = ih0[:, None] + (r * DH)[None, :]
-            iw = iw0[:, None] + (s * DW)[None, :]
-            a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_rows[:, None] + c[None, :] * sxc + ih * sxh + iw * sxw, mask=a_mask, other=0.0)
-            b = tl.load(w_cols[None, :] + (c * swc + r * swh + s * sww)[:, None],
-                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        for step in range(0, KH * KW * c_steps):
+            rs = step // c_steps
+            c = (step - rs * c_steps) * BLOCK_K + offs_c
+            r = rs // KW
+            s = rs - r * KW
+            ih = ih0 + r * DH
+            iw = iw0 + s * DW
+            row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            c_mask = c < C
+            a = tl.load(x_ptr + (x_rows + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+                        mask=row_ok[:, None] & c_mask[None, :], other=0.0)
+            b = tl.load(w_ptr + w_cols[None, :] + (r * swh + s * sww + c * swc)[:, None],
+                        mask=c_mask[:, None] & n_mask[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
         y = acc
         b_addr = tl.load(prob + $b)
         if b_addr != 0:
             bias_ptr = b_addr.to(tl.pointer_type(DTYPE))
-            bias = tl.load(bias_ptr + oc * tl.load(prob + $sb), mask=n_mask, other=0.0)
+            bias = tl.load(bias_ptr + oc * tl.load(prob + $sb).to(IDX), mask=n_mask, other=0.0)
             y = y + bias.to(tl.float32)[None, :]
 
         mask = m_mask[:, None] & n_mask[None, :]
@@ -116,23 +131,33 @@ CONV = codegen.KernelTemplate(
         #@epilogue
 
         y_ptr = tl.load(prob + $y).to(tl.pointer_type(DTYPE))
-        y_offs = img[:, None] * tl.load(prob + $syb) + oc[None, :] * tl.load(prob + $syo) + pix[:, None]
+        y_offs = (img[:, None] * tl.load(prob + $syb).to(IDX) + oc[None, :] * tl.load(prob + $syo).to(IDX)
+                  + pix[:, None])
         tl.store(y_ptr + y_offs, y.to(DTYPE), mask=mask)
     ''',
 )
 
 
-def conv_configs(dtype: torch.dtype) -> list[triton.Config]:
-    """Tile shapes to time on the GPU (the first one alone under the interpreter)."""
-    if interpreting():
-        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), num_warps=1, num_stages=1)]
-    bk = 32 if dtype == torch.float32 else 64
-    return [
-        triton.Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=bk), num_warps=4, num_stages=3),
-        triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk), num_warps=4, num_stages=3),
-        triton.Config(dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=bk), num_warps=4, num_stages=3),
-        triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk), num_warps=4, num_stages=3),
-    ]
+@functools.lru_cache(maxsize=None)
+def conv_configs(arith: str, arch: int | None, vector: bool) -> tuple[triton.Config, ...]:
+    """Tile shapes per arithmetic (``math_of``), compute capability and x layout, largest
+    first; ``pick_config`` chooses, a warm-up tunes. ``vector``: x has unit channel stride
+    (channels_last) and is aligned, so its tiles load as 16-byte vectors with cp.async and
+    pipeline 3 stages; otherwise x is a gather of scalars held in registers until the dot,
+    and 2 stages with 8 warps for the larger tiles keep it at 0 spills (4 warps and 3 stages
+    spilled up to 5 KB per thread; ``stfuse kernels``, RESULTS.md).
+    """
+    if arch is None:
+        return (triton.Config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), num_warps=1, num_stages=1),)
+    if vector and arith in ("fp32", "tf32"):  # 4-byte elements: BLOCK_K=64 spilled up to 18 KB (fp32 FMA)
+        shapes = ((128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3))
+    elif vector:
+        shapes = ((128, 64, 32, 8, 3), (64, 64, 64, 4, 3), (128, 32, 64, 4, 3), (32, 64, 64, 4, 3))
+    else:
+        bk = 16 if arith == "fp32" else 32  # fp32 64x128 at BLOCK_K=32 spilled 112 bytes on sm_80
+        shapes = ((64, 128, bk, 8, 2), (64, 64, 32, 8, 2), (32, 64, 32, 4, 2))
+    return tuple(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
+                 for bm, bn, bk, w, st in shapes)
 
 
 def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -148,6 +173,8 @@ class _Member:
         self.x, self.w, self.b, self.y = x, w, b, y
         self.params, self.groups = params, groups  # params: (sh, sw, ph, pw, dh, dw)
         self.operands, self.floats = operands, floats
+
+    extra = property(lambda self: (self.params, self.groups))  # for the launch plan's signature
 
 
 def _check_member(op: str, i, x, w, b, groups: int, hw) -> None:
@@ -188,6 +215,22 @@ def _add_member(launch: Launch, m: _Member, cfg: triton.Config) -> None:
     )
 
 
+def _unit(t: torch.Tensor, dim: int) -> bool:
+    return t.shape[dim] <= 1 or t.stride(dim) == 1
+
+
+def _flags(members: list[_Member]) -> dict:
+    """Constexprs from the members' strides (once per plan): which of x and w have unit
+    channel stride, and the VEC their other strides and channel counts allow."""
+    x_unit = all(_unit(m.x, 1) for m in members)
+    w_unit = all(_unit(m.w, 1) for m in members)
+    dims = [m.w.shape[1] for m in members]
+    dims += [d for m in members for d in (m.x.stride(0), m.x.stride(2), m.x.stride(3))] if x_unit else []
+    dims += [d for m in members for d in (m.w.stride(0), m.w.stride(2), m.w.stride(3))] if w_unit else []
+    vec = vec_width(members[0].x.dtype, *dims) if x_unit or w_unit else 1
+    return dict(X_C_UNIT=x_unit, W_C_UNIT=w_unit, VEC=vec)
+
+
 def _run(members: list[_Member], epilogue: str, uniform: int | None = None, floats=None) -> None:
     """Launch the grouped conv over ``members`` (``uniform``: as in triton_gemm._run)."""
     if not members:
@@ -195,16 +238,24 @@ def _run(members: list[_Member], epilogue: str, uniform: int | None = None, floa
     steps = ep.parse(epilogue)
     dtype, device = members[0].x.dtype, members[0].x.device
     kernel = codegen.load_kernel(CONV, epilogue)
-    precision = dot_precision(dtype, torch.backends.cudnn.allow_tf32)
+    # fp32 follows torch's switch for convolutions (cuDNN's, on by default: tf32 tensor cores)
+    arith = math_of(dtype, torch.backends.cudnn.allow_tf32)
+    run = launcher(kernel, CONV, steps, members, _add_member, uniform, floats, device, flags=_flags,
+                   DTYPE=TL_DTYPE[dtype], INPUT_PRECISION=dot_precision(dtype, arith == "tf32"))
 
-    run = launcher(kernel, CONV, steps, members, _add_member, uniform, floats, device,
-                   DTYPE=TL_DTYPE[dtype], INPUT_PRECISION=precision)
-
-    sizes = [max(m.y.shape[0] * m.y.shape[2] * m.y.shape[3] for m in members),
-             max(m.w.shape[0] // m.groups for m in members),
-             max(m.w[0].numel() for m in members), uniform or len(members)]
-    key = ("conv", epilogue, dtype, *map(next_pow2, sizes))
-    run(choose_config(key, conv_configs(dtype), run))
+    count = uniform or len(members)
+    max_m = max(m.y.shape[0] * m.y.shape[2] * m.y.shape[3] for m in members)
+    max_n = max(m.w.shape[0] // m.groups for m in members)
+    consts = run.consts  # the constexprs this launch will use (the same dict)
+    if consts["VEC"] == 1:  # unit strides only matter for vector loads: one variant fewer to compile and check
+        consts["X_C_UNIT"] = consts["W_C_UNIT"] = False
+    vector = consts["X_C_UNIT"]
+    configs = conv_configs(arith, device_arch(device), vector)
+    default = pick_config(configs, max_m, lambda c: count * cdiv(max_m, c.kwargs["BLOCK_M"])
+                          * cdiv(max_n, c.kwargs["BLOCK_N"]), sm_count(device))
+    key = ("conv", epilogue, arith, vector, consts["W_C_UNIT"], max_m <= 64, next_pow2(max_n),
+           next_pow2(max(m.w[0].numel() for m in members)), next_pow2(count))
+    run(choose_config(key, configs, run, default))
 
 
 def grouped_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, scalars):

@@ -14,6 +14,7 @@ copies of weights), with a uniform table.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -21,9 +22,11 @@ import triton
 
 from . import codegen
 from . import epilogue as ep
-from .triton_common import (TL_DTYPE, Launch, RowsMember, launcher, as_rows, cdiv, check, check_lengths, check_operands, choose_config,
-                            dot_precision, expand_operands, interpreting, next_pow2,
-                            operand_columns, rows_layout, stack_rows_operands)
+from .launch import Stack
+from .triton_common import (TL_DTYPE, Launch, RowsMember, as_rows, cdiv, check, check_lengths, check_operands,
+                            choose_config, device_arch, dot_precision, expand_operands, launcher, math_of,
+                            next_pow2, operand_columns, pick_config, rows_layout, sm_count, stack_rows_operands,
+                            vec_width)
 
 GEMM = codegen.KernelTemplate(
     kind="gemm",
@@ -36,7 +39,9 @@ GEMM = codegen.KernelTemplate(
         tile_ptr,  # int64 [tiles]: the table row of the member that owns each tile
         float_ptr,  # float64 [members, $NFLOAT]: the members' epilogue scalars
         DTYPE: tl.constexpr,  # element type of x, w, b, y and the epilogue tensors
+        IDX: tl.constexpr,  # offset type: tl.int32 (half the registers) unless a member spans 2**31 elements
         K_CONTIGUOUS: tl.constexpr,  # every member's x and w have unit stride along K
+        VEC: tl.constexpr,  # 16 bytes in elements where the host found every member aligned, else 1
         INPUT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 ("ieee" or "tf32"), None otherwise
         BLOCK_M: tl.constexpr,  # output rows per tile
         BLOCK_N: tl.constexpr,  # output columns per tile
@@ -45,9 +50,11 @@ GEMM = codegen.KernelTemplate(
         pid = tl.program_id(0)
         member = tl.load(tile_ptr + pid)
         prob = table_ptr + member * $NCOLS
+        # VEC > 1 promises (checked on the host, triton_common.aligned): N, K, the row strides
+        # multiples of VEC and x, w, y 16-byte aligned, so rows load as 16-byte vectors
         M = tl.load(prob + $M).to(tl.int32)
-        N = tl.load(prob + $N).to(tl.int32)
-        K = tl.load(prob + $K).to(tl.int32)
+        N = tl.multiple_of(tl.load(prob + $N).to(tl.int32), VEC)
+        K = tl.multiple_of(tl.load(prob + $K).to(tl.int32), VEC)
 
         # this program's tile of the member's output, row-major over tiles
         local = (pid - tl.load(prob + $tile0)).to(tl.int32)
@@ -62,27 +69,29 @@ GEMM = codegen.KernelTemplate(
             sxk = 1
             swk = 1
         else:
-            sxk = tl.load(prob + $sxk)
-            swk = tl.load(prob + $swk)
-        x_ptr = tl.load(prob + $x).to(tl.pointer_type(DTYPE))
-        w_ptr = tl.load(prob + $w).to(tl.pointer_type(DTYPE))
-        x_ptrs = x_ptr + offs_m[:, None] * tl.load(prob + $sxm) + offs_k[None, :] * sxk
-        w_ptrs = w_ptr + offs_k[:, None] * swk + offs_n[None, :] * tl.load(prob + $swn)
+            sxk = tl.load(prob + $sxk).to(IDX)
+            swk = tl.load(prob + $swk).to(IDX)
+        sxm = tl.multiple_of(tl.load(prob + $sxm).to(IDX), VEC)
+        swn = tl.multiple_of(tl.load(prob + $swn).to(IDX), VEC)
+        x_ptr = tl.multiple_of(tl.load(prob + $x).to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
+        w_ptr = tl.multiple_of(tl.load(prob + $w).to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
+        x_offs = offs_m[:, None] * sxm + offs_k[None, :] * sxk
+        w_offs = offs_k[:, None] * swk + offs_n[None, :] * swn
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             k_mask = offs_k < K - k
-            a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            a = tl.load(x_ptr + x_offs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(w_ptr + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-            x_ptrs += BLOCK_K * sxk
-            w_ptrs += BLOCK_K * swk
+            x_ptr += BLOCK_K * sxk
+            w_ptr += BLOCK_K * swk
 
         y = acc
         b_addr = tl.load(prob + $b)
         if b_addr != 0:
             bias_ptr = b_addr.to(tl.pointer_type(DTYPE))
-            bias = tl.load(bias_ptr + offs_n * tl.load(prob + $sb), mask=n_mask, other=0.0)
+            bias = tl.load(bias_ptr + offs_n * tl.load(prob + $sb).to(IDX), mask=n_mask, other=0.0)
             y = y + bias.to(tl.float32)[None, :]
 
         mask = m_mask[:, None] & n_mask[None, :]
@@ -92,26 +101,39 @@ GEMM = codegen.KernelTemplate(
         ep_col = offs_n[None, :]
         #@epilogue
 
-        y_ptr = tl.load(prob + $y).to(tl.pointer_type(DTYPE))
-        tl.store(y_ptr + offs_m[:, None] * tl.load(prob + $sym) + offs_n[None, :], y.to(DTYPE), mask=mask)
+        y_ptr = tl.multiple_of(tl.load(prob + $y).to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
+        sym = tl.multiple_of(tl.load(prob + $sym).to(IDX), VEC)
+        tl.store(y_ptr + offs_m[:, None] * sym + offs_n[None, :], y.to(DTYPE), mask=mask)
     ''',
 )
 
 
-def gemm_configs(dtype: torch.dtype) -> list[triton.Config]:
-    """Tile shapes to time on the GPU (the first one alone under the interpreter)."""
-    if interpreting():
+@functools.lru_cache(maxsize=None)
+def gemm_configs(arith: str, arch: int | None, vector: bool = True) -> tuple[triton.Config, ...]:
+    """Tile shapes per arithmetic (``math_of``: fp32, tf32, fp16, bf16), compute capability and
+    load width, largest first, the small-M ones last; ``pick_config`` chooses, a warm-up tunes.
+
+    Each compiles for sm_80 and sm_90 with 0 spills (``stfuse kernels``, RESULTS.md).
+    ``vector``: x and w load as 16-byte vectors (VEC > 1), through cp.async, so tiles pipeline
+    3-4 stages deep. Unaligned members load scalars held in registers until the dot: there
+    128x128 tiles and 3 stages spilled up to 900 bytes, so smaller tiles and 2 stages.
+    fp32 without tf32 has no tensor cores: its 64x128 FMA tile takes 8 warps (4 spilled).
+    """
+    if arch is None:
         # The interpreter runs every program in numpy: 16 is the smallest tl.dot
         # tile on GPUs, and keeps the tests' odd shapes at a few programs each.
-        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), num_warps=1, num_stages=1)]
-    bk = 32 if dtype == torch.float32 else 64
-    return [
-        triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk), num_warps=8, num_stages=3),
-        triton.Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=bk), num_warps=4, num_stages=4),
-        triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk), num_warps=4, num_stages=4),
-        triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk), num_warps=4, num_stages=4),
-        triton.Config(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=bk), num_warps=4, num_stages=4),
-    ]
+        return (triton.Config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), num_warps=1, num_stages=1),)
+    if vector:
+        bk = 64 if arith in ("fp16", "bf16") else 32
+        mid_warps = 8 if arith == "fp32" else 4
+        shapes = ((128, 128, bk, 8, 3), (128, 64, bk, 4, 4), (64, 128, bk, mid_warps, 4), (64, 64, bk, 4, 4),
+                  (32, 64, bk, 4, 4), (16, 64, bk, 4, 4))  # the last two: small M, a few rows per member
+    else:
+        # fp32 FMA tiles hold more: at BLOCK_K=32, 128x64 and 64x64 spilled ~100 bytes (K strided, sm_80)
+        bk = 16 if arith == "fp32" else 32
+        shapes = ((128, 64, bk, 8, 2), (64, 64, bk, 4, 2), (32, 64, 32, 4, 2), (16, 64, 32, 4, 2))
+    return tuple(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
+                 for bm, bn, bk, w, st in shapes)
 
 
 _Member = RowsMember
@@ -135,31 +157,34 @@ def _add_member(launch: Launch, m: _Member, cfg: triton.Config) -> None:
     )
 
 
-def _k_contiguous(members: list[_Member]) -> bool:
-    return all((m.x2.shape[1] <= 1 or (m.x2.stride(1) == 1 and m.w.stride(1) == 1)) for m in members)
+def _flags(members: list[_Member]) -> dict:
+    """Constexprs from the members' strides (once per plan): K_CONTIGUOUS, and the VEC that N,
+    K and the row strides allow (vector loads along K need it contiguous)."""
+    k_contiguous = all((m.x2.shape[1] <= 1 or (m.x2.stride(1) == 1 and m.w.stride(1) == 1)) for m in members)
+    dims = [d for m in members for d in (m.x2.shape[1], m.w.shape[0], m.x2.stride(0), m.w.stride(0), m.y2.stride(0))]
+    vec = vec_width(members[0].x2.dtype, *dims) if k_contiguous else 1
+    return dict(K_CONTIGUOUS=k_contiguous, VEC=vec)
 
 
-def _run(members: list[_Member], epilogue: str, uniform: int | None = None, floats=None) -> None:
-    """Launch the grouped GEMM over ``members``.
-
-    ``uniform=R``: ``members`` are the first two (or one) of R equal-shape views
-    of stacked tensors and ``floats`` all R members' scalars.
-    """
-    if not members:
-        return
+def _run(members, epilogue: str, dtype: torch.dtype, device: torch.device, sizes: tuple[int, int, int],
+         uniform: int | None = None, floats=None) -> None:
+    """Launch the grouped GEMM over ``members`` (a list, or a ``launch.Stack`` with
+    ``uniform=R`` and ``floats`` all R members' scalars); ``sizes``: the largest M, N, K."""
     steps = ep.parse(epilogue)
-    dtype, device = members[0].x2.dtype, members[0].x2.device
     kernel = codegen.load_kernel(GEMM, epilogue)
-    k_contiguous = _k_contiguous(members)
-    precision = dot_precision(dtype, torch.get_float32_matmul_precision() != "highest")
+    # fp32 follows torch's own switch for matmuls (off by default: exact fp32, no tensor cores)
+    arith = math_of(dtype, torch.backends.cuda.matmul.allow_tf32)
+    run = launcher(kernel, GEMM, steps, members, _add_member, uniform, floats, device, flags=_flags,
+                   DTYPE=TL_DTYPE[dtype], INPUT_PRECISION=dot_precision(dtype, arith == "tf32"))
 
-    run = launcher(kernel, GEMM, steps, members, _add_member, uniform, floats, device,
-                   DTYPE=TL_DTYPE[dtype], K_CONTIGUOUS=k_contiguous, INPUT_PRECISION=precision)
-
-    sizes = [max(m.x2.shape[0] for m in members), max(m.w.shape[0] for m in members),
-             max(m.x2.shape[1] for m in members), uniform or len(members)]
-    key = ("gemm", epilogue, dtype, k_contiguous, *map(next_pow2, sizes))
-    run(choose_config(key, gemm_configs(dtype), run))
+    count = uniform or len(members)
+    max_m, max_n, max_k = sizes
+    vector = run.consts["VEC"] > 1
+    configs = gemm_configs(arith, device_arch(device), vector)
+    default = pick_config(configs, max_m, lambda c: count * cdiv(max_m, c.kwargs["BLOCK_M"])
+                          * cdiv(max_n, c.kwargs["BLOCK_N"]), sm_count(device))
+    key = ("gemm", epilogue, arith, vector, max_m <= 64, next_pow2(max_n), next_pow2(max_k), next_pow2(count))
+    run(choose_config(key, configs, run, default))
 
 
 def grouped_linear(x, w, b, epilogue, ext, scalars):
@@ -167,28 +192,35 @@ def grouped_linear(x, w, b, epilogue, ext, scalars):
     op = "grouped_linear"
     check_operands(op, epilogue, ext, scalars, check_lengths(op, x=x, w=w, b=b), stacked=False)
     for i, (xi, wi, bi) in enumerate(zip(x, w, b)):
-        check(xi.dim() >= 1 and wi.dim() == 2 and xi.shape[-1] == wi.shape[1], op,
-              f"member {i}: x {tuple(xi.shape)} does not match w {tuple(wi.shape)}")
-        check(bi is None or tuple(bi.shape) == (wi.shape[0],), op, f"member {i}: bias is not [{wi.shape[0]}]")
+        # messages formatted only on failure: this is the per-call path
+        if not (xi.dim() >= 1 and wi.dim() == 2 and xi.shape[-1] == wi.shape[1]):
+            check(False, op, f"member {i}: x {tuple(xi.shape)} does not match w {tuple(wi.shape)}")
+        if not (bi is None or bi.shape == wi.shape[:1]):
+            check(False, op, f"member {i}: bias is not [{wi.shape[0]}]")
 
-    steps = ep.parse(epilogue)
+    nt, ns = ep.counts(ep.parse(epilogue))
     members, ys = [], []
+    max_m = max_n = max_k = 0
     for i, (xi, wi, bi) in enumerate(zip(x, w, b)):
         y = xi.new_empty(*xi.shape[:-1], wi.shape[0])
-        tensors, member_scalars = ep.member_operands(steps, ext, scalars, i)
-        members.append(_Member(as_rows(xi), wi, bi, as_rows(y), y.shape,
-                               expand_operands(tensors, y.shape, y.dtype), member_scalars))
+        x2, y2 = as_rows(xi), as_rows(y)
+        operands = expand_operands(ext[i * nt:(i + 1) * nt], y.shape, y.dtype) if nt else ()
+        members.append(_Member(x2, wi, bi, y2, y.shape, operands, scalars[i * ns:(i + 1) * ns]))
         ys.append(y)
-    _run(members, epilogue)
+        max_m, max_n, max_k = max(max_m, x2.shape[0]), max(max_n, y2.shape[1]), max(max_k, x2.shape[1])
+    if members:
+        _run(members, epilogue, members[0].x2.dtype, members[0].x2.device, (max_m, max_n, max_k))
     return ys
 
 
 def stacked_linear(x, w, b, epilogue, ext, scalars):
     """x [R, ..., K], w [R, N, K], b [R, N] or None -> [R, ..., N]; members are views, one launch."""
     op = "stacked_linear"
-    check(x.dim() >= 2 and w.dim() == 3 and x.shape[0] == w.shape[0] and x.shape[-1] == w.shape[2], op,
-          f"x {tuple(x.shape)} does not match w {tuple(w.shape)}")
-    check(b is None or tuple(b.shape) == tuple(w.shape[:2]), op, f"bias is not {list(w.shape[:2])}")
+    # messages formatted only on failure: this is the per-call path
+    if not (x.dim() >= 2 and w.dim() == 3 and x.shape[0] == w.shape[0] and x.shape[-1] == w.shape[2]):
+        check(False, op, f"x {tuple(x.shape)} does not match w {tuple(w.shape)}")
+    if not (b is None or b.shape == w.shape[:2]):
+        check(False, op, f"bias is not {list(w.shape[:2])}")
     check_operands(op, epilogue, ext, scalars, x.shape[0], stacked=True)
 
     R, K, N = x.shape[0], x.shape[-1], w.shape[1]
@@ -196,10 +228,11 @@ def stacked_linear(x, w, b, epilogue, ext, scalars):
     rows = math.prod(x.shape[1:-1])
     x3, y3 = x.reshape(R, rows, K), y.view(R, rows, N)
     operands = stack_rows_operands(expand_operands(ext, y.shape, y.dtype), y.shape[1:])
-    members = [
-        _Member(x3[r], w[r], None if b is None else b[r], y3[r], y.shape[1:],
-                [o[r] for o in operands], ())
-        for r in range(min(R, 2))
-    ]
-    _run(members, epilogue, uniform=R, floats=[float(s) for s in scalars])
+
+    def members():
+        return [_Member(x3[r], w[r], None if b is None else b[r], y3[r], y.shape[1:], [o[r] for o in operands], ())
+                for r in range(min(R, 2))]
+    if R:
+        stack = Stack((x3, w, b, y3, *operands), tuple(y.shape), members)
+        _run(stack, epilogue, x.dtype, x.device, (rows, N, K), uniform=R, floats=[float(s) for s in scalars])
     return y

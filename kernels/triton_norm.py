@@ -9,6 +9,7 @@ tiles rows x D with BLOCK_R x BLOCK_D programs and only runs the epilogue.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,7 +19,7 @@ from . import codegen
 from . import epilogue as ep
 from .triton_common import (TL_DTYPE, Launch, RowsMember, launcher, as_rows, cdiv, check, check_lengths, check_operands, choose_config,
                             expand_operands, interpreting, next_pow2, operand_columns,
-                            rows_layout, stack_rows_operands)
+                            rows_layout, stack_rows_operands, vec_width)
 
 LAYER_NORM = codegen.KernelTemplate(
     kind="layer_norm",
@@ -32,6 +33,8 @@ LAYER_NORM = codegen.KernelTemplate(
         tile_ptr,  # int64 [tiles]: the table row of the member that owns each block of rows
         float_ptr,  # float64 [members, $NFLOAT]: eps, then the epilogue scalars
         DTYPE: tl.constexpr,  # element type of x, w, b, y and the epilogue tensors
+        IDX: tl.constexpr,  # offset type: tl.int32 unless a member spans 2**31 elements
+        VEC: tl.constexpr,  # 16 bytes in elements where x, w, b, y are 16-byte aligned and D and the row strides multiples of it, else 1
         BLOCK_R: tl.constexpr,  # rows per program
         BLOCK_D: tl.constexpr,  # columns per step along D
     ):
@@ -39,15 +42,15 @@ LAYER_NORM = codegen.KernelTemplate(
         member = tl.load(tile_ptr + pid)
         prob = table_ptr + member * $NCOLS
         R = tl.load(prob + $R).to(tl.int32)
-        D = tl.load(prob + $D).to(tl.int32)
+        D = tl.multiple_of(tl.load(prob + $D).to(tl.int32), VEC)
         eps = tl.load(float_ptr + member * $NFLOAT + $eps).to(tl.float32)
 
         local = (pid - tl.load(prob + $tile0)).to(tl.int32)
         offs_r = local * BLOCK_R + tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
         cols = tl.arange(0, BLOCK_D)
-        x_ptr = tl.load(prob + $x).to(tl.pointer_type(DTYPE))
-        x_rows = x_ptr + offs_r * tl.load(prob + $sxr)
+        x_ptr = tl.multiple_of(tl.load(prob + $x).to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
+        x_rows = x_ptr + offs_r * tl.multiple_of(tl.load(prob + $sxr).to(IDX), VEC)
 
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
         for d in range(0, D, BLOCK_D):
@@ -66,8 +69,8 @@ LAYER_NORM = codegen.KernelTemplate(
 
         w_addr = tl.load(prob + $w)
         b_addr = tl.load(prob + $b)
-        y_ptr = tl.load(prob + $y).to(tl.pointer_type(DTYPE))
-        y_rows = y_ptr + offs_r * tl.load(prob + $syr)
+        y_ptr = tl.multiple_of(tl.load(prob + $y).to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
+        y_rows = y_ptr + offs_r * tl.multiple_of(tl.load(prob + $syr).to(IDX), VEC)
         inner = tl.load(prob + $inner).to(tl.int32)
         ep_outer = (offs_r // inner)[:, None]
         ep_inner = (offs_r % inner)[:, None]
@@ -78,10 +81,12 @@ LAYER_NORM = codegen.KernelTemplate(
             x = tl.load(x_rows[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
             y = (x - mean[:, None]) * rstd[:, None]
             if w_addr != 0:
-                weight = tl.load(w_addr.to(tl.pointer_type(DTYPE)) + offs_d, mask=d_mask, other=0.0)
+                w_ptr = tl.multiple_of(w_addr.to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
+                weight = tl.load(w_ptr + offs_d, mask=d_mask, other=0.0)
                 y = y * weight.to(tl.float32)[None, :]
             if b_addr != 0:
-                bias = tl.load(b_addr.to(tl.pointer_type(DTYPE)) + offs_d, mask=d_mask, other=0.0)
+                b_ptr = tl.multiple_of(b_addr.to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
+                bias = tl.load(b_ptr + offs_d, mask=d_mask, other=0.0)
                 y = y + bias.to(tl.float32)[None, :]
             ep_col = offs_d[None, :]
             #@epilogue
@@ -100,6 +105,8 @@ POINTWISE = codegen.KernelTemplate(
         tile_ptr,  # int64 [tiles]: the table row of the member that owns each tile
         float_ptr,  # float64 [members, $NFLOAT]: the members' epilogue scalars
         DTYPE: tl.constexpr,  # element type of x, y and the epilogue tensors
+        IDX: tl.constexpr,  # offset type: tl.int32 unless a member spans 2**31 elements
+        VEC: tl.constexpr,  # 16 bytes in elements where x, y are 16-byte aligned, x has unit stride along D and D and the row strides are multiples of it, else 1
         BLOCK_R: tl.constexpr,  # rows per tile
         BLOCK_D: tl.constexpr,  # columns per tile
     ):
@@ -107,7 +114,7 @@ POINTWISE = codegen.KernelTemplate(
         member = tl.load(tile_ptr + pid)
         prob = table_ptr + member * $NCOLS
         R = tl.load(prob + $R).to(tl.int32)
-        D = tl.load(prob + $D).to(tl.int32)
+        D = tl.multiple_of(tl.load(prob + $D).to(tl.int32), VEC)
 
         local = (pid - tl.load(prob + $tile0)).to(tl.int32)
         tiles_d = tl.cdiv(D, BLOCK_D)
@@ -115,8 +122,9 @@ POINTWISE = codegen.KernelTemplate(
         offs_d = (local % tiles_d) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = (offs_r < R)[:, None] & (offs_d < D)[None, :]
 
-        x_ptr = tl.load(prob + $x).to(tl.pointer_type(DTYPE))
-        x_offs = offs_r[:, None] * tl.load(prob + $sxr) + offs_d[None, :] * tl.load(prob + $sxd)
+        x_ptr = tl.multiple_of(tl.load(prob + $x).to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
+        sxd = 1 if VEC > 1 else tl.load(prob + $sxd).to(IDX)
+        x_offs = offs_r[:, None] * tl.multiple_of(tl.load(prob + $sxr).to(IDX), VEC) + offs_d[None, :] * sxd
         y = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
 
         inner = tl.load(prob + $inner).to(tl.int32)
@@ -125,30 +133,35 @@ POINTWISE = codegen.KernelTemplate(
         ep_col = offs_d[None, :]
         #@epilogue
 
-        y_ptr = tl.load(prob + $y).to(tl.pointer_type(DTYPE))
-        tl.store(y_ptr + offs_r[:, None] * tl.load(prob + $syr) + offs_d[None, :], y.to(DTYPE), mask=mask)
+        y_ptr = tl.multiple_of(tl.load(prob + $y).to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
+        y_offs = offs_r[:, None] * tl.multiple_of(tl.load(prob + $syr).to(IDX), VEC) + offs_d[None, :]
+        tl.store(y_ptr + y_offs, y.to(DTYPE), mask=mask)
     ''',
 )
 
 
+@functools.lru_cache(maxsize=None)
 def norm_configs(max_d: int) -> list[triton.Config]:
     """Row blocks to time on the GPU: BLOCK_D covers the widest member up to 4096."""
     if interpreting():
         # small blocks keep the interpreted tests fast and make D=33 take three steps
         return [triton.Config(dict(BLOCK_R=4, BLOCK_D=16), num_warps=1, num_stages=1)]
     block_d = min(next_pow2(max_d), 4096)
+    # (elements per program, warps): 8192 elements on 8 warps spilled 16 bytes (fp32, sm_90)
     return [
-        triton.Config(dict(BLOCK_R=max(1, rows // block_d), BLOCK_D=block_d), num_warps=warps, num_stages=1)
-        for rows, warps in ((2048, 4), (8192, 8))
+        triton.Config(dict(BLOCK_R=max(1, elems // block_d), BLOCK_D=block_d), num_warps=warps, num_stages=1)
+        for elems, warps in ((2048, 4), (4096, 8))
     ]
 
 
+@functools.lru_cache(maxsize=None)
 def pointwise_configs() -> list[triton.Config]:
     """Tile shapes to time on the GPU (the first one alone under the interpreter)."""
     if interpreting():
         return [triton.Config(dict(BLOCK_R=4, BLOCK_D=16), num_warps=1, num_stages=1)]
     return [
-        triton.Config(dict(BLOCK_R=8, BLOCK_D=256), num_warps=4, num_stages=1),
+        # 4 x 256, not 8 x 256: ptxas spilled 8-16 bytes there with scalar (unaligned) loads
+        triton.Config(dict(BLOCK_R=4, BLOCK_D=256), num_warps=4, num_stages=1),
         triton.Config(dict(BLOCK_R=32, BLOCK_D=128), num_warps=8, num_stages=1),
         triton.Config(dict(BLOCK_R=1, BLOCK_D=1024), num_warps=4, num_stages=1),
     ]
@@ -186,6 +199,13 @@ def _add_pointwise(launch: Launch, m: _Member, cfg: triton.Config) -> None:
     )
 
 
+def _flags(members: list[_Member]) -> dict:
+    """VEC (once per plan): rows of unit stride along D whose width and row strides allow it."""
+    dims = [d for m in members for d in (m.x2.shape[1], m.x2.stride(0), m.y2.stride(0))]
+    unit = all(m.x2.shape[1] <= 1 or m.x2.stride(1) == 1 for m in members)
+    return dict(VEC=vec_width(members[0].x2.dtype, *dims) if unit else 1)
+
+
 # template -> (how a member enters the table, its configs from the widest member)
 _KINDS = {
     "layer_norm": (LAYER_NORM, _add_layer_norm, norm_configs),
@@ -202,12 +222,11 @@ def _run(kind: str, members: list[_Member], epilogue: str, uniform: int | None =
     dtype, device = members[0].x2.dtype, members[0].x2.device
     kernel = codegen.load_kernel(template, epilogue)
 
-    run = launcher(kernel, template, steps, members, add_member, uniform, floats, device,
+    run = launcher(kernel, template, steps, members, add_member, uniform, floats, device, flags=_flags,
                    DTYPE=TL_DTYPE[dtype])
 
-    max_r = max(m.x2.shape[0] for m in members)
     max_d = max(m.x2.shape[1] for m in members)
-    key = (kind, epilogue, dtype, next_pow2(max_r), next_pow2(max_d), next_pow2(uniform or len(members)))
+    key = (kind, epilogue, dtype, next_pow2(max_d), next_pow2(uniform or len(members)))
     run(choose_config(key, configs(max_d), run))
 
 

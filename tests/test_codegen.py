@@ -15,7 +15,7 @@ from stfuse.kernels.triton_ops import IMPLS
 GOLDEN_EPILOGUE = """\
     # epilogue: add:tensor,relu,mul:scalar
     e0_ptr = tl.load(prob + 9).to(tl.pointer_type(DTYPE))
-    e0_offs = ep_outer * tl.load(prob + 10) + ep_inner * tl.load(prob + 11) + ep_col * tl.load(prob + 12)
+    e0_offs = ep_outer * tl.load(prob + 10).to(IDX) + ep_inner * tl.load(prob + 11).to(IDX) + ep_col * tl.load(prob + 12).to(IDX)
     e0 = tl.load(e0_ptr + e0_offs, mask=mask, other=0.0).to(tl.float32)
     y = y + e0  # add:tensor
     y = tl.maximum(y, 0.0)  # relu
