@@ -111,11 +111,12 @@ class _Member:
     """One group norm of a launch: x and y as [N, C, S], its group count, weight and
     bias ([C] or None), epilogue operands as [N, C, S] views, and its floats (eps, scalars)."""
 
-    __slots__ = ("x", "y", "groups", "w", "b", "operands", "floats")
+    __slots__ = ("x", "y", "groups", "w", "b", "operands", "floats", "extra")
 
     def __init__(self, x, y, groups, w, b, operands, floats):
         self.x, self.y, self.groups, self.w, self.b = x, y, groups, w, b
         self.operands, self.floats = operands, floats
+        self.extra = (groups,)  # what a launch plan depends on besides the tensors (kernels/launch.py)
 
 
 def _channels(t: torch.Tensor, lead: int = 0) -> torch.Tensor:
