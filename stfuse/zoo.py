@@ -115,6 +115,10 @@ def _hf_model(family: str, seed: int):
         cfg = T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                           intermediate_size=64, image_size=16, patch_size=8)
         return T.ViTModel(cfg), (torch.randn(2, 3, 16, 16),)
+    if family == "llama":
+        cfg = T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=64, vocab_size=100, max_position_embeddings=64, use_cache=False)
+        return T.LlamaModel(cfg), (torch.randint(0, 100, (2, 8)),)
     if family == "resnet":
         cfg = T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
         return T.ResNetModel(cfg), (torch.randn(2, 3, 32, 32),)

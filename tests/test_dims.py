@@ -71,6 +71,19 @@ def test_lengths_change_between_calls_without_tracing_again(mixed):
     assert [k for k in fused._programs if k[0] == ("b0",)] == [(("b0",), True)]
 
 
+def test_llama_tenants_at_several_lengths():
+    """Decoder tenants (rotary positions, causal mask built from the length) with a
+    dynamic sequence, beside a fixed-shape tenant: per call, and across calls."""
+    models = {"l0": zoo.hf_model("llama", 0)[0], "l1": zoo.hf_model("llama", 1)[0], "mlp": zoo.mlp(8, 16, 4)}
+    fused = stfuse.compile(models, {"l0": bert_call(2, 8), "l1": bert_call(2, 8, seed=1), "mlp": torch.randn(2, 8)},
+                           dynamic={"l0": SEQ, "l1": SEQ})
+    assert fused.plan.stats["fused_groups"] > 0
+    for lengths, batch in (((8, 8), 2), ((5, 19), 1), ((12, 12), 3)):
+        _check(models, fused, {"l0": bert_call(batch, lengths[0], seed=3), "l1": bert_call(batch, lengths[1], seed=4),
+                               "mlp": torch.randn(batch, 8)})
+    assert fused.respecialised == {} and fused.outside_range_calls == {}
+
+
 def test_inputs_show_their_named_dims_and_ranges(mixed):
     _, fused = mixed
     spec = fused.specs["b0"]
