@@ -10,13 +10,18 @@ call raises) has its members taken out of every fusion group, the pipeline
 runs again, and ``plan.stats["self_check"]`` records which tenants and why.
 
 It checks fusion, not tracing: the reference is the traced graph, the same
-program stfuse would run for that tenant alone without any fusion.
+program stfuse would run for that tenant alone without any fusion. Where the
+fused outputs miss the table's tolerance of it, they still pass if they are as
+close to the traced graph run in float64 as the float32 graph itself is
+(``no_less_accurate``): two float32 roundings, not a wrong kernel.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import torch
 import torch.utils._pytree as pytree
 
 from . import dims
@@ -65,6 +70,50 @@ def _differs(out, ref, k: int, tf32: bool) -> str | None:
     return None
 
 
+def float64_outputs(tg: TenantGraph, call) -> list | None:
+    """The tenant's traced graph run in float64 (its floating tensors and inputs cast up):
+    the reference the tolerance table is written for. None where the graph does not run
+    so (an op pinned to float32, say)."""
+    def up(t):
+        return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    wide = dataclasses.replace(
+        tg, tensors={n: up(t) for n, t in tg.tensors.items()},
+        inputs=[dataclasses.replace(s, dtype=torch.float64) if s.dtype.is_floating_point else s
+                for s in tg.inputs])
+    try:
+        return run_graph(wide, pytree.tree_map(up, call))
+    except Exception:  # noqa: BLE001 - no float64 reference for this graph
+        return None
+
+
+def no_less_accurate(out, ref, ref64, factor: float = 2.0) -> bool:
+    """Whether ``out`` (the fused outputs) is as close to the float64 truth ``ref64`` as the
+    unfused float32 graph's own ``ref`` is, within ``factor``, leaf by leaf (others equal).
+
+    Why a second criterion: two float32 programs that round differently can be further
+    apart than the table's float32 tolerance while both are as accurate as float32 allows.
+    Seen on ResNet-50-shaped tenants (activations up to ~400; eval BatchNorm folded into
+    the convs): fused 1.95e-4 and the traced graph itself 2.28e-4 from float64, both past
+    1e-4, so the check ran a correct tenant unfused. The factor leaves room for two
+    roundings of one size; a wrong kernel is off by the size of the values, far beyond."""
+    if ref64 is None:
+        return False
+    outs = pytree.tree_leaves(out)
+    if not (len(outs) == len(ref) == len(ref64)):
+        return False
+    for o, r, w in zip(outs, ref, ref64):
+        if not isinstance(o, torch.Tensor) or not o.dtype.is_floating_point:
+            if not (torch.equal(o, r) if isinstance(o, torch.Tensor) else o == r):
+                return False
+            continue
+        if o.shape != w.shape or not torch.isfinite(o).all():
+            return False
+        if o.numel() and (o.double() - w.double()).abs().max() > factor * (r.double() - w.double()).abs().max():
+            return False
+    return True
+
+
 def mismatches(fused) -> dict[str, str]:
     """{tenant: why} for every tenant whose fused outputs differ from its traced graph's
     (or whose call raises), at the example batch and at another batch size."""
@@ -101,6 +150,8 @@ def mismatches(fused) -> dict[str, str]:
             except Exception:  # noqa: BLE001, S112 - the traced graph does not run alone: nothing to compare
                 continue
             why = _differs(out, ref, _reduction_k(fused, t), tg.device.type == "cuda")
+            if why is not None and no_less_accurate(out, ref, float64_outputs(tg, inputs[t])):
+                why = None  # as accurate as the tenant's own float32 graph: rounding, not a bug
             if why is not None:
                 batch = pytree.tree_leaves(inputs[t])[0].shape[0] if tg.inputs else tg.batch
                 bad[t] = f"at batch {batch}: {why}"

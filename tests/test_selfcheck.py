@@ -3,6 +3,7 @@ correct (issue 11, item 9)."""
 
 import dataclasses
 
+import pytest
 import torch
 
 import stfuse
@@ -66,3 +67,38 @@ def test_a_kernel_wrong_only_at_another_batch_size_is_caught(monkeypatch):
     assert "batch 6" in fused.plan.stats["self_check"]["reasons"]["0"]
     x = torch.randn(5, 8)
     check_tenants(fused, models, [(x,), (x,)])
+
+
+def test_no_less_accurate_accepts_rounding_and_refuses_a_wrong_value():
+    """The second criterion: fused as close to the float64 truth as the float32 graph
+    itself (within a factor of 2); a value off by more than rounding fails."""
+    from stfuse.selfcheck import no_less_accurate
+
+    torch.manual_seed(0)
+    truth = torch.randn(4, 8, dtype=torch.float64) * 400
+    graph32 = [(truth + 3e-4).float()]
+    assert no_less_accurate([(truth - 2e-4).float()], graph32, [truth])
+    assert not no_less_accurate([(truth + 1e-2).float()], graph32, [truth])
+    assert not no_less_accurate([(truth + 3e-4).float()], graph32, None)  # no float64 reference
+    nan = (truth - 2e-4).float()
+    nan[0, 0] = float("nan")
+    assert not no_less_accurate([nan], graph32, [truth])
+    assert not no_less_accurate([torch.tensor([1, 2])], [torch.tensor([1, 3])], [torch.tensor([1, 3])])
+
+
+def test_resnet_rounding_is_not_taken_for_a_wrong_kernel():
+    """ResNet-50-shaped tenants (transformers ResNetModel, activations up to ~400): with
+    eval BatchNorm folded into the convs, the fused outputs were 1.9e-4 from float64 and
+    the tenant's own float32 graph 2.3e-4, both past the 1e-4 float32 tolerance, so the
+    check ran a correct tenant unfused (even with no fusion: still_differ)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[32, 64, 128, 256], depths=[3, 4, 6, 3],
+                                    layer_type="bottleneck")
+    models, args = [], []
+    for seed in (100, 101):  # benchmarks/bench_models.py's resnet50 set, --quick, batch 4
+        torch.manual_seed(seed)
+        models.append(transformers.ResNetModel(cfg).eval())
+        args.append((torch.randn(4, 3, 64, 64),))
+    fused = stfuse.compile(models, args, tune="off")
+    assert fused.plan.stats["self_check"]["unfused"] == []
+    assert fused.plan.stats["fused_groups"] > 0
