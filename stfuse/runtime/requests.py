@@ -4,9 +4,27 @@ and which tenants' requests may share a launch along dim 0.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 from stfuse.calls import input_problem
 from stfuse.errors import InputError, StfuseError
 from stfuse.runtime.batching import as_call, caller_stream, inputs_seen
+
+
+class RequestFuture(Future):
+    """A request's Future, which tells the runtime when the caller cancels it (so the worker
+    drops it from its queue early). Cheaper than add_done_callback, whose callback ran at
+    every set_result: 4 Python calls a request, for what happens only on cancel()."""
+
+    def __init__(self, on_cancel):
+        super().__init__()
+        self._on_cancel = on_cancel
+
+    def cancel(self) -> bool:
+        if super().cancel():
+            self._on_cancel()
+            return True
+        return False
 
 
 class Request:
