@@ -39,7 +39,7 @@ from stfuse.runtime import Runtime
 from stfuse.runtime.profile import LatencyProfile
 
 TENANTS = [f"t{i}" for i in range(4)]
-RUNTIME_FILES = ("stfuse/runtime/", "concurrent/futures/", "threading.py")
+RUNTIME_FILES = ("stfuse/runtime/", "stfuse/program.py", "concurrent/futures/", "threading.py")
 
 
 class FakeProgram:

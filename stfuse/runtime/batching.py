@@ -40,6 +40,9 @@ def as_call(args: tuple, spec) -> Any:
 def as_args(tenant: str, args: Any, max_batch: int | None, spec=None) -> tuple:
     """Normalise to a tuple of tensors sharing one batch size and device, or raise InputError.
     With the tenant's ``spec`` (call_specs), any call form is taken: its tensors in call order."""
+    if spec is None and type(args) is torch.Tensor and args.dim() \
+            and 1 <= args.shape[0] <= (max_batch or args.shape[0]):
+        return (args,)  # one plain tensor, the common request: none of the checks below can fail
     if spec is not None:
         leaves, problem = call_problem(tenant, spec.in_spec, spec.inputs, args)
         if problem is not None:
