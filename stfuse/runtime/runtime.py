@@ -401,14 +401,15 @@ class Runtime:
             if pad_to is not None:
                 inputs = {t: pad(args, pad_to) for t, args in inputs.items()}
             outs = self._fused.run({t: as_call(a, self._calls.get(t)) for t, a in inputs.items()})
-            if not isinstance(outs, Mapping) or set(outs) != set(batch):
+            if type(outs) is not dict and not isinstance(outs, Mapping) or set(outs) != set(batch):
                 raise StfuseError(f"fused.run returned {type(outs).__name__} "
                                   f"{sorted(outs) if isinstance(outs, Mapping) else ''} for {sorted(batch)}")
             synchronize(inputs)
-            results = {}
+            results, rows = {}, {}
             for t, reqs in batch.items():
                 sizes = [r.rows for r in reqs]
-                extra = inputs[t][0].shape[0] - sum(sizes)
+                rows[t] = sum(sizes)
+                extra = inputs[t][0].shape[0] - rows[t]
                 if extra:
                     results[t] = split(outs[t], sizes + [extra])[:-1]
                 else:
@@ -417,7 +418,6 @@ class Runtime:
             self._isolate(batch, exc)
             return
         finish = time.perf_counter()
-        rows = {t: sum(r.rows for r in reqs) for t, reqs in batch.items()}
         with self._lock:  # the fair shares are the worker's, read by decide() under this lock
             self._scheduler.charge(rows, finish - start)
         with self._stats_lock:
