@@ -352,6 +352,32 @@ def test_measure_profile_reads_a_faster_big_batch_as_no_per_row_cost(monkeypatch
     assert prof.fixed == pytest.approx({"a": ClockProgram.FIXED["a"] - 1e-4})
 
 
+def test_stats_of_a_launch_match_its_requests_one_by_one():
+    """StatsRecorder.served (one call per launch and tenant) records what request() does per request."""
+    from stfuse.runtime.stats import StatsRecorder
+
+    arrivals, finish = [0.0, 0.004, 0.009, 0.0095], 0.012  # SLO 5 ms: the first two miss it
+    one, batched = (StatsRecorder(["a", "b"], {"a": 5e-3, "b": 1.0}) for _ in range(2))
+    for a in arrivals:
+        one.request("a", a, finish)
+    batched.served("a", arrivals, finish)
+    batched.served("b", [], finish)
+    assert batched.snapshot() == one.snapshot()
+    assert one.snapshot()["tenants"]["a"]["slo_misses"] == 2
+
+
+@pytest.mark.parametrize("sizes", [[1], [2, 1, 3], [1, 1]])
+def test_split_of_a_plain_tensor_matches_the_pytree_split(sizes):
+    from stfuse.runtime.batching import Unsplittable, split
+
+    out = torch.randn(sum(sizes), 3)
+    fast, tree = split(out, sizes), [t for (t,) in split((out,), sizes)]
+    assert len(fast) == len(sizes)
+    assert all(f.shape == t.shape and torch.equal(f, t) for f, t in zip(fast, tree))
+    with pytest.raises(Unsplittable):
+        split(torch.randn(sum(sizes) + 1, 3), sizes)
+
+
 # ------------------------------------------------------------------ scheduling visible in calls
 
 

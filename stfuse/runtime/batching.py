@@ -40,6 +40,9 @@ def as_call(args: tuple, spec) -> Any:
 def as_args(tenant: str, args: Any, max_batch: int | None, spec=None) -> tuple:
     """Normalise to a tuple of tensors sharing one batch size and device, or raise InputError.
     With the tenant's ``spec`` (call_specs), any call form is taken: its tensors in call order."""
+    if spec is None and type(args) is torch.Tensor and args.dim() \
+            and 1 <= args.shape[0] <= (max_batch or args.shape[0]):
+        return (args,)  # one plain tensor, the common request: none of the checks below can fail
     if spec is not None:
         leaves, problem = call_problem(tenant, spec.in_spec, spec.inputs, args)
         if problem is not None:
@@ -85,9 +88,13 @@ def pad(args: tuple, rows: int) -> tuple:
 
 
 def split(output: Any, sizes: list[int]) -> list:
-    """Split every tensor leaf of a batched output along dim 0; other leaves are shared."""
-    leaves, spec = pytree.tree_flatten(output)
+    """Split every tensor leaf of a batched output along dim 0; other leaves are shared.
+    A plain tensor (one output) is split with no pytree work: one torch call for all requests,
+    against a tree_unflatten per request."""
     total = sum(sizes)
+    if type(output) is torch.Tensor and output.dim() and output.shape[0] == total:
+        return list(output.split(sizes))
+    leaves, spec = pytree.tree_flatten(output)
     parts = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
@@ -110,12 +117,12 @@ def caller_stream(args: tuple):
     return stream, stream.record_event()
 
 
-def wait_for_callers(events) -> None:
+def wait_for_callers(requests) -> None:
     """Make the launching thread's current stream wait for every request's caller event
-    (``events``: (event or None, device) pairs)."""
-    for event, device in events:
-        if event is not None:
-            torch.cuda.current_stream(device).wait_event(event)
+    (Request.event: None for CPU inputs)."""
+    for r in requests:
+        if r.event is not None:
+            torch.cuda.current_stream(r.args[0].device).wait_event(r.event)
 
 
 def hand_over(out, stream) -> None:

@@ -104,7 +104,7 @@ def _prefix(queue: Sequence[Pending], max_rows: int) -> list[int]:
 def _holds_rows(queue: Sequence[Pending], start: int, rows: int) -> bool:
     """Whether queue[start:] holds at least `rows` rows (every request has at least one)."""
     n = len(queue)
-    return n - start >= rows or sum(queue[i].rows for i in range(start, n)) >= rows
+    return n - start >= rows or sum([queue[i].rows for i in range(start, n)]) >= rows
 
 
 def _full(queue: Sequence[Pending], prefix: list[int], max_rows: int) -> bool:
@@ -360,7 +360,7 @@ class SpaceTimeScheduler(Scheduler):
         then finish late in the fused launch; against a fused launch never made, it would shed
         requests that its own launch serves in time."""
         alone = self.profile.estimate({t: self.max_batch})
-        rows = {u: self.max_batch if _holds_rows(q, 0, self.max_batch) else sum(r.rows for r in q)
+        rows = {u: self.max_batch if _holds_rows(q, 0, self.max_batch) else sum([r.rows for r in q])
                 for u, q in queues.items() if q}
         fused = self.profile.estimate(rows)
         if len(rows) < 2 or fused > sum(self.profile.estimate({u: b}) for u, b in rows.items()):

@@ -84,11 +84,11 @@ class LatencyProfile:
         return self.concurrent_ratio * sum(self.estimate({t: b}) for t, b in rows.items())
 
     def group_fixed(self, tenants: frozenset) -> float:
-        base = sum(self._fixed(t) for t in tenants)
+        if len(tenants) > 1 and tenants in self.fused_fixed:
+            return self.fused_fixed[tenants]
+        base = sum([self._fixed(t) for t in tenants])
         if len(tenants) <= 1:
             return base
-        if tenants in self.fused_fixed:
-            return self.fused_fixed[tenants]
         ref = self._reference(self.fused_fixed)
         if ref is None:
             return base
@@ -122,12 +122,15 @@ class LatencyProfile:
 
     def _model(self, rows: Mapping[str, int], key: frozenset) -> tuple[float, int | None]:
         """Uncorrected seconds and pad_to: unequal sizes padded or not, whichever is cheaper."""
+        if len(rows) == 1:  # a tenant alone, most of a decision's estimates: no group work
+            (t, b), = rows.items()
+            return self._fixed(t) + self._per_row(t) * b, None
         fixed = self.group_fixed(key)
-        work = sum(self._per_row(t) * b for t, b in rows.items())
+        work = sum([self._per_row(t) * b for t, b in rows.items()])
         most = max(rows.values())
         if len(rows) < 2 or min(rows.values()) == most:
             return fixed + work, None
-        padded = fixed + sum(self._per_row(t) for t in rows) * most
+        padded = fixed + sum([self._per_row(t) for t in rows]) * most
         uneven = fixed + self.uneven_cost(key) + work
         return (padded, most) if padded < uneven else (uneven, None)
 

@@ -38,7 +38,7 @@ from stfuse.runtime.batching import (Unsplittable, as_args, as_call, call_specs,
 from stfuse.runtime.stats import StatsRecorder
 from stfuse.runtime.policies import Dispatch, Scheduler, Wait, make_scheduler
 from stfuse.runtime.profile import LatencyProfile
-from stfuse.runtime.requests import InputCheck, Request, rows_independent, same_shape
+from stfuse.runtime.requests import InputCheck, Request, RequestFuture, rows_independent, same_shape
 
 __all__ = ["Runtime", "QueueFullError", "RuntimeClosedError", "DeadlineExceededError", "measure_profile",
            "DEFAULT_SLO_MS", "DEFAULT_MAX_QUEUE"]
@@ -133,7 +133,13 @@ class Runtime:
         # a loaded artifact refuses more, a compiled program would trace the tenant again.
         self._row_cap = {t: spec.batch_range[1] for t, spec in getattr(fused, "specs", {}).items()
                          if spec.dynamic and spec.batch_range[1] is not None}
+        # Tenants whose requests may differ after dim 0 (same_shape, a call a request): all but
+        # those the program's own check_inputs pins to one shape there (no declared dims).
+        pinned = {t for t, spec in getattr(fused, "specs", {}).items()
+                  if not any(s.dims for s in spec.inputs)} if hasattr(fused, "check_inputs") else set()
+        self._shapes_vary = set(self.tenants) - pinned
         self._closed = False
+        self._idle = False  # the worker waits on self._work (submit() notifies it only then)
         self.error: BaseException | None = None  # what stopped the worker, if anything did
         self._cancelled_some = False
         self._inflight: list[Request] = []  # the synchronous launch in flight
@@ -159,12 +165,13 @@ class Runtime:
             raise InputError(f"unknown tenant {tenant!r}; tenants are {self.tenants}")
         args = as_args(tenant, args, self.max_batch, self._calls.get(tenant))
         self._input_check(tenant, args)
-        future = Future()
-        future.add_done_callback(self._on_done)
+        future = RequestFuture(self._on_cancel)
         with self._lock:
             queue = self._queues[tenant]
-            limit = None if timeout is None else time.monotonic() + timeout
+            limit = None
             while not self._closed and len(queue) >= self.max_queue:
+                if limit is None and timeout is not None:
+                    limit = time.monotonic() + timeout
                 left = None if limit is None else limit - time.monotonic()
                 if not block or (left is not None and left <= 0):
                     with self._stats_lock:
@@ -180,7 +187,8 @@ class Runtime:
                     self._stats.count(tenant, "rejected")
                 raise QueueFullError(refused)
             queue.append(Request(tenant, args, args[0].shape[0], now, now + self._slo_s[tenant], future))
-            self._work.notify()
+            if self._idle:  # the worker waits for work (no notify() while it runs: 3 calls a request)
+                self._work.notify()
         return future
 
     def stats(self) -> dict:
@@ -231,9 +239,16 @@ class Runtime:
 
     # ------------------------------------------------------------------ worker
 
-    def _on_done(self, future: Future) -> None:
-        if future.cancelled():
-            self._cancelled_some = True  # read by the worker, which then drops cancelled requests
+    def _on_cancel(self) -> None:
+        self._cancelled_some = True  # read by the worker, which then drops cancelled requests
+
+    def _wait(self, timeout: float | None = None) -> None:
+        """The worker waits for work (under self._lock); submit() notifies only while it does."""
+        self._idle = True
+        try:
+            self._work.wait(timeout)
+        finally:
+            self._idle = False
 
     def _cancel_queued(self) -> None:
         for t, queue in self._queues.items():
@@ -269,12 +284,12 @@ class Runtime:
                 if not any(self._queues.values()):
                     if self._closed:
                         return None
-                    self._work.wait()
+                    self._wait()
                     continue
                 # a tenant with a concurrent call still running shows no work: one call per tenant at a time
                 view = {t: () if t in self._running else q for t, q in self._queues.items()}
                 if not any(view.values()):
-                    self._work.wait()
+                    self._wait()
                     continue
                 now = time.perf_counter()
                 expired = self._scheduler.expired(view, now)
@@ -284,7 +299,7 @@ class Runtime:
                     return None, shed
                 decision = self._scheduler.decide(view, now, flush=self._closed)
                 if isinstance(decision, Wait):
-                    self._work.wait(max(0.0, decision.until - now))
+                    self._wait(max(0.0, decision.until - now))
                     continue
                 if decision is None:
                     raise StfuseError(f"policy {self.policy!r} launched nothing with requests queued")
@@ -293,11 +308,12 @@ class Runtime:
                     queue = self._queues[t]
                     k = min(k, 1) if t in self._unbatchable else k
                     got, rows, cap, later = [], 0, self._row_cap.get(t), []
+                    vary = t in self._shapes_vary
                     while queue and len(got) < k:
                         if got and cap is not None and rows + queue[0].rows > cap:
                             break  # more rows than the tenant's traced batch range holds
                         r = queue.popleft()
-                        if got and not same_shape(got[0], r):
+                        if vary and got and not same_shape(got[0], r):
                             later.append(r)  # another length: a later launch, in its order
                         elif r.future.set_running_or_notify_cancel():
                             got.append(r)
@@ -379,19 +395,21 @@ class Runtime:
                                    or any(self._row_cap.get(t, pad_to) < pad_to for t in batch)):
             pad_to = None
         try:
-            wait_for_callers((r.event, r.args[0].device) for reqs in batch.values() for r in reqs)
+            for reqs in batch.values():
+                wait_for_callers(reqs)
             inputs = {t: concat([r.args for r in reqs]) for t, reqs in batch.items()}
             if pad_to is not None:
                 inputs = {t: pad(args, pad_to) for t, args in inputs.items()}
             outs = self._fused.run({t: as_call(a, self._calls.get(t)) for t, a in inputs.items()})
-            if not isinstance(outs, Mapping) or set(outs) != set(batch):
+            if type(outs) is not dict and not isinstance(outs, Mapping) or set(outs) != set(batch):
                 raise StfuseError(f"fused.run returned {type(outs).__name__} "
                                   f"{sorted(outs) if isinstance(outs, Mapping) else ''} for {sorted(batch)}")
             synchronize(inputs)
-            results = {}
+            results, rows = {}, {}
             for t, reqs in batch.items():
                 sizes = [r.rows for r in reqs]
-                extra = inputs[t][0].shape[0] - sum(sizes)
+                rows[t] = sum(sizes)
+                extra = inputs[t][0].shape[0] - rows[t]
                 if extra:
                     results[t] = split(outs[t], sizes + [extra])[:-1]
                 else:
@@ -400,19 +418,18 @@ class Runtime:
             self._isolate(batch, exc)
             return
         finish = time.perf_counter()
-        rows = {t: sum(r.rows for r in reqs) for t, reqs in batch.items()}
         with self._lock:  # the fair shares are the worker's, read by decide() under this lock
             self._scheduler.charge(rows, finish - start)
         with self._stats_lock:
             self._stats.launch(rows)
             self._scheduler.profile.observe(rows, finish - start)
             for t, reqs in batch.items():
-                for r in reqs:
-                    self._stats.request(t, r.arrival, finish)
+                self._stats.served(t, [r.arrival for r in reqs], finish)
         for t, reqs in batch.items():
             self._input_check.seen(t, reqs[0].args)
             for r, out in zip(reqs, results[t]):
-                hand_over(out, r.stream)
+                if r.stream is not None:
+                    hand_over(out, r.stream)
                 r.future.set_result(out)
 
     def _isolate(self, batch: dict[str, list[Request]], exc: Exception) -> None:
