@@ -27,6 +27,7 @@ from .ops import OPS
 
 aten = torch.ops.aten
 
+
 def unbind_contiguous(x: torch.Tensor, dim: int = 0):
     """``torch.unbind`` of a stacked value, each member laid out as its own model
     would have it: a stacked channels-last conv output (kernels/reference.py) is
@@ -57,8 +58,9 @@ def _view_attr(gm, graph, node: torch.fx.Node, suffix: str, view) -> torch.fx.No
     if not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
         return None
     name = f"{node.target}_{suffix}"
-    if not hasattr(gm, name):
-        gm.register_buffer(name, view(getattr(gm, node.target)))
+    while hasattr(gm, name):  # a fresh name: never another tensor's
+        name += "_"
+    gm.register_buffer(name, view(getattr(gm, node.target)))
     with graph.inserting_before(node.next):
         return graph.get_attr(name)
 
