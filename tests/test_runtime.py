@@ -921,3 +921,23 @@ def test_requests_of_other_lengths_run_in_separate_launches():
         assert_close(f.result(), float64_reference(models[t], (x,)), msg=f"{t} at {tuple(x.shape)}")
     assert stats["a"]["retries"] == 0 and stats["a"]["failed"] == 0
     assert stats["a"]["launches"] < len(lengths)  # equal lengths still merged
+
+
+def test_submit_takes_every_call_form_for_a_positional_tenant():
+    """A tenant traced with positional inputs: an (args, kwargs) pair works, and a dict is
+    refused with the program's own message (unknown keyword), not a type complaint."""
+    torch.manual_seed(0)
+    models = {"a": zoo.mlp(16, 32, 4), "b": zoo.mlp(16, 32, 4)}
+    fused = stfuse.compile(models, {t: torch.randn(2, 16) for t in models})
+    x = torch.randn(3, 16)
+    with Runtime(fused, slo_ms=1000) as rt:
+        assert_close(rt.submit("a", ((x,), {})).result(), float64_reference(models["a"], (x,)))
+        with pytest.raises(InputError, match=r"tenant 'a': unknown keyword argument\(s\) 'x'"):
+            rt.submit("a", {"x": x})
+
+
+def test_shed_takes_a_bool_or_none():
+    torch.manual_seed(0)
+    fused = stfuse.compile({"a": zoo.mlp(16, 32, 4)}, {"a": torch.randn(2, 16)})
+    with pytest.raises(StfuseError, match=r"shed must be True, False or None, got 'yes'"):
+        Runtime(fused, shed="yes")

@@ -139,7 +139,9 @@ class Scheduler:
         self.slo_s = dict(slo_s or {})
         self._order = {t: i for i, t in enumerate(self.tenants)}
         self.shares = Shares(self.tenants, weights, rate_limits, quantum_s=slice_s)
-        self.shed = self.SHED if shed is None else bool(shed)
+        if shed is not None and not isinstance(shed, bool):
+            raise StfuseError(f"scheduler: shed must be True, False or None, got {shed!r}")
+        self.shed = self.SHED if shed is None else shed
 
     def admit(self, tenant: str, now: float) -> str | None:
         """A request of `tenant` arrives at `now`: None to queue it, else why it is refused."""

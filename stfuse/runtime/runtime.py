@@ -56,6 +56,12 @@ def _ms(name: str, value, zero_ok: bool = False) -> float:
     return float(value)
 
 
+def _plain(args) -> bool:
+    """A Tensor, or a tuple or list of Tensors: a positional request."""
+    return isinstance(args, torch.Tensor) or (
+        isinstance(args, (tuple, list)) and all(isinstance(a, torch.Tensor) for a in args))
+
+
 class Runtime:
     """Serve many tenants of one FusedProgram through per-tenant queues and a scheduling policy.
 
@@ -105,6 +111,7 @@ class Runtime:
         self.max_queue = max_queue
         # Tenants called with keywords (or nested args): requests hold their flat tensors.
         self._calls = call_specs(fused)
+        self._specs = dict(getattr(fused, "specs", {}))
         examples = normalise_examples(self.tenants, example_inputs, self._calls) if example_inputs else {}
         self._input_check = InputCheck(fused, self._calls, examples)
         if isinstance(policy, Scheduler):
@@ -163,7 +170,10 @@ class Runtime:
         """
         if tenant not in self._queues:
             raise InputError(f"unknown tenant {tenant!r}; tenants are {self.tenants}")
-        args = as_args(tenant, args, self.max_batch, self._calls.get(tenant))
+        spec = self._calls.get(tenant)
+        if spec is None and not _plain(args):  # a dict or an (args, kwargs) pair: the program's own rule
+            spec = self._specs.get(tenant)
+        args = as_args(tenant, args, self.max_batch, spec)
         self._input_check(tenant, args)
         future = RequestFuture(self._on_cancel)
         with self._lock:
