@@ -111,7 +111,6 @@ class Runtime:
         self.max_queue = max_queue
         # Tenants called with keywords (or nested args): requests hold their flat tensors.
         self._calls = call_specs(fused)
-        self._specs = dict(getattr(fused, "specs", {}))
         examples = normalise_examples(self.tenants, example_inputs, self._calls) if example_inputs else {}
         self._input_check = InputCheck(fused, self._calls, examples)
         if isinstance(policy, Scheduler):
@@ -172,7 +171,7 @@ class Runtime:
             raise InputError(f"unknown tenant {tenant!r}; tenants are {self.tenants}")
         spec = self._calls.get(tenant)
         if spec is None and not _plain(args):  # a dict or an (args, kwargs) pair: the program's own rule
-            spec = self._specs.get(tenant)
+            spec = getattr(self._fused, "specs", {}).get(tenant)
         args = as_args(tenant, args, self.max_batch, spec)
         self._input_check(tenant, args)
         future = RequestFuture(self._on_cancel)
