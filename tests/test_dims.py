@@ -84,6 +84,31 @@ def test_llama_tenants_at_several_lengths():
     assert fused.respecialised == {} and fused.outside_range_calls == {}
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_decoders_fused_whole_at_mixed_lengths(family):
+    """GPT-2 (learned positions) and Qwen2 (rotary, grouped-query attention) with every
+    group kept (tune="off"): lengths that differ between tenants in one call, and a
+    length shared by both."""
+    import transformers as T
+
+    def model(seed):
+        torch.manual_seed(seed)
+        if family == "gpt2":
+            cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, use_cache=False,
+                               bos_token_id=0, eos_token_id=0)
+            return T.GPT2Model(cfg).eval()
+        cfg = T.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=64, vocab_size=100, max_position_embeddings=64, use_cache=False)
+        return T.Qwen2Model(cfg).eval()
+
+    models = {"a": model(0), "b": model(1)}
+    fused = stfuse.compile(models, {"a": bert_call(2, 8), "b": bert_call(2, 8, seed=1)},
+                           dynamic={"a": SEQ, "b": SEQ}, tune="off")
+    assert fused.plan.stats["fused_groups"] > 0
+    for lengths, batch in (((5, 21), 1), ((13, 13), 3)):
+        _check(models, fused, {"a": bert_call(batch, lengths[0], seed=7), "b": bert_call(batch, lengths[1], seed=8)})
+
+
 def test_inputs_show_their_named_dims_and_ranges(mixed):
     _, fused = mixed
     spec = fused.specs["b0"]
