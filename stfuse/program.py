@@ -13,6 +13,8 @@ The plan (groups, stats, summary, drawing) is stfuse/plan.py.
 
 from __future__ import annotations
 
+import logging
+import operator
 import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -22,11 +24,14 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import dims
-from .errors import InputError
+from .errors import InputError, StfuseError
 from .calls import InputSpec, call_problem, input_problem
 from .frontend import TenantGraph
 from .kernels.bind import bind
 from .plan import Plan
+
+log = logging.getLogger(__name__)
+_VERSION = operator.attrgetter("_version")
 
 
 @dataclass(frozen=True)
@@ -213,24 +218,61 @@ class FusedProgram(TenantCalls):
 
     def __init__(self, graph, history, compile_tenants=None):
         """``compile_tenants`` (api.compile_tenants; passed in, so this module does not
-        import the compiler back) compiles a tenant traced again for another batch range."""
-        self.graph = graph
+        import the compiler back) compiles a tenant traced again for another batch range, and
+        the tenants again after their models' weights changed in place."""
         self._compile_tenants = compile_tenants
         self._tenants: dict[str, TenantGraph] = graph.graph["tenants"]
-        self.plan = Plan(graph, history)
-        self._canonical = graph.graph["program"]
         self._init_calls({n: TenantSpec.of(tg) for n, tg in self._tenants.items()})
-        # Every program that runs is a canonical one bound to the tenants' device, once.
         self.device = next(iter(self._tenants.values())).device
-        gm, counts = self._canonical
-        self._programs[(self._names, True)] = (bind(gm, self.device), counts)
         self._lowering = threading.Lock()
+        self.weight_rebuilds = 0  # times a change to the models' weights rebuilt the program
+        self._adopt(graph, Plan(graph, history))
         # Tenants traced again for batch sizes outside their graph's range: name -> [FusedProgram]
         self.respecialised: dict[str, list[FusedProgram]] = {}
         self.outside_range_calls: dict[str, int] = {}  # per tenant, calls outside its traced range
         self._eager_batches: dict[str, set[int]] = {}  # per tenant, batch sizes no trace holds for
 
     MAX_RESPECIALISATIONS = 4  # per tenant; beyond, calls outside every traced range run eagerly
+
+    def _adopt(self, graph, plan: Plan) -> None:
+        """Take ``graph`` (the pipeline's output) as what runs: its plan, its canonical
+        program bound to the device (every program that runs is a canonical one bound
+        once), and the versions of the weights it was built from."""
+        self.graph, self.plan = graph, plan
+        self._canonical = graph.graph["program"]
+        gm, counts = self._canonical
+        self._programs = {(self._names, True): (bind(gm, self.device), counts)}
+        # The traced tenants' tensors are views of the models' own parameters and buffers
+        # and share their version counters. Packing and BatchNorm folding copy some of
+        # them, so a program built before an in-place change (load_state_dict, p.add_())
+        # would mix old and new weights; _execute rebuilds it instead. A tenant traced by
+        # the fx fallback runs its module itself, always with the current weights.
+        self._weights = [t for tg in self._tenants.values() if tg.method == "export"
+                         for t in tg.tensors.values()]
+        self._versions = list(map(_VERSION, self._weights))
+
+    def _rebuild_if_weights_changed(self) -> None:
+        """Compile again from the same traced tenants (their tensors are the models' current
+        weights) when any weight changed in place since this program was built. About
+        0.1 us per tensor per call to check; seconds to rebuild, once per change."""
+        if list(map(_VERSION, self._weights)) == self._versions:
+            return
+        with self._lowering:
+            if list(map(_VERSION, self._weights)) == self._versions:
+                return  # another thread rebuilt it
+            if self._compile_tenants is None:
+                raise StfuseError("the models' weights changed since this program was built, and "
+                                  "it has no compiler to build it again: call stfuse.compile again")
+            log.info("stfuse: the models' weights changed since compile; compiling again")
+            new = self._compile_tenants(dict(self._tenants))
+            self.respecialised.clear()  # compiled from the old weights; traced again on demand
+            self._eager_batches.clear()
+            self._adopt(new.graph, new.plan)
+            self.weight_rebuilds += 1
+
+    def _execute(self, active: tuple, args) -> list:
+        self._rebuild_if_weights_changed()
+        return super()._execute(active, args)
 
     @property
     def program(self) -> torch.fx.GraphModule:
@@ -299,6 +341,7 @@ class FusedProgram(TenantCalls):
         code. Options: see ``stfuse.artifact.save``."""
         from .artifact import save
 
+        self._rebuild_if_weights_changed()
         return save(self, path, **kwargs)
 
     def __repr__(self) -> str:

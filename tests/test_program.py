@@ -11,7 +11,7 @@ from stfuse import zoo
 from stfuse.errors import InputError
 from stfuse.calls import call_parts
 
-from conftest import assert_close, bert_call, float64_call_reference, vit_call
+from conftest import assert_close, bert_call, check_tenants, float64_call_reference, vit_call
 
 pytest.importorskip("transformers")
 
@@ -90,3 +90,48 @@ def test_a_bare_tensor_fills_a_one_input_keyword_tenant(mixed):
     call = vit_call(2, seed=3)
     out = fused.run({"vit": call["pixel_values"]})["vit"]
     assert_close(out, float64_call_reference(models["vit"], call))
+
+
+def _weight_change_tenants():
+    """Three tenants whose program has every kind of weight: a stacked group (packed
+    copies of the first layers), a grouped one (the last layers differ in width: the
+    models' own tensors) and a conv whose BatchNorm folds into new tensors."""
+    torch.manual_seed(0)
+    mlp = lambda out: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, out))
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    models = [mlp(4).eval(), mlp(5).eval(), cnn.eval()]
+    args = [(torch.randn(2, 8),), (torch.randn(2, 8),), (torch.randn(2, 3, 6, 6),)]
+    return models, args
+
+
+def test_weights_changed_in_place_are_used_whole():
+    """load_state_dict after compile: the next call runs the new weights everywhere, never a
+    mix of packed (copied) old weights and the models' own new ones."""
+    models, args = _weight_change_tenants()
+    fused = stfuse.compile(models, args, tune="off")
+    assert fused.plan.stats["fused_groups"] >= 2, fused.plan.summary()
+    check_tenants(fused, models, args)
+    check_tenants(fused, models, args)
+    assert fused.weight_rebuilds == 0  # calling never changes a weight itself
+    for m in models:
+        m.load_state_dict({k: v + 0.5 if v.is_floating_point() else v for k, v in m.state_dict().items()})
+    check_tenants(fused, models, args)
+    with torch.no_grad():
+        models[1][2].weight.mul_(2.0)  # an in-place edit of one unpacked weight
+    check_tenants(fused, models, args)
+    assert fused.weight_rebuilds == 2
+    assert fused.run({"2": args[2]})["2"].shape == models[2](*args[2]).shape  # subsets lower again
+
+
+def test_weights_replaced_keep_the_compiled_ones():
+    """Parameters replaced rather than changed (load_state_dict(assign=True)): the program
+    keeps the weights it was compiled with, all of them."""
+    models, args = _weight_change_tenants()
+    fused = stfuse.compile(models, args, tune="off")
+    with torch.no_grad():
+        before = [m(*a) for m, a in zip(models, args)]
+    for m in models:
+        m.load_state_dict({k: v * 3 for k, v in m.state_dict().items()}, assign=True)
+    for got, want in zip(fused(*[a[0] for a in args]), before):
+        assert_close(got, want)
+    assert fused.weight_rebuilds == 0

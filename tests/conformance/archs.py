@@ -149,6 +149,18 @@ ARCHS: dict[str, Arch] = {
                     num_attention_heads=4, vocab_size=VOCAB, use_cache=False),
     "bloom": _text("BloomModel", "BloomConfig", mask=False, hidden_size=32, n_layer=2, n_head=4,
                    vocab_size=VOCAB, use_cache=False),
+    # parallel attention + MLP, rotary on part of the head
+    "gptj": _text("GPTJModel", "GPTJConfig", mask=False, n_embd=32, n_layer=2, n_head=2, rotary_dim=8,
+                  vocab_size=VOCAB, n_positions=64, use_cache=False),
+    # multi-query attention (one shared K/V head)
+    "gpt_bigcode": _text("GPTBigCodeModel", "GPTBigCodeConfig", mask=False, n_embd=32, n_layer=2, n_head=2,
+                         vocab_size=VOCAB, n_positions=64, use_cache=False),
+    # logit soft-capping, sliding-window layers, pre- and post-norms
+    "gemma2": _text("Gemma2Model", "Gemma2Config", **_LM, num_key_value_heads=1, head_dim=16),
+    # encoder-decoder: cross attention, decoder inputs shifted from input_ids
+    "bart": _text("BartModel", "BartConfig", "encoder", d_model=32, encoder_layers=1, decoder_layers=1,
+                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                  decoder_ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64, use_cache=False),
     # --- encoders ------------------------------------------------------------------
     "bert": _text("BertModel", "BertConfig", "encoder", **_ENC),
     "roberta": _text("RobertaModel", "RobertaConfig", "encoder", **_ENC),
@@ -163,6 +175,8 @@ ARCHS: dict[str, Arch] = {
     "clip_text": _text("CLIPTextModel", "CLIPTextConfig", "encoder", hidden_size=32,
                        intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
                        vocab_size=VOCAB, max_position_embeddings=64),
+    # span-based dynamic convolution heads next to self-attention
+    "convbert": _text("ConvBertModel", "ConvBertConfig", "encoder", **_ENC, embedding_size=32),
     # --- vision --------------------------------------------------------------------
     "vit": Arch("vision", _model("ViTModel", "ViTConfig", **_VIT), _images(16)),
     "deit": Arch("vision", _model("DeiTModel", "DeiTConfig", **_VIT), _images(16)),
@@ -193,6 +207,19 @@ ARCHS: dict[str, Arch] = {
     # BiT: weight-standardised convs, GroupNorm (4 groups here) + ReLU
     "bit": Arch("vision", _model("BitModel", "BitConfig", embedding_size=8, hidden_sizes=[8, 16],
                                  depths=[1, 1], num_groups=4), _images(32)),
+    # efficient attention (a strided conv shrinks K/V), depthwise conv in the MLP
+    "segformer": Arch("vision", _model("SegformerModel", "SegformerConfig", num_encoder_blocks=2, depths=[1, 1],
+                                       sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
+                                       mlp_ratios=[2, 2], patch_sizes=[7, 3], strides=[4, 2]), _images(32)),
+    # cosine attention with a log-spaced continuous position bias MLP
+    "swinv2": Arch("vision", _model("Swinv2Model", "Swinv2Config", image_size=32, patch_size=4, embed_dim=16,
+                                    depths=[1, 1], num_heads=[1, 2], window_size=4), _images(32)),
+    # average pooling as the token mixer, GroupNorm(1) as the norm
+    "poolformer": Arch("vision", _model("PoolFormerModel", "PoolFormerConfig", hidden_sizes=[16, 32],
+                                        depths=[1, 1], num_encoder_blocks=2, patch_sizes=[7, 3],
+                                        strides=[4, 2], padding=[2, 1]), _images(32)),
+    "mobilenet_v1": Arch("vision", _model("MobileNetV1Model", "MobileNetV1Config", image_size=32,
+                                          depth_multiplier=0.25), _images(32)),
     # not transformers: stfuse.zoo's GroupNorm residual CNN (diffusion-UNet-style blocks)
     "gn_cnn": Arch("vision", _zoo("gn_cnn", channels=12, groups=3, blocks=2), _images(16)),
     # --- audio ---------------------------------------------------------------------
@@ -222,6 +249,8 @@ MIXES: dict[str, tuple[str, ...]] = {
     "vit+deit+swin": ("vit", "deit", "swin"),
     "mobilenet_v2+efficientnet+mobilevit": ("mobilenet_v2", "efficientnet", "mobilevit"),
     "bert+vit+wav2vec2": ("bert", "vit", "wav2vec2"),
+    "gptj+gpt_bigcode+gemma2": ("gptj", "gpt_bigcode", "gemma2"),
+    "segformer+poolformer+swinv2": ("segformer", "poolformer", "swinv2"),
 }
 
 # Known failures, tracked by issue 11 and fixed in passes/ (the tests xfail them

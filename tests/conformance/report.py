@@ -44,7 +44,7 @@ def _run(names, seeds, example_batches, calls):
             models = [ARCHS[n].make_model(s) for n, s in zip(names, seeds)]
             examples = [ARCHS[n].make_inputs(b, length or ARCHS[n].lengths[0], s)
                         for n, s, b in zip(names, seeds, example_batches)]
-            fused = stfuse.compile(models, examples)
+            fused = stfuse.compile(models, examples, tune="off")  # as the tests
         except Exception as err:  # noqa: BLE001 - recorded in the table
             row["error"] = row["error"] or f"compile: {_first_line(err)}"
             continue
@@ -92,7 +92,8 @@ def main() -> None:
         "(torch reference kernels).",
         "",
         "Per architecture: 2 tenants with different random weights from a tiny config "
-        f"(tests/conformance/archs.py), compiled at batch {EXAMPLE_BATCH} per sequence length "
+        f"(tests/conformance/archs.py), compiled with `tune=\"off\"` (every group the matcher "
+        f"forms is fused) at batch {EXAMPLE_BATCH} per sequence length "
         f"and called at batch {', '.join(map(str, CALL_BATCHES))}. Coverage is `fused.plan.stats['coverage']` "
         "(fused ops / fusable ops); max error is the largest |fused - ref| / (1 + |ref|) "
         f"against the float64 reference over all outputs and calls (pass: <= {TOL:g}). "

@@ -5,6 +5,11 @@ with different weights, compiled once per sequence length at batch 2 and called 
 batch 1, 2 and 3; per mixed set: 3 architectures compiled at batch 1 and called at
 other batch sizes; one tenant alone of every architecture with a known failure. Every output is checked against its float64 reference with the
 tolerance table. Known failures are strict xfails naming their issue item.
+
+Everything compiles with ``tune="off"``: every group the matcher forms is fused, so the
+tier checks fusion itself on every family, not the cost model's choice (which keeps
+few groups of models this small). It costs no more CPU than ``tune="model"``: the
+conformance tier took 5.0 min of CPU at "off" against 5.4 min at "model" (2026-11-30).
 """
 
 import pytest
@@ -70,7 +75,7 @@ def test_same_architecture(compiled, name, length, batch):
     def build():
         models = [ARCHS[name].make_model(s) for s in SEEDS]
         examples = [_inputs(name, EXAMPLE_BATCH, length, s) for s in SEEDS]
-        return stfuse.compile(models, examples), models
+        return stfuse.compile(models, examples, tune="off"), models
 
     fused, models = compiled.get_or_build((name, length), build)
     args = [_inputs(name, batch, length, 10 + s) for s in SEEDS]
@@ -100,7 +105,7 @@ def test_mixed_architectures(compiled, mix, batches):
     def build():
         models = [ARCHS[n].make_model(i) for i, n in enumerate(names)]
         examples = [_inputs(n, 1, ARCHS[n].lengths[0], i) for i, n in enumerate(names)]
-        return stfuse.compile(models, examples), models
+        return stfuse.compile(models, examples, tune="off"), models
 
     fused, models = compiled.get_or_build(mix, build)
     args = [_inputs(n, b, ARCHS[n].lengths[0], 10 + i) for i, (n, b) in enumerate(zip(names, batches))]
