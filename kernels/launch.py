@@ -107,7 +107,9 @@ def to_device(parts: Sequence[torch.Tensor], device: torch.device) -> list[torch
         buf[at:at + f.numel()] = f
         at += n
     if cuda:
-        buf = buf.to(device, non_blocking=True)
+        staging, buf = buf, buf.to(device, non_blocking=True)
+        if _CAPTURED is not None:  # a captured copy reads this staging memory on every replay
+            _CAPTURED.extend((staging, buf))
     out, at = [], 0
     for p, n in zip(parts, sizes):
         out.append(buf[at:at + p.numel()].view(p.shape))
@@ -221,6 +223,22 @@ class Stack:
         return (tuple(sig), self.extra), [0 if t is None else t.data_ptr() for t in self.tensors]
 
 
+# While a CUDA graph captures (kernels/graphs.py): every table a launch reads and every
+# pinned staging block a copy reads, kept alive with the graph (its replays read them)
+_CAPTURED: list | None = None
+
+
+@contextlib.contextmanager
+def keep_captured(keep: list):
+    """Inside: the tables and staging blocks launches use are appended to ``keep``."""
+    global _CAPTURED
+    old, _CAPTURED = _CAPTURED, keep
+    try:
+        yield keep
+    finally:
+        _CAPTURED = old
+
+
 # (kernel, constexprs, device, signature, floats) -> _Entry; bounded (cleared when full)
 _ENTRIES: dict[tuple, _Entry] = {}
 _MAX_ENTRIES = 512
@@ -301,10 +319,11 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
             if uniform is not None:
                 launch.extend_uniform(uniform, floats)
             if launch.total == 0:
-                return lambda: None
+                return _nothing
             ptr_columns = _pointer_columns(template, steps, len(member_tensors(ms[0])))
             plan, keep = _Plan(launch, now, row_of, uniform, device, ptr_columns), launch.keep
-            if plan.cells is not None:
+            # a plan made while a graph captures has tables that only its replays fill
+            if plan.cells is not None and _CAPTURED is None:
                 entry.plans[id(cfg)] = plan
             table, tiles, float_table = plan.device_tables
         options = launch_options(cfg)
@@ -312,11 +331,16 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
 
         def launch_now() -> None:
             _ = keep  # the temporaries the table points into live until the launch is queued
+            if _CAPTURED is not None:  # a CUDA graph replays these tables: they must outlive it
+                _CAPTURED.extend((table, tiles, float_table))
             # Triton launches on the current device: make it the tensors' own (cuda:1 from a
             # thread whose current device is cuda:0 would otherwise read foreign memory).
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 kernel[grid](table, tiles, float_table, **consts, **options)
 
+        # the same members at the same addresses may launch it again (kernels/arena.py),
+        # unless the table points into a temporary copied for this call
+        launch_now.reusable = not keep
         return launch_now
 
     def run(cfg: triton.Config) -> None:
@@ -324,6 +348,13 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
 
     run.prepare, run.consts = prepare, consts
     return run
+
+
+def _nothing() -> None:
+    """The launch of members with no work."""
+
+
+_nothing.reusable = True
 
 
 def launch_options(cfg: triton.Config) -> dict:
@@ -345,6 +376,11 @@ def tuning():
         yield
     finally:
         _TUNING = old
+
+
+def tuning_now() -> bool:
+    """Whether an explicit warm-up (``tuning()``) is timing configs now."""
+    return _TUNING
 
 
 def choose_config(key: tuple, configs: list[triton.Config], run, default: int = 0) -> triton.Config:
