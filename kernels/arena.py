@@ -119,7 +119,9 @@ class GroupedLinearSite:
             ys = st.arenas[x[0].dtype, shapes] = arena_outputs(shapes, x[0].dtype, x[0].device)
         kept = []
         triton_gemm.grouped_linear(*args, out=ys, plan=kept)
-        if kept and kept[0].reusable and not launch.tuning_now():
+        # the table holds x's own address (rows are a view of it) and ext's (no dtype cast)
+        views = all(t.dim() == 2 or t.is_contiguous() for t in x) and all(t.dtype == x[0].dtype for t in ext)
+        if kept and kept[0].reusable and views and not launch.tuning_now():
             st.x, st.ext, st.launch, st.ys = list(x), list(ext), kept[0], ys
             st.addresses = [*map(_PTR, x), *map(_PTR, ext)]
             st.tf32 = torch.backends.cuda.matmul.allow_tf32

@@ -338,9 +338,10 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 kernel[grid](table, tiles, float_table, **consts, **options)
 
-        # the same members at the same addresses may launch it again (kernels/arena.py),
-        # unless the table points into a temporary copied for this call
-        launch_now.reusable = not keep
+        # the same members at the same addresses may launch it again (kernels/arena.py)
+        # where the table points at the members themselves (a plan's condition), not at a
+        # temporary copied for this call, and no graph captures it (its tables fill on replay)
+        launch_now.reusable = plan.cells is not None and _CAPTURED is None
         return launch_now
 
     def run(cfg: triton.Config) -> None:
