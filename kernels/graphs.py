@@ -58,9 +58,10 @@ class CudaGraphs:
             torch.cuda.current_stream().wait_stream(side)
             graph, keep = torch.cuda.CUDAGraph(), []
             try:
-                # thread_local: the runtime's other threads may use CUDA meanwhile
+                # thread_local: the runtime's other threads may use CUDA meanwhile; a stream of
+                # its own: a failed capture leaves nothing behind on a stream another one uses
                 with (launch.keep_captured(keep), torch.no_grad(),
-                      torch.cuda.graph(graph, capture_error_mode="thread_local")):
+                      torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local")):
                     static_out = program(*static_in)
             except Exception:
                 torch.cuda.synchronize()  # let a broken capture's work drain before going on
