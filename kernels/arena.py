@@ -60,7 +60,7 @@ _MAX_STATES = 16  # (thread, stream) pairs kept per site
 class _State:
     """One (thread, stream)'s arenas and last launch."""
 
-    __slots__ = ("arenas", "x", "ext", "addresses", "tf32", "launch", "ys")
+    __slots__ = ("arenas", "x", "ext", "addresses", "tf32", "launch", "ys", "sig")
 
     def __init__(self):
         self.arenas: dict[tuple, list[torch.Tensor]] = {}
@@ -87,7 +87,8 @@ class GroupedLinearSite:
         self.epilogue, self.scalars = epilogue, [float(s) for s in scalars]
         self._states: dict[tuple, _State] = {}
         self.__name__ = self.__qualname__ = name  # how torch.fx names it in the program's code
-        self.launches_again = 0  # calls that launched what the last call kept (tests read it)
+        # calls that launched what the last call kept, as it was / with x moved (tests read them)
+        self.launches_again = self.moved_launches = 0
 
     def __call__(self, x: list, ext: list) -> list:
         device = x[0].device if x else None
@@ -99,7 +100,29 @@ class GroupedLinearSite:
             st.launch()
             self.launches_again += 1
             return st.ys
+        if st is not None and st.x is not None and len(x) == len(st.x):
+            moved = self._moved(x, ext, st)
+            if moved is not None:
+                return moved
         return self._call(x, ext, key, st)
+
+    def _moved(self, x: list, ext: list, st: _State) -> list | None:
+        """The kept launch for inputs of the same shapes, strides, dtypes and devices at other
+        addresses (the program's first op, reading the tenants' inputs): the x cells of its
+        table patched and copied; None where that does not apply."""
+        if not (st.launch.now and all(map(operator.is_, ext, st.ext)) and [(t.shape, t.stride(), t.dtype, t.device) for t in x] == st.sig
+                and torch.backends.cuda.matmul.allow_tf32 == st.tf32 and not launch.tuning_now()):
+            return None
+        now = list(st.launch.now)
+        now[::len(now) // len(x)] = addresses = list(map(_PTR, x))  # x leads each member's addresses
+        moved = st.launch.moved(now)
+        if moved is None:
+            return None
+        moved()
+        st.x, st.launch = list(x), moved
+        st.addresses[:len(x)] = addresses
+        self.moved_launches += 1
+        return st.ys
 
     def _call(self, x: list, ext: list, key: tuple, st: _State | None) -> list:
         args = (x, self.w, self.b, self.epilogue, ext, self.scalars)
@@ -124,6 +147,7 @@ class GroupedLinearSite:
         if kept and kept[0].reusable and views and not launch.tuning_now():
             st.x, st.ext, st.launch, st.ys = list(x), list(ext), kept[0], ys
             st.addresses = [*map(_PTR, x), *map(_PTR, ext)]
+            st.sig = [(t.shape, t.stride(), t.dtype, t.device) for t in x]
             st.tf32 = torch.backends.cuda.matmul.allow_tf32
         else:
             st.x = None

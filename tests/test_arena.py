@@ -42,17 +42,29 @@ def test_a_site_launches_again_while_its_inputs_stay_put():
     assert site.launches_again == 2
 
 
-def test_moved_inputs_take_the_full_path_into_the_same_arena():
+def test_moved_inputs_patch_the_kept_launch_into_the_same_arena():
     x, w, b = members(1)
     site = arena.GroupedLinearSite(w, b, "relu", [])
     first = [t.clone() for t in site(x, [])]
-    x2, _, _ = members(2)
-    ys = site(x2, [])
-    assert site.launches_again == 0
-    assert_close(ys, ref(x2, w, b))
+    for seed in (2, 3):  # new tensors of the same shapes: the x cells of the table move
+        x2, _, _ = members(seed)
+        ys = site(x2, [])
+        assert_close(ys, ref(x2, w, b))
+    assert (site.launches_again, site.moved_launches) == (0, 2)
     assert not torch.equal(ys[0], first[0])
-    x3, _, _ = members(3, rows=(4, 5, 1))  # other shapes: another arena
+    assert site(x2, []) is ys and site.launches_again == 1  # then in place again
+    x3, _, _ = members(4, rows=(4, 5, 1))  # other shapes: the full path, another arena
     assert [tuple(y.shape) for y in site(x3, [])] == [(4, 9), (5, 9), (1, 9)]
+    assert site.moved_launches == 2
+
+
+def test_inputs_that_lose_the_alignment_of_vector_loads_take_the_full_path():
+    x, w, b = members(5, K=16, N=16)  # fp32 rows of 64 bytes: VEC=4 where addresses are 16-byte aligned
+    site = arena.GroupedLinearSite(w, b, "", [])
+    site(x, [])
+    shifted = [torch.randn(t.numel() + 1)[1:].view(t.shape) for t in x]  # contiguous, 4 bytes off
+    assert_close(site(shifted, []), ref(shifted, w, b, ""))
+    assert site.moved_launches == 0
 
 
 def test_arena_outputs_share_one_block_and_start_aligned():
