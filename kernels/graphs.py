@@ -44,6 +44,9 @@ _FAILED = object()  # a signature whose capture failed: eager from then on
 class CudaGraphs:
     """Captures and replays with ``torch.cuda.CUDAGraph``."""
 
+    def __init__(self):
+        self._side = None  # the warm-ups' stream: planned sites keep one arena set for it
+
     def usable(self, device: torch.device) -> bool:
         return device.type == "cuda" and torch.cuda.is_available()
 
@@ -51,7 +54,7 @@ class CudaGraphs:
         """``replay(flat) -> outputs`` for ``program`` at ``flat``'s signature; raises where capture fails."""
         with torch.cuda.device(device):
             static_in = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in flat)
-            side = torch.cuda.Stream()
+            side = self._side = self._side or torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), torch.no_grad():
                 program(*static_in)  # warm-up: compiles, fills plans and arenas for the side stream
