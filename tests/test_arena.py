@@ -131,3 +131,31 @@ def test_plan_sites_binds_every_grouped_gemm_and_clones_what_leaves(grouped):
         planned(*xs)
     assert all(torch.equal(a, b) for a, b in zip(first, kept))
     assert all(s.launches_again >= 1 for s in sites[1:])  # ops after the first read the arena before them
+
+
+# --- GPU: planned sites on CUDA streams, without a sync ---------------------------------
+
+
+@pytest.mark.gpu
+def test_sites_on_cuda_keep_an_arena_per_stream_and_never_synchronize():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x, w, b = (list(t.cuda() if t is not None else None for t in ts) for ts in members(7, rows=(64, 5, 33), K=256, N=128))
+    site = arena.GroupedLinearSite(w, b, "relu", [])
+    mine = site(x, [])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        theirs = site(x, [])
+    torch.cuda.current_stream().wait_stream(side)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(mine, theirs))
+    moved = [t.clone() for t in x]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        site(x, [])  # in place: the kept launch
+        ys = site(moved, [])  # moved: the x cells patched through pinned memory
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (site.launches_again, site.moved_launches) == (1, 1)
+    assert_close([y.cpu() for y in ys], ref([t.cpu() for t in x], [t.cpu() for t in w],
+                                           [None if t is None else t.cpu() for t in b]), k=256)
