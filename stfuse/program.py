@@ -233,9 +233,11 @@ class FusedProgram(TenantCalls):
     MAX_RESPECIALISATIONS = 4  # per tenant; beyond, calls outside every traced range run eagerly
 
     @property
-    def program(self) -> torch.fx.GraphModule:
+    def program(self) -> torch.nn.Module:
         """The fx program that runs every tenant at one batch size: the canonical program
-        bound to the device (kernels/bind.py): on CPU it calls the ops' torch kernels."""
+        bound to the device (kernels/bind.py): on CPU it calls the ops' torch kernels; on
+        CUDA its grouped GEMMs are planned and it replays as CUDA graphs (a GraphedProgram
+        with the same ``graph`` and ``code``; docs/cuda.md)."""
         return self._programs[(self._names, True)][0]
 
     @property
