@@ -121,10 +121,11 @@ class GraphedProgram(torch.nn.Module):
     def signature(self, flat: tuple) -> tuple | None:
         """What a graph is keyed by: each input's shape, stride and dtype (a non-tensor: its
         value); None where the call cannot replay (an input elsewhere, an unhashable value)."""
-        key = []
+        key, want = [], self.device
         for t in flat:
             if isinstance(t, torch.Tensor):
-                if t.device != self.device:
+                at = t.device  # "cuda" (no index) stands for any CUDA device
+                if at.type != want.type or (want.index is not None and at.index != want.index):
                     return None
                 key.append((t.shape, t.stride(), t.dtype))
             else:
