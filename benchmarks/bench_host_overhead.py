@@ -1,22 +1,36 @@
 """Host work per fused GEMM call: what stfuse spends around one Triton launch.
 
 The paper's GEMM (M=256, N=128, K=1152, fp32) across R = 1, 8, 32, 118 tenants,
-through the Triton launchers of ``stacked_linear`` (one [R, M, K] stack) and
-``grouped_linear`` (R separate members), as the fused program calls them:
+as the fused program on CUDA calls it:
+
+- ``stacked``: ``stacked_linear`` over one [R, M, K] stack (members at one batch);
+- ``grouped``: a planned grouped GEMM (kernels/arena.py: weights bound, outputs in
+  an arena) whose inputs are the tensors of its last call, at the same addresses:
+  every op of a planned chain but the first reads the arena of the op before it;
+- ``moved``: the same site, its R inputs other tensors of the same shapes on every
+  call (two sets taken in turn, neither the one the launch plan was built for, so
+  every call patches and copies the table): the first grouped op of a program,
+  which reads the tenants' own inputs;
+- ``unplanned``: ``grouped_linear`` as the dispatcher calls it, the path before
+  memory planning (R output allocations and a full member signature per call).
+
+Columns (medians of ``--repeat`` calls after warm-up):
 
 - ``records``: argument checks, output allocation and the per-member records
-  (views, operands), and the config choice;
+  (views, operands), the config choice; for a site (grouped, moved) all its own
+  work: identity, shape and address checks, and a moved table's patch and copy;
 - ``tables``: the launch plan (kernels/launch.py): the member signature, the
   plan lookup, and the problem table refreshed and copied where addresses
   moved (built from scratch only on a plan's first call);
 - ``launch``: the kernel launch call itself;
-- ``total``: the whole op call, median of ``--repeat`` calls after warm-up.
+- ``total``: the whole op call.
 
-On a machine without CUDA the launch is STUBBED (the kernel is replaced by a
-function that returns at once; configs are never timed on a call anyway), so
-the numbers are host work alone, on CPU tensors. On CUDA the
-kernels run for real; each call is timed to its return, as a caller sees it
-(launches are asynchronous; no synchronize inside the timing).
+On a machine without CUDA the kernel launch is STUBBED: ``kernel[grid](...)``
+returns at once (Triton's own launcher, ~4 us of Python per launch on a GPU
+host, is left out; configs are never timed on a call anyway), and tensors are
+on the CPU; everything else a call does runs as it would. On CUDA the kernels
+run for real; each call is timed to its return, as a caller sees it (launches
+are asynchronous; no synchronize inside the timing).
 
     python benchmarks/bench_host_overhead.py [--repeat 200]
 
@@ -38,6 +52,7 @@ from common import machine
 
 M, N, K = 256, 128, 1152
 RS = (1, 8, 32, 118)
+KINDS = ("stacked", "grouped", "moved", "unplanned")
 
 
 class _Timed:
@@ -107,25 +122,34 @@ class _TimedKernel:
         return self.timer.wrap(self.kernel[grid])
 
 
-def measure(kind: str, R: int, device: torch.device, repeat: int, stub: bool) -> dict:
-    from stfuse.kernels import triton_gemm
+def _op(kind: str, R: int, device: torch.device):
+    """(the op call, its argument sets: one per call, taken in turn) for ``kind``."""
+    from stfuse.kernels import arena, triton_gemm
 
     g = torch.Generator().manual_seed(R)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device)
     if kind == "stacked":
-        args = (torch.randn(R, M, K, generator=g).to(device), torch.randn(R, N, K, generator=g).to(device),
-                torch.randn(R, N, generator=g).to(device), "", [], [])
-        op = triton_gemm.stacked_linear
-    else:
-        args = ([torch.randn(M, K, generator=g).to(device) for _ in range(R)],
-                [torch.randn(N, K, generator=g).to(device) for _ in range(R)],
-                [torch.randn(N, generator=g).to(device) for _ in range(R)], "", [], [])
-        op = triton_gemm.grouped_linear
+        return triton_gemm.stacked_linear, [(randn(R, M, K), randn(R, N, K), randn(R, N), "", [], [])]
+    w, b = [randn(N, K) for _ in range(R)], [randn(N) for _ in range(R)]
+    xs = [[randn(M, K) for _ in range(R)] for _ in range(3 if kind == "moved" else 1)]
+    if kind == "unplanned":
+        return triton_gemm.grouped_linear, [(x, w, b, "", [], []) for x in xs]
+    return arena.GroupedLinearSite(w, b, "", []), [(x, []) for x in xs]
+
+
+def measure(kind: str, R: int, device: torch.device, repeat: int, stub: bool) -> dict:
+    op, arg_sets = _op(kind, R, device)
     totals, tables_us, launch_us = [], [], []
     with _instrumented(stub) as (tables, launch):
+        if len(arg_sets) > 1:  # the plan is built for the first set; the timed calls move from it
+            op(*arg_sets[0])
+            arg_sets = arg_sets[1:]
         for i in range(repeat + max(5, repeat // 10)):
             tables.seconds = launch.seconds = 0.0
             start = time.perf_counter()
-            op(*args)
+            op(*arg_sets[i % len(arg_sets)])
             total = time.perf_counter() - start
             if i >= max(5, repeat // 10):  # after warm-up (first calls compile, tune, fill caches)
                 totals.append(total * 1e6)
@@ -149,7 +173,7 @@ def main(argv=None) -> int:
               "host work alone")
     print(f"{'kind':<8} {'R':>4} {'total us':>9} {'records':>8} {'tables':>8} {'launch':>8} {'us/member':>9}")
     rows = []
-    for kind in ("stacked", "grouped"):
+    for kind in KINDS:
         for R in RS:
             r = measure(kind, R, device, args.repeat, stub)
             rows.append(r)

@@ -6,13 +6,15 @@
 #   OUT=/tmp/gpu PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
 #
 # Steps (each one's output in ${OUT}/<step>.txt, JSON beside it; the time limit of each
-# keeps the whole under 8 minutes: 120 + 60 + 150 + 30 + 90 = 450 s at most, one by one):
+# keeps the whole under 8 minutes: 120 + 60 + 150 + 30 + 30 + 90 = 480 s at most, one by one):
 #   1. gpu         the gpu-marked tests (Triton kernels on CUDA against float64 references)
 #   2. kernels     `stfuse kernels --quick` for the local arch: regs, spills, tensor cores, ...
 #   3. gemm        bench_gpu_kernels.py: the paper's GEMM, fp32 and bf16, R over 1..118 (same
 #                  shape; FULL=1 adds every R and the mixed-shape sweep)
 #   4. host        bench_host_overhead.py: host work per fused call, launches real
-#   5. models      bench_models.py --quick on CUDA
+#   5. graphs      bench_graphs.py: whole fused programs replayed as CUDA graphs against op by
+#                  op (kernels/graphs.py; the gpu step's test_graphs.py checks their outputs)
+#   6. models      bench_models.py --quick on CUDA
 # Without CUDA (a dry run) it says what it skips, runs what works on a CPU (kernels for
 # sm_90, host overhead with the launch stubbed, both shortened) and exits 0.
 # FULL=1 runs the full kernel sweep and every R (longer than 8 minutes).
@@ -55,6 +57,7 @@ step kernels 60 0 "$PYTHON" -m stfuse.cli kernels $QUICK -q --arch "$ARCH" --jso
 step gemm 150 1 "$PYTHON" benchmarks/bench_gpu_kernels.py "${RS[@]}" --out "$OUT/gpu_kernels.json"
 if [ "$CUDA" = 1 ]; then HOST_REPEAT=200; else HOST_REPEAT=20; fi
 step host 30 0 "$PYTHON" benchmarks/bench_host_overhead.py --repeat "$HOST_REPEAT" --json "$OUT/host_overhead.json"
+step graphs 30 1 "$PYTHON" benchmarks/bench_graphs.py --rs 8 --repeat 30 --json "$OUT/graphs.json"
 step models 90 1 "$PYTHON" benchmarks/bench_models.py --quick --device cuda --out "$OUT/models.json"
 
 "$PYTHON" benchmarks/gpu_summary.py "$OUT" "${STATUS[@]}" >"$OUT/summary.md"

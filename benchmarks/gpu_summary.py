@@ -3,7 +3,7 @@
     python benchmarks/gpu_summary.py OUT_DIR "step: status" ...
 
 Reads what the steps wrote under OUT_DIR (kernels.json, gpu_kernels.json,
-host_overhead.json, models.json); a file that is missing (a skipped or failed step)
+host_overhead.json, graphs.json, models.json); a file that is missing (a skipped or failed step)
 gets a line saying so. Prints markdown for benchmarks/RESULTS.md.
 """
 
@@ -78,6 +78,12 @@ def host(results) -> list[str]:
                                                            rows)
 
 
+def graphs(results) -> list[str]:
+    rows = [[r["form"], r["R"], f"{r['graphs_us']:.1f}", f"{r['eager_us']:.1f}",
+             f"{r['eager_us'] / r['graphs_us']:.2f}x", r["replays"]] for r in results["rows"]]
+    return [results["machine"], ""] + _table(["form", "R", "graphs us", "op by op us", "speedup", "replays"], rows)
+
+
 def models(results) -> list[str]:
     rows = results if isinstance(results, list) else results.get("rows", [])
     if not rows:
@@ -89,6 +95,7 @@ def models(results) -> list[str]:
 SECTIONS = [("kernels.json", "stfuse kernels (local arch)", kernels),
             ("gpu_kernels.json", "bench_gpu_kernels.py: the paper's GEMM", gemm),
             ("host_overhead.json", "bench_host_overhead.py", host),
+            ("graphs.json", "bench_graphs.py: CUDA graphs against op by op", graphs),
             ("models.json", "bench_models.py --quick", models)]
 
 

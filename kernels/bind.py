@@ -8,7 +8,9 @@ turns it into the program that runs, for compiled and loaded programs alike:
   aten ops lowering itself adds (stack, unbind, unsqueeze) call their torch
   functions: the same kernels the dispatcher would pick, without its boxing
   (about 3 us per call, most of a batch-1 MLP's budget).
-- CUDA: the program as it is; the custom ops dispatch to their Triton kernels.
+- CUDA: the custom ops dispatch to their Triton kernels, grouped GEMMs over the
+  program's weights run as planned sites (kernels/arena.py), and the whole program
+  replays as a CUDA graph per input signature (kernels/graphs.py).
 
 Before/after (CPU)::
 
@@ -82,11 +84,19 @@ def _bind_stacked_linear(gm, graph, n: torch.fx.Node) -> None:
 _CPU_SPECIALISE = {"stacked_linear": _bind_stacked_linear}
 
 
-def bind(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:
+def bind(gm: torch.fx.GraphModule, device: torch.device, graphs: bool = True) -> torch.nn.Module:
     """The program that runs ``gm`` on ``device`` (a new module sharing gm's weights;
-    gm itself is not changed)."""
+    gm itself is not changed). On CUDA: grouped GEMMs over the program's own weights
+    planned (kernels/arena.py), and with ``graphs`` (unless STFUSE_CUDA_GRAPHS=0) the
+    whole program replayed as a CUDA graph per input signature (kernels/graphs.py)."""
     if device.type != "cpu":
-        return gm
+        from stfuse.config import cuda_graphs
+
+        from .arena import plan_sites
+        from .graphs import GraphedProgram
+
+        planned, _ = plan_sites(gm)
+        return GraphedProgram(planned, device) if graphs and cuda_graphs() else planned
     graph = copy.deepcopy(gm.graph)
     bound = torch.fx.GraphModule(gm, graph)
     for n in list(graph.nodes):

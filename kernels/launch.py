@@ -107,7 +107,9 @@ def to_device(parts: Sequence[torch.Tensor], device: torch.device) -> list[torch
         buf[at:at + f.numel()] = f
         at += n
     if cuda:
-        buf = buf.to(device, non_blocking=True)
+        staging, buf = buf, buf.to(device, non_blocking=True)
+        if _CAPTURED is not None:  # a captured copy reads this staging memory on every replay
+            _CAPTURED.extend((staging, buf))
     out, at = [], 0
     for p, n in zip(parts, sizes):
         out.append(buf[at:at + p.numel()].view(p.shape))
@@ -150,7 +152,7 @@ def _span_ok(t: torch.Tensor | None) -> bool:
 class _Plan:
     """One launch's device tables and what it takes to reuse them (see the module docstring)."""
 
-    __slots__ = ("total", "host", "device_tables", "cells", "addresses", "uniform")
+    __slots__ = ("total", "host", "device_tables", "cells", "addresses", "uniform", "_at")
 
     def __init__(self, launch: Launch, addresses, row_of, uniform, device, ptr_columns):
         host, tiles, floats = launch.host_tables()
@@ -159,6 +161,7 @@ class _Plan:
         self.device_tables = [table, tiles, floats.view(torch.float64)]
         # (rows, columns, address index) of every address cell; None: rebuild the table per call
         self.cells = self._locate(row_of, ptr_columns)
+        self._at = torch.tensor(addresses, dtype=torch.int64)
 
     def _locate(self, row_of, ptr_columns):
         """Where each member address sits in the table, checked against the table itself
@@ -190,7 +193,7 @@ class _Plan:
             host = self.host + torch.tensor(row, dtype=torch.int64)
         else:
             rows, cols, index = self.cells
-            delta = torch.tensor(now, dtype=torch.int64) - torch.tensor(self.addresses, dtype=torch.int64)
+            delta = torch.tensor(now, dtype=torch.int64) - self._at
             host = self.host.clone()
             host[rows, cols] += delta[index]
         return [to_device([host], device)[0], *self.device_tables[1:]]
@@ -219,6 +222,22 @@ class Stack:
     def signature(self) -> tuple[tuple, list[int]]:
         sig = [None if t is None else (t.shape, t.stride()) for t in self.tensors]
         return (tuple(sig), self.extra), [0 if t is None else t.data_ptr() for t in self.tensors]
+
+
+# While a CUDA graph captures (kernels/graphs.py): every table a launch reads and every
+# pinned staging block a copy reads, kept alive with the graph (its replays read them)
+_CAPTURED: list | None = None
+
+
+@contextlib.contextmanager
+def keep_captured(keep: list):
+    """Inside: the tables and staging blocks launches use are appended to ``keep``."""
+    global _CAPTURED
+    old, _CAPTURED = _CAPTURED, keep
+    try:
+        yield keep
+    finally:
+        _CAPTURED = old
 
 
 # (kernel, constexprs, device, signature, floats) -> _Entry; bounded (cleared when full)
@@ -301,29 +320,58 @@ def launcher(kernel, template, steps, members, add_member, uniform, floats, devi
             if uniform is not None:
                 launch.extend_uniform(uniform, floats)
             if launch.total == 0:
-                return lambda: None
+                return _nothing
             ptr_columns = _pointer_columns(template, steps, len(member_tensors(ms[0])))
             plan, keep = _Plan(launch, now, row_of, uniform, device, ptr_columns), launch.keep
-            if plan.cells is not None:
+            # a plan made while a graph captures has tables that only its replays fill
+            if plan.cells is not None and _CAPTURED is None:
                 entry.plans[id(cfg)] = plan
             table, tiles, float_table = plan.device_tables
-        options = launch_options(cfg)
-        grid = (plan.total,)
-
-        def launch_now() -> None:
-            _ = keep  # the temporaries the table points into live until the launch is queued
-            # Triton launches on the current device: make it the tensors' own (cuda:1 from a
-            # thread whose current device is cuda:0 would otherwise read foreign memory).
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                kernel[grid](table, tiles, float_table, **consts, **options)
-
-        return launch_now
+        return _launch_of(kernel, plan, (table, tiles, float_table), consts, launch_options(cfg), device, keep, now)
 
     def run(cfg: triton.Config) -> None:
         prepare(cfg)()
 
     run.prepare, run.consts = prepare, consts
     return run
+
+
+def _launch_of(kernel, plan: _Plan, tables, consts: dict, options: dict, device, keep, now) -> Callable[[], None]:
+    """``launch_now()``: ``kernel`` over ``tables``; its ``moved(now)`` is the same launch for
+    the same members at addresses ``now`` (a list as ``_signature`` gives), its ``reusable``
+    whether launching it again is sound while they stay where they are."""
+    table, tiles, float_table = tables
+    grid = (plan.total,)
+
+    def launch_now() -> None:
+        _ = keep  # the temporaries the table points into live until the launch is queued
+        if _CAPTURED is not None:  # a CUDA graph replays these tables: they must outlive it
+            _CAPTURED.extend(tables)
+        # Triton launches on the current device: make it the tensors' own (cuda:1 from a
+        # thread whose current device is cuda:0 would otherwise read foreign memory).
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            kernel[grid](table, tiles, float_table, **consts, **options)
+
+    def moved(now2: list[int]) -> Callable[[], None] | None:
+        """None where ``now2`` loses the 16-byte alignment this launch's VEC promised."""
+        if consts.get("VEC", 1) > 1 and functools.reduce(operator.or_, now2, 0) % 16:
+            return None
+        return _launch_of(kernel, plan, plan.tables(now2, device), consts, options, device, None, now2)
+
+    # the same members at the same addresses may launch it again (kernels/arena.py)
+    # where the table points at the members themselves (a plan's condition), not at a
+    # temporary copied for this call, and no graph captures it (its tables fill on replay)
+    launch_now.reusable = plan.cells is not None and _CAPTURED is None
+    launch_now.moved, launch_now.now = moved, now
+    return launch_now
+
+
+def _nothing() -> None:
+    """The launch of members with no work."""
+
+
+_nothing.reusable, _nothing.now = True, None
+_nothing.moved = lambda now: _nothing
 
 
 def launch_options(cfg: triton.Config) -> dict:
@@ -345,6 +393,11 @@ def tuning():
         yield
     finally:
         _TUNING = old
+
+
+def tuning_now() -> bool:
+    """Whether an explicit warm-up (``tuning()``) is timing configs now."""
+    return _TUNING
 
 
 def choose_config(key: tuple, configs: list[triton.Config], run, default: int = 0) -> triton.Config:

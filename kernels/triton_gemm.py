@@ -167,9 +167,11 @@ def _flags(members: list[_Member]) -> dict:
 
 
 def _run(members, epilogue: str, dtype: torch.dtype, device: torch.device, sizes: tuple[int, int, int],
-         uniform: int | None = None, floats=None) -> None:
+         uniform: int | None = None, floats=None):
     """Launch the grouped GEMM over ``members`` (a list, or a ``launch.Stack`` with
-    ``uniform=R`` and ``floats`` all R members' scalars); ``sizes``: the largest M, N, K."""
+    ``uniform=R`` and ``floats`` all R members' scalars); ``sizes``: the largest M, N, K.
+    Returns the launch (``launch.launcher``'s ``prepare``): kernels/arena.py launches it
+    again while the members stay where they are."""
     steps = ep.parse(epilogue)
     kernel = codegen.load_kernel(GEMM, epilogue)
     # fp32 follows torch's own switch for matmuls (off by default: exact fp32, no tensor cores)
@@ -184,11 +186,16 @@ def _run(members, epilogue: str, dtype: torch.dtype, device: torch.device, sizes
     default = pick_config(configs, max_m, lambda c: count * cdiv(max_m, c.kwargs["BLOCK_M"])
                           * cdiv(max_n, c.kwargs["BLOCK_N"]), sm_count(device))
     key = ("gemm", epilogue, arith, vector, max_m <= 64, next_pow2(max_n), next_pow2(max_k), next_pow2(count))
-    run(choose_config(key, configs, run, default))
+    launch = run.prepare(choose_config(key, configs, run, default))
+    launch()
+    return launch
 
 
-def grouped_linear(x, w, b, epilogue, ext, scalars):
-    """y_i = epilogue(x_i @ w_i^T + b_i); x_i [..., K_i], w_i [N_i, K_i], one launch."""
+def grouped_linear(x, w, b, epilogue, ext, scalars, out=None, plan=None):
+    """y_i = epilogue(x_i @ w_i^T + b_i); x_i [..., K_i], w_i [N_i, K_i], one launch.
+
+    ``out``: the outputs, allocated by the caller (kernels/arena.py's planned outputs),
+    else new. ``plan``: a list that receives the launch, to launch again (arena.py)."""
     op = "grouped_linear"
     check_operands(op, epilogue, ext, scalars, check_lengths(op, x=x, w=w, b=b), stacked=False)
     for i, (xi, wi, bi) in enumerate(zip(x, w, b)):
@@ -202,14 +209,16 @@ def grouped_linear(x, w, b, epilogue, ext, scalars):
     members, ys = [], []
     max_m = max_n = max_k = 0
     for i, (xi, wi, bi) in enumerate(zip(x, w, b)):
-        y = xi.new_empty(*xi.shape[:-1], wi.shape[0])
+        y = xi.new_empty(*xi.shape[:-1], wi.shape[0]) if out is None else out[i]
         x2, y2 = as_rows(xi), as_rows(y)
         operands = expand_operands(ext[i * nt:(i + 1) * nt], y.shape, y.dtype) if nt else ()
         members.append(_Member(x2, wi, bi, y2, y.shape, operands, scalars[i * ns:(i + 1) * ns]))
         ys.append(y)
         max_m, max_n, max_k = max(max_m, x2.shape[0]), max(max_n, y2.shape[1]), max(max_k, x2.shape[1])
     if members:
-        _run(members, epilogue, members[0].x2.dtype, members[0].x2.device, (max_m, max_n, max_k))
+        launch = _run(members, epilogue, members[0].x2.dtype, members[0].x2.device, (max_m, max_n, max_k))
+        if plan is not None:
+            plan.append(launch)
     return ys
 
 

@@ -7,6 +7,8 @@ STFUSE_DEVICE_MODEL   pin the cost model to the nominal constants of "cpu" or "c
                       (passes/cost.DEVICES) instead of the measured device profile
 STFUSE_TUNE           default of stfuse.compile(tune=...): "measure" (default), "model"
                       or "off" (passes/tune.py)
+STFUSE_CUDA_GRAPHS    "0": CUDA programs run launch by launch, never as captured CUDA
+                      graphs (kernels/graphs.py; on by default)
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ def dump_dir() -> Path:
 def cache_dir() -> Path:
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stfuse"
     return Path(os.environ.get("STFUSE_CACHE_DIR", default))
+
+
+def cuda_graphs() -> bool:
+    return os.environ.get("STFUSE_CUDA_GRAPHS", "1") not in ("", "0")
 
 
 def device_model_override() -> str | None:

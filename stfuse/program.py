@@ -275,9 +275,11 @@ class FusedProgram(TenantCalls):
         return super()._execute(active, args)
 
     @property
-    def program(self) -> torch.fx.GraphModule:
+    def program(self) -> torch.nn.Module:
         """The fx program that runs every tenant at one batch size: the canonical program
-        bound to the device (kernels/bind.py): on CPU it calls the ops' torch kernels."""
+        bound to the device (kernels/bind.py): on CPU it calls the ops' torch kernels; on
+        CUDA its grouped GEMMs are planned and it replays as CUDA graphs (a GraphedProgram
+        with the same ``graph`` and ``code``; docs/cuda.md)."""
         return self._programs[(self._names, True)][0]
 
     @property

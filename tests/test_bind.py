@@ -59,6 +59,13 @@ def test_bound_linear_reads_its_weights_as_views_taken_once():
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_bind_on_cuda_keeps_the_custom_ops():
+def test_bind_on_cuda_keeps_the_custom_ops_under_cuda_graphs(monkeypatch):
+    from stfuse.kernels.graphs import GraphedProgram
+
     fused = _fused()
-    assert bind(fused.canonical_program, torch.device("cuda")) is fused.canonical_program
+    bound = bind(fused.canonical_program, torch.device("cuda"))
+    assert isinstance(bound, GraphedProgram)
+    assert bound.code == fused.canonical_program.code  # stacked: no grouped GEMM to plan
+    assert not isinstance(bind(fused.canonical_program, torch.device("cuda"), graphs=False), GraphedProgram)
+    monkeypatch.setenv("STFUSE_CUDA_GRAPHS", "0")
+    assert not isinstance(bind(fused.canonical_program, torch.device("cuda")), GraphedProgram)

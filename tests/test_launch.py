@@ -5,7 +5,7 @@ import pytest
 import torch
 import triton
 
-from stfuse.kernels import launch, reference, triton_common
+from stfuse.kernels import launch, reference, triton_common, triton_gemm
 from stfuse.kernels.triton_ops import IMPLS
 from stfuse.tolerances import assert_close
 
@@ -153,3 +153,17 @@ def test_a_planned_call_never_synchronizes():
         torch.ops.stfuse.stacked_linear(x, w, b, "relu", [], [])
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_while_a_graph_captures_tables_are_kept_and_no_plan_is_made():
+    x, w, b = stack(11, R=2, M=3, K=5, N=4)
+    xs, ws, bs = list(x), list(w), list(b)
+    plans, keep = launch.plan_count(), []
+    with launch.keep_captured(keep):
+        kept = []
+        ys = IMPLS["grouped_linear"](xs, ws, bs, "", [], [])
+        triton_gemm.grouped_linear(xs, ws, bs, "", [], [], plan=kept)
+    assert launch.plan_count() == plans  # its tables would only fill when the graph replays
+    assert len(keep) == 6 and not kept[0].reusable  # (problem, tile, float table) per launch
+    assert_close(ys, reference.grouped_linear([t.double() for t in xs], [t.double() for t in ws],
+                                              [t.double() for t in bs], "", [], []))

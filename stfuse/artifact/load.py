@@ -231,7 +231,9 @@ def _program_of(meta, blob, tensors, specs, device, saved_device):
         from torch.export.passes import move_to_device_pass
 
         ep = move_to_device_pass(ep, device)
-    gm = bind(ep.graph_module, device)  # as FusedProgram binds its programs
+    # as FusedProgram binds its programs, but no CUDA graphs: the weights are inputs here,
+    # and a replay would copy every one of them into the graph's buffers per call
+    gm = bind(ep.graph_module, device, graphs=False)
     return (active, meta["stacked"]), (BoundProgram(gm, weights), list(meta["counts"]))
 
 
