@@ -10,6 +10,7 @@ from typing import Mapping
 
 _ANY = frozenset()  # LatencyProfile.correction key for tenant sets not launched yet
 _MAX_STEP = math.log(4.0)  # an observation moves a correction by at most 4 ** weight
+_MAX_RISE = 4.0  # an observation counts for at most 4x the per-request cost learnt so far
 
 
 def _groups(table: Mapping[frozenset, float]) -> list:
@@ -41,6 +42,18 @@ class LatencyProfile:
     sets never launched yet), moved toward each measured launch in log space
     with a clipped step: a profile that is off by 1000x converges within a few
     dozen launches, while one 50 ms hiccup moves it by at most 32%.
+    `per_request` is the runtime's own work per request in a launch, outside
+    the program (concatenating it, splitting its output, resolving its future,
+    its statistics): a launch of n requests costs n * per_request more, so
+    the policies price a launch of 32 one-row requests above one request of
+    32 rows. It is not a device cost: fusing does not change it, and the fair
+    shares are charged without it (`solo`). `observe_requests` learns it from
+    what the runtime measures; a profile measured at start-up has none yet.
+    Without it, deadlines were planned as if a request cost its rows' device
+    time alone: on 4 x mlp-small (2 CPU cores) a one-row request costs ~2 us
+    of device time and ~10-40 us of the runtime's Python (GIL waits included),
+    so under load the planned launches finished late and queued requests that
+    could not make it were kept and served late instead of shed.
     `concurrent_ratio` only matters to `simulate`: a concurrent (space) launch
     takes `concurrent_ratio * sum(solo costs)`, 1.0 meaning no overlap at all.
     """
@@ -53,28 +66,33 @@ class LatencyProfile:
     default_fixed: float = 1e-3
     default_per_row: float = 1e-4
     correction: dict[frozenset, float] = field(default_factory=dict)
+    per_request: float = 0.0
 
     def to_json(self) -> dict:
         """The model as plain JSON (groups as sorted name lists); corrections are not kept."""
         return {"fixed": dict(self.fixed), "per_row": dict(self.per_row), "fused_fixed": _groups(self.fused_fixed),
-                "uneven_fixed": _groups(self.uneven_fixed), "concurrent_ratio": self.concurrent_ratio}
+                "uneven_fixed": _groups(self.uneven_fixed), "concurrent_ratio": self.concurrent_ratio,
+                "per_request": self.per_request}
 
     @classmethod
     def from_json(cls, data: Mapping) -> "LatencyProfile":
         return cls(dict(data["fixed"]), dict(data["per_row"]),
                    {frozenset(g): v for g, v in data.get("fused_fixed", [])},
                    {frozenset(g): v for g, v in data.get("uneven_fixed", [])},
-                   concurrent_ratio=data.get("concurrent_ratio", 1.0))
+                   concurrent_ratio=data.get("concurrent_ratio", 1.0), per_request=data.get("per_request", 0.0))
 
     def solo(self, tenant: str, rows: int) -> float:
+        """Device seconds of the tenant alone with `rows` rows (no correction, no per-request work)."""
         return self._fixed(tenant) + self._per_row(tenant) * rows
 
-    def estimate(self, rows: Mapping[str, int]) -> float:
-        """Seconds for one fused launch with `rows[t]` rows of each tenant t."""
+    def estimate(self, rows: Mapping[str, int], requests: int | None = None) -> float:
+        """Seconds for one fused launch with `rows[t]` rows of each tenant t, in `requests`
+        requests (default: one a row), the runtime's per-request work included."""
         if not rows:
             return 0.0
         key = frozenset(rows)
-        return self._model(rows, key)[0] * self.correction.get(key, self.correction.get(_ANY, 1.0))
+        work = self.per_request * (sum(rows.values()) if requests is None else requests)
+        return self._model(rows, key)[0] * self.correction.get(key, self.correction.get(_ANY, 1.0)) + work
 
     def pad_to(self, rows: Mapping[str, int]) -> int | None:
         """The batch size to pad every member to, where that beats running unequal sizes; else None."""
@@ -119,6 +137,16 @@ class LatencyProfile:
         for k, old in ((key, self.correction.get(key, shared)), (_ANY, shared)):
             step = max(-_MAX_STEP, min(_MAX_STEP, math.log(seconds / (model * old))))
             self.correction[k] = old * math.exp(weight * step)
+
+    def observe_requests(self, requests: int, seconds: float, weight: float = 0.2) -> None:
+        """Fold the runtime's own work for one launch of `requests` requests into per_request:
+        a moving average that one stalled launch can raise by at most (_MAX_RISE - 1) * weight."""
+        if requests < 1 or seconds < 0:
+            return
+        seen = seconds / requests
+        if self.per_request > 0:
+            seen = min(seen, _MAX_RISE * self.per_request)
+        self.per_request += weight * (seen - self.per_request)
 
     def _model(self, rows: Mapping[str, int], key: frozenset) -> tuple[float, int | None]:
         """Uncorrected seconds and pad_to: unequal sizes padded or not, whichever is cheaper."""

@@ -370,15 +370,20 @@ class Runtime:
                         r.future.set_exception(StfuseError(f"runtime worker failed: {exc!r}"))
 
     def _shed(self, batch: dict[str, list[Request]]) -> None:
+        """Fail shed requests: one DeadlineExceededError per tenant and shed decision, shared by
+        its futures (under overload a third of all requests may be shed, and formatting an error
+        for each was a tenth of the worker's time per shed request)."""
         now = time.perf_counter()
         for t, reqs in batch.items():
             with self._stats_lock:
                 self._stats.count(t, "shed", len(reqs))
+            waited = (now - reqs[0].arrival) * 1e3, (now - reqs[-1].arrival) * 1e3
+            exc = DeadlineExceededError(
+                f"tenant {t!r}: shed after {waited[1]:.1f}" + (f"-{waited[0]:.1f}" if len(reqs) > 1 else "")
+                + f" ms in the queue: it could no longer finish within its SLO of {self._slo_s[t] * 1e3:g} ms")
             for r in reqs:
                 if r.future.set_running_or_notify_cancel():
-                    r.future.set_exception(DeadlineExceededError(
-                        f"tenant {t!r}: shed after {(now - r.arrival) * 1e3:.1f} ms in the queue: it could no "
-                        f"longer finish within its SLO of {self._slo_s[t] * 1e3:g} ms"))
+                    r.future.set_exception(exc)
 
     def _run_concurrently(self, tenant: str, reqs: list[Request]) -> None:
         """One tenant's call of a concurrent launch, on a pool thread (and its own CUDA stream)."""
@@ -398,7 +403,12 @@ class Runtime:
                 self._work.notify()
 
     def _run_group(self, batch: dict[str, list[Request]], pad_to: int | None = None) -> None:
-        """One call of the program for `batch`; on failure, isolate the fault by retrying smaller groups."""
+        """One call of the program for `batch`; on failure, isolate the fault by retrying smaller groups.
+
+        The profile learns two things from it: the program's time (`observe`) and the runtime's
+        own time around it, per request (`observe_requests`): concatenating, splitting, resolving
+        the futures, statistics, and the GIL waits that come with them when submitting threads
+        are busy."""
         start = time.perf_counter()
         if pad_to is not None and (len(batch) < 2 or self._unbatchable.intersection(batch)
                                    or any(self._row_cap.get(t, pad_to) < pad_to for t in batch)):
@@ -409,11 +419,14 @@ class Runtime:
             inputs = {t: concat([r.args for r in reqs]) for t, reqs in batch.items()}
             if pad_to is not None:
                 inputs = {t: pad(args, pad_to) for t, args in inputs.items()}
-            outs = self._fused.run({t: as_call(a, self._calls.get(t)) for t, a in inputs.items()})
+            calls = {t: as_call(a, self._calls.get(t)) for t, a in inputs.items()}
+            run_start = time.perf_counter()
+            outs = self._fused.run(calls)
             if type(outs) is not dict and not isinstance(outs, Mapping) or set(outs) != set(batch):
                 raise StfuseError(f"fused.run returned {type(outs).__name__} "
                                   f"{sorted(outs) if isinstance(outs, Mapping) else ''} for {sorted(batch)}")
             synchronize(inputs)
+            run_end = time.perf_counter()
             results, rows = {}, {}
             for t, reqs in batch.items():
                 sizes = [r.rows for r in reqs]
@@ -427,19 +440,24 @@ class Runtime:
             self._isolate(batch, exc)
             return
         finish = time.perf_counter()
-        with self._lock:  # the fair shares are the worker's, read by decide() under this lock
+        with self._lock:  # the fair shares and the profile are the worker's, read by decide() under this lock
             self._scheduler.charge(rows, finish - start)
+            self._scheduler.profile.observe(rows, run_end - run_start)
         with self._stats_lock:
             self._stats.launch(rows)
-            self._scheduler.profile.observe(rows, finish - start)
             for t, reqs in batch.items():
                 self._stats.served(t, [r.arrival for r in reqs], finish)
+        n = 0
         for t, reqs in batch.items():
             self._input_check.seen(t, reqs[0].args)
+            n += len(reqs)
             for r, out in zip(reqs, results[t]):
                 if r.stream is not None:
                     hand_over(out, r.stream)
                 r.future.set_result(out)
+        overhead = time.perf_counter() - finish + run_start - start
+        with self._lock:
+            self._scheduler.profile.observe_requests(n, overhead)
 
     def _isolate(self, batch: dict[str, list[Request]], exc: Exception) -> None:
         if len(batch) > 1:
