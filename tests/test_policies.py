@@ -97,8 +97,38 @@ def test_profile_observe_converges_to_measured_latency():
     for _ in range(60):
         prof.observe({"a": 2}, 3 * model)
     assert prof.estimate({"a": 2}) == pytest.approx(3 * model, rel=1e-3)
-    assert prof.estimate({"b": 2}) == pytest.approx(model)  # a launched set keeps its own correction
-    assert prof.estimate({"c": 2}) == pytest.approx(3 * model, rel=1e-3)  # others follow the shared one
+    # every set follows the shared correction: b's one launch at the model's time left it no residual
+    assert prof.estimate({"b": 2}) == pytest.approx(3 * model, rel=1e-3)
+    assert prof.estimate({"c": 2}) == pytest.approx(3 * model, rel=1e-3)
+
+
+def test_profile_sets_follow_the_machine_when_it_slows_down():
+    """A set launched earlier follows the shared correction when every launch gets 3x slower (a busy
+    machine), without launches of its own, and keeps its own residual (here: 1.5x the model where
+    the rest ran as modelled). A correction per set alone left it at its old price, so fused
+    launches were compared with separate ones priced at another slowdown."""
+    prof = profile("abc")
+    ma, mab = prof.estimate({"a": 2}), prof.estimate({"a": 2, "b": 2})
+    for _ in range(100):
+        prof.observe({"a": 2}, ma)
+        prof.observe({"a": 2, "b": 2}, 1.5 * mab)
+    assert prof.estimate({"a": 2, "b": 2}) / prof.estimate({"a": 2}) == pytest.approx(1.5 * mab / ma, rel=0.05)
+    old = prof.estimate({"a": 2, "b": 2})
+    for _ in range(100):
+        prof.observe({"a": 2}, 3 * ma)  # only a runs now, 3x slower
+    assert prof.estimate({"a": 2}) == pytest.approx(3 * ma, rel=1e-2)
+    assert prof.estimate({"a": 2, "b": 2}) > 2 * old  # followed without a launch of its own (was: 1x)
+    assert prof.correction[frozenset("ab")] > 1.1  # and still priced above the shared correction
+
+
+def test_profile_set_residual_stays_within_2x_of_the_shared_correction():
+    prof = profile("ab")
+    m = prof.estimate({"a": 1})
+    for _ in range(200):
+        prof.observe({"a": 1}, 100 * m)
+        prof.observe({"b": 1}, prof.estimate({"b": 1}, 0) / prof.correction[frozenset()])  # b as modelled
+    assert prof.correction[frozenset("a")] == pytest.approx(2.0)
+    assert prof.estimate({"a": 1}, 0) == pytest.approx(m * prof.correction[frozenset()] * 2.0)
 
 
 def test_profile_observe_is_robust_to_outliers_and_recovers_from_large_errors():

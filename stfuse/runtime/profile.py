@@ -8,8 +8,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
-_ANY = frozenset()  # LatencyProfile.correction key for tenant sets not launched yet
-_MAX_STEP = math.log(4.0)  # an observation moves a correction by at most 4 ** weight
+_ANY = frozenset()  # LatencyProfile.correction key of the shared correction
+_MAX_STEP = math.log(4.0)  # an observation moves an estimate by at most 4 ** weight
+_MAX_RESIDUAL = math.log(2.0)  # a tenant set's own correction stays within 2x of the shared one
 _MAX_RISE = 4.0  # an observation counts for at most 4x the per-request cost learnt so far
 
 
@@ -38,10 +39,21 @@ class LatencyProfile:
     The estimate never falls when a member's rows grow, which lets the
     space-time scheduler size batches by bisection.
 
-    `observe` keeps a multiplicative correction per tenant set (and one for
-    sets never launched yet), moved toward each measured launch in log space
+    `observe` keeps a multiplicative correction: a shared one, moved toward
+    every measured launch (how fast the machine runs the program now), times
+    a residual per tenant set, moved toward that set's own launches relative
+    to the shared one and kept within 2x of it (`correction[frozenset()]` is
+    the shared one, `correction[set]` the residuals). Both move in log space
     with a clipped step: a profile that is off by 1000x converges within a few
-    dozen launches, while one 50 ms hiccup moves it by at most 32%.
+    dozen launches, while one 50 ms hiccup moves an estimate by at most 32%.
+    A correction per set alone (as before) went stale for sets launched
+    rarely: under real overload on 2 cores, where the submitting thread's
+    GIL contention made every launch 2-4x slower than at start-up, the sets
+    had corrections from 1.5x to 3.8x, learnt at different times, and the
+    space-time policy compared a fused launch priced at one slowdown with
+    separate launches priced at another: it ran full queues one tenant at a
+    time. With the shared part every estimate follows the machine at once
+    and comparisons between sets keep the start-up model's proportions.
     `per_request` is the runtime's own work per request in a launch, outside
     the program (concatenating it, splitting its output, resolving its future,
     its statistics): a launch of n requests costs n * per_request more, so
@@ -92,7 +104,8 @@ class LatencyProfile:
             return 0.0
         key = frozenset(rows)
         work = self.per_request * (sum(rows.values()) if requests is None else requests)
-        return self._model(rows, key)[0] * self.correction.get(key, self.correction.get(_ANY, 1.0)) + work
+        corr = self.correction
+        return self._model(rows, key)[0] * corr.get(_ANY, 1.0) * corr.get(key, 1.0) + work
 
     def pad_to(self, rows: Mapping[str, int]) -> int | None:
         """The batch size to pad every member to, where that beats running unequal sizes; else None."""
@@ -126,17 +139,21 @@ class LatencyProfile:
         return self.group_fixed(tenants) * self.uneven_fixed[ref] / max(self.group_fixed(ref), 1e-12)
 
     def observe(self, rows: Mapping[str, int], seconds: float, weight: float = 0.2) -> None:
-        """Fold one measured launch into the correction of its tenant set and the shared one."""
+        """Fold one measured launch of the program into the shared correction and its set's residual."""
         if not rows or seconds <= 0:
             return
         key = frozenset(rows)
         model = self._model(rows, key)[0]
         if model <= 0:
             return
-        shared = self.correction.get(_ANY, 1.0)
-        for k, old in ((key, self.correction.get(key, shared)), (_ANY, shared)):
-            step = max(-_MAX_STEP, min(_MAX_STEP, math.log(seconds / (model * old))))
-            self.correction[k] = old * math.exp(weight * step)
+        ratio = math.log(seconds / model)
+        shared = math.log(self.correction.get(_ANY, 1.0))
+        residual = math.log(self.correction.get(key, 1.0))
+        half = weight * _MAX_STEP / 2  # each part moves at most half the clipped step: the estimate at most all of it
+        shared += max(-half, min(half, weight * (ratio - shared)))
+        self.correction[_ANY] = math.exp(shared)
+        step = max(-half, min(half, weight * (ratio - shared - residual)))
+        self.correction[key] = math.exp(max(-_MAX_RESIDUAL, min(_MAX_RESIDUAL, residual + step)))
 
     def observe_requests(self, requests: int, seconds: float, weight: float = 0.2) -> None:
         """Fold the runtime's own work for one launch of `requests` requests into per_request:
