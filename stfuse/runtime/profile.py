@@ -14,6 +14,11 @@ _MAX_RESIDUAL = math.log(2.0)  # a tenant set's own correction stays within 2x o
 _MAX_RISE = 4.0  # an observation counts for at most 4x the per-request cost learnt so far
 
 
+def _moved(old: float, seen: float, weight: float) -> float:
+    """A moving average of seen costs, each counted for at most _MAX_RISE times the average so far."""
+    return old + weight * ((min(seen, _MAX_RISE * old) if old > 0 else seen) - old)
+
+
 def _groups(table: Mapping[frozenset, float]) -> list:
     return [[sorted(g), v] for g, v in sorted(table.items(), key=lambda kv: sorted(kv[0]))]
 
@@ -54,13 +59,15 @@ class LatencyProfile:
     separate launches priced at another: it ran full queues one tenant at a
     time. With the shared part every estimate follows the machine at once
     and comparisons between sets keep the start-up model's proportions.
-    `per_request` is the runtime's own work per request in a launch, outside
-    the program (concatenating it, splitting its output, resolving its future,
-    its statistics): a launch of n requests costs n * per_request more, so
-    the policies price a launch of 32 one-row requests above one request of
-    32 rows. It is not a device cost: fusing does not change it, and the fair
-    shares are charged without it (`solo`). `observe_requests` learns it from
-    what the runtime measures; a profile measured at start-up has none yet.
+    `per_request` and `per_launch` are the runtime's own work, outside the
+    program: per request in a launch (concatenating it, splitting its output,
+    resolving its future, its statistics) and per launch (the decision, taking
+    the requests off the queues). A launch of n requests costs
+    `per_launch + n * per_request` more, so the policies price a launch of 32
+    one-row requests above one request of 32 rows, and two launches above one
+    fused launch by a whole decision. Neither is a device cost: the fair
+    shares are charged without them (`solo`). `observe_requests` learns both
+    from what the runtime measures; a profile measured at start-up has none.
     Without it, deadlines were planned as if a request cost its rows' device
     time alone: on 4 x mlp-small (2 CPU cores) a one-row request costs ~2 us
     of device time and ~10-40 us of the runtime's Python (GIL waits included),
@@ -79,19 +86,21 @@ class LatencyProfile:
     default_per_row: float = 1e-4
     correction: dict[frozenset, float] = field(default_factory=dict)
     per_request: float = 0.0
+    per_launch: float = 0.0
 
     def to_json(self) -> dict:
         """The model as plain JSON (groups as sorted name lists); corrections are not kept."""
         return {"fixed": dict(self.fixed), "per_row": dict(self.per_row), "fused_fixed": _groups(self.fused_fixed),
                 "uneven_fixed": _groups(self.uneven_fixed), "concurrent_ratio": self.concurrent_ratio,
-                "per_request": self.per_request}
+                "per_request": self.per_request, "per_launch": self.per_launch}
 
     @classmethod
     def from_json(cls, data: Mapping) -> "LatencyProfile":
         return cls(dict(data["fixed"]), dict(data["per_row"]),
                    {frozenset(g): v for g, v in data.get("fused_fixed", [])},
                    {frozenset(g): v for g, v in data.get("uneven_fixed", [])},
-                   concurrent_ratio=data.get("concurrent_ratio", 1.0), per_request=data.get("per_request", 0.0))
+                   concurrent_ratio=data.get("concurrent_ratio", 1.0), per_request=data.get("per_request", 0.0),
+                   per_launch=data.get("per_launch", 0.0))
 
     def solo(self, tenant: str, rows: int) -> float:
         """Device seconds of the tenant alone with `rows` rows (no correction, no per-request work)."""
@@ -99,11 +108,11 @@ class LatencyProfile:
 
     def estimate(self, rows: Mapping[str, int], requests: int | None = None) -> float:
         """Seconds for one fused launch with `rows[t]` rows of each tenant t, in `requests`
-        requests (default: one a row), the runtime's per-request work included."""
+        requests (default: one a row), the runtime's own work per launch and request included."""
         if not rows:
             return 0.0
         key = frozenset(rows)
-        work = self.per_request * (sum(rows.values()) if requests is None else requests)
+        work = self.per_launch + self.per_request * (sum(rows.values()) if requests is None else requests)
         corr = self.correction
         return self._model(rows, key)[0] * corr.get(_ANY, 1.0) * corr.get(key, 1.0) + work
 
@@ -155,15 +164,15 @@ class LatencyProfile:
         step = max(-half, min(half, weight * (ratio - shared - residual)))
         self.correction[key] = math.exp(max(-_MAX_RESIDUAL, min(_MAX_RESIDUAL, residual + step)))
 
-    def observe_requests(self, requests: int, seconds: float, weight: float = 0.2) -> None:
-        """Fold the runtime's own work for one launch of `requests` requests into per_request:
-        a moving average that one stalled launch can raise by at most (_MAX_RISE - 1) * weight."""
-        if requests < 1 or seconds < 0:
-            return
-        seen = seconds / requests
-        if self.per_request > 0:
-            seen = min(seen, _MAX_RISE * self.per_request)
-        self.per_request += weight * (seen - self.per_request)
+    def observe_requests(self, requests: int, seconds: float, launch: float | None = None,
+                         weight: float = 0.2) -> None:
+        """Fold the runtime's own work around one launch into per_request (`seconds` for its
+        `requests` requests) and per_launch (`launch` seconds): moving averages that one stalled
+        launch can raise by at most (_MAX_RISE - 1) * weight."""
+        if requests >= 1 and seconds >= 0:
+            self.per_request = _moved(self.per_request, seconds / requests, weight)
+        if launch is not None and launch >= 0:
+            self.per_launch = _moved(self.per_launch, launch, weight)
 
     def _model(self, rows: Mapping[str, int], key: frozenset) -> tuple[float, int | None]:
         """Uncorrected seconds and pad_to: unequal sizes padded or not, whichever is cheaper."""

@@ -148,6 +148,7 @@ class Runtime:
         self._idle = False  # the worker waits on self._work (submit() notifies it only then)
         self.error: BaseException | None = None  # what stopped the worker, if anything did
         self._cancelled_some = False
+        self._waited = 0.0  # seconds the worker waited for work while deciding the next launch
         self._inflight: list[Request] = []  # the synchronous launch in flight
         self._running: set[str] = set()  # tenants with a concurrent call in flight
         self._pool: ThreadPoolExecutor | None = None
@@ -254,10 +255,12 @@ class Runtime:
     def _wait(self, timeout: float | None = None) -> None:
         """The worker waits for work (under self._lock); submit() notifies only while it does."""
         self._idle = True
+        start = time.perf_counter()
         try:
             self._work.wait(timeout)
         finally:
             self._idle = False
+            self._waited += time.perf_counter() - start
 
     def _cancel_queued(self) -> None:
         for t, queue in self._queues.items():
@@ -340,7 +343,11 @@ class Runtime:
 
     def _loop(self) -> None:
         try:
-            while (item := self._next_launch()) is not None:
+            while True:
+                self._waited = 0.0
+                start = time.perf_counter()
+                if (item := self._next_launch()) is None:
+                    break
                 launch, batch = item
                 if launch is None:
                     self._shed(batch)
@@ -353,8 +360,8 @@ class Runtime:
                         self._running.update(batch)
                     for t, reqs in batch.items():
                         self._pool.submit(self._run_concurrently, t, reqs)
-                else:
-                    self._run_group(batch, launch.pad_to)
+                else:  # the decision's time, waits excluded, is the runtime's own work per launch
+                    self._run_group(batch, launch.pad_to, time.perf_counter() - start - self._waited)
                 self._inflight = []
         except BaseException as exc:  # a bug here must not leave futures unresolved
             with self._lock:
@@ -402,13 +409,14 @@ class Runtime:
                 self._running.discard(tenant)
                 self._work.notify()
 
-    def _run_group(self, batch: dict[str, list[Request]], pad_to: int | None = None) -> None:
+    def _run_group(self, batch: dict[str, list[Request]], pad_to: int | None = None,
+                   decided: float | None = None) -> None:
         """One call of the program for `batch`; on failure, isolate the fault by retrying smaller groups.
 
         The profile learns two things from it: the program's time (`observe`) and the runtime's
-        own time around it, per request (`observe_requests`): concatenating, splitting, resolving
+        own time around it (`observe_requests`): per request, concatenating, splitting, resolving
         the futures, statistics, and the GIL waits that come with them when submitting threads
-        are busy."""
+        are busy; per launch, the `decided` seconds of the decision that chose it."""
         start = time.perf_counter()
         if pad_to is not None and (len(batch) < 2 or self._unbatchable.intersection(batch)
                                    or any(self._row_cap.get(t, pad_to) < pad_to for t in batch)):
@@ -457,7 +465,7 @@ class Runtime:
                 r.future.set_result(out)
         overhead = time.perf_counter() - finish + run_start - start
         with self._lock:
-            self._scheduler.profile.observe_requests(n, overhead)
+            self._scheduler.profile.observe_requests(n, overhead, decided)
 
     def _isolate(self, batch: dict[str, list[Request]], exc: Exception) -> None:
         if len(batch) > 1:
