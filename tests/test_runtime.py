@@ -818,6 +818,8 @@ def test_stats_report_every_tenant():
     assert mlp["slo_misses"] == 0 and cnn["slo_misses"] == 3 and cnn["slo_miss_rate"] == 1.0
     assert st["tenants"]["pair"]["slo_ms"] == 100.0  # the default
     assert sum(n * c for n, c in mlp["batch_sizes"].items()) == 6 and mlp["queued"] == 0
+    # the worker learnt its own work per request and per decision (LatencyProfile.observe_requests)
+    assert st["per_request_us"] > 0 and st["per_launch_us"] > 0
     rt.reset_stats()
     assert rt.stats()["served"] == 0
 

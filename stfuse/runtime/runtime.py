@@ -126,6 +126,9 @@ class Runtime:
                                              max_batch=max_batch, profile=profile, slo_s=self._slo_s,
                                              weights=weights, rate_limits=rate_limits, shed=shed)
         self.policy = self._scheduler.name
+        # admit() only refuses over a rate limit: without one (and without an admit of its own), submit skips it
+        sched = self._scheduler
+        self._admit = None if type(sched).admit is Scheduler.admit and not sched.shares.buckets else sched.admit
         self._stats = StatsRecorder(self.tenants, self._slo_s)
         self._stats_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -168,16 +171,15 @@ class Runtime:
         up to `timeout` seconds (None: no limit) and then raises it. After
         close(), raises RuntimeClosedError. Thread-safe.
         """
-        if tenant not in self._queues:
+        queue = self._queues.get(tenant)
+        if queue is None:
             raise InputError(f"unknown tenant {tenant!r}; tenants are {self.tenants}")
         spec = self._calls.get(tenant)
         if spec is None and not _plain(args):  # a dict or an (args, kwargs) pair: the program's own rule
             spec = getattr(self._fused, "specs", {}).get(tenant)
         args = as_args(tenant, args, self.max_batch, spec)
         self._input_check(tenant, args)
-        future = RequestFuture(self._on_cancel)
         with self._lock:
-            queue = self._queues[tenant]
             limit = None
             while not self._closed and len(queue) >= self.max_queue:
                 if limit is None and timeout is not None:
@@ -191,11 +193,12 @@ class Runtime:
             if self._closed:
                 raise RuntimeClosedError(f"tenant {tenant!r}: the runtime is closed")
             now = time.perf_counter()
-            refused = self._scheduler.admit(tenant, now)
-            if refused is not None:
+            if self._admit is not None and (refused := self._admit(tenant, now)) is not None:
                 with self._stats_lock:
                     self._stats.count(tenant, "rejected")
                 raise QueueFullError(refused)
+            # made here, past the checks: a request refused under overload costs no Future
+            future = RequestFuture(self._on_cancel)
             queue.append(Request(tenant, args, args[0].shape[0], now, now + self._slo_s[tenant], future))
             if self._idle:  # the worker waits for work (no notify() while it runs: 3 calls a request)
                 self._work.notify()
@@ -212,6 +215,8 @@ class Runtime:
             snap["tenants"][t]["queued"] = n
             snap["tenants"][t]["merges_requests"] = t not in self._unbatchable
         snap["policy"] = self.policy
+        prof = self._scheduler.profile  # what the worker learnt of its own cost (LatencyProfile)
+        snap["per_request_us"], snap["per_launch_us"] = prof.per_request * 1e6, prof.per_launch * 1e6
         return snap
 
     def reset_stats(self) -> None:
