@@ -81,7 +81,9 @@ class Dispatch:
 
 @dataclass(frozen=True)
 class Wait:
-    """Nothing to launch before `until` (unless new work arrives first)."""
+    """Nothing to launch before `until`, unless a tenant gets its first queued request or a
+    whole batch first (the Runtime decides again then, and not at other arrivals: a policy's
+    Wait must not end earlier because a busy tenant's queue grew by a few rows)."""
 
     until: float
 
@@ -375,7 +377,9 @@ class SpaceTimeScheduler(Scheduler):
 
     def _reserve(self) -> float:
         """Step 4: how long a launch may grow (beyond the head's first request)."""
-        reserve = [self.slo_s[u] - self.profile.estimate({u: 1}, 1) for u in self.tenants if u in self.slo_s]
+        prof = self.profile  # uncorrected, for one row: the device and the runtime's own work
+        own = prof.per_launch + prof.per_request
+        reserve = [self.slo_s[u] - prof.solo(u, 1) - own for u in self.tenants if u in self.slo_s]
         return min((r for r in reserve if r > 0), default=math.inf)
 
     def _worth_fusing(self, rows: dict[str, int], n: int, latency: float, t: str, pre: list[int], k: int) -> int:

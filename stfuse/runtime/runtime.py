@@ -200,7 +200,12 @@ class Runtime:
             # made here, past the checks: a request refused under overload costs no Future
             future = RequestFuture(self._on_cancel)
             queue.append(Request(tenant, args, args[0].shape[0], now, now + self._slo_s[tenant], future))
-            if self._idle:  # the worker waits for work (no notify() while it runs: 3 calls a request)
+            # Wake the worker only while it waits (no notify() while it runs: 3 calls a request), and
+            # only for what can end a Wait early (policies.Wait): a tenant's first queued request, a
+            # whole batch, or a request of several rows. Waking it for every arrival while it held a
+            # launch for partners re-ran the whole decision each time, and took the GIL from the
+            # submitting thread each time, to decide the same Wait again.
+            if self._idle and (len(queue) == 1 or len(queue) >= self.max_batch or args[0].shape[0] > 1):
                 self._work.notify()
         return future
 
