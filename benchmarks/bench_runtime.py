@@ -236,8 +236,9 @@ def simulate_point(profile, tenants, policy: str, rate: float, args) -> dict:
 
 def batch_capacity(profile, tenants, max_batch: int) -> float:
     """Requests/s (one row each) of per-tenant batching kept saturated on the simulated device:
-    a full batch of every tenant in turn. The load unit of --simulate."""
-    return len(tenants) * max_batch / sum(profile.solo(t, max_batch) for t in tenants)
+    a full batch of every tenant in turn, the runtime's own work included where the profile has
+    it (per_request, per_launch). The load unit of --simulate."""
+    return len(tenants) * max_batch / sum(profile.estimate({t: max_batch}, max_batch) for t in tenants)
 
 
 def device_profile(args, model: str, n: int):
