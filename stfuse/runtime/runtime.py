@@ -126,8 +126,7 @@ class Runtime:
                                              max_batch=max_batch, profile=profile, slo_s=self._slo_s,
                                              weights=weights, rate_limits=rate_limits, shed=shed)
         self.policy = self._scheduler.name
-        # admit() only refuses over a rate limit: without one (and without an admit of its own), submit skips it
-        sched = self._scheduler
+        sched = self._scheduler  # admit() refuses only over a rate limit: submit skips it without one
         self._admit = None if type(sched).admit is Scheduler.admit and not sched.shares.buckets else sched.admit
         self._stats = StatsRecorder(self.tenants, self._slo_s)
         self._stats_lock = threading.Lock()
@@ -200,11 +199,8 @@ class Runtime:
             # made here, past the checks: a request refused under overload costs no Future
             future = RequestFuture(self._on_cancel)
             queue.append(Request(tenant, args, args[0].shape[0], now, now + self._slo_s[tenant], future))
-            # Wake the worker only while it waits (no notify() while it runs: 3 calls a request), and
-            # only for what can end a Wait early (policies.Wait): a tenant's first queued request, a
-            # whole batch, or a request of several rows. Waking it for every arrival while it held a
-            # launch for partners re-ran the whole decision each time, and took the GIL from the
-            # submitting thread each time, to decide the same Wait again.
+            # Wake the worker only while it waits, and only for what can end a Wait (policies.Wait): at
+            # every arrival it decided the same Wait again, taking the GIL from the submitting thread.
             if self._idle and (len(queue) == 1 or len(queue) >= self.max_batch or args[0].shape[0] > 1):
                 self._work.notify()
         return future
@@ -387,9 +383,8 @@ class Runtime:
                         r.future.set_exception(StfuseError(f"runtime worker failed: {exc!r}"))
 
     def _shed(self, batch: dict[str, list[Request]]) -> None:
-        """Fail shed requests: one DeadlineExceededError per tenant and shed decision, shared by
-        its futures (under overload a third of all requests may be shed, and formatting an error
-        for each was a tenth of the worker's time per shed request)."""
+        """Fail shed requests: one DeadlineExceededError per tenant and decision, shared by its futures
+        (a quarter of all requests were shed in a 2x overload run: one error each was worker time)."""
         now = time.perf_counter()
         for t, reqs in batch.items():
             with self._stats_lock:
