@@ -32,9 +32,9 @@ from typing import Any, Mapping
 import torch
 
 from stfuse.errors import DeadlineExceededError, InputError, QueueFullError, RuntimeClosedError, StfuseError
-from stfuse.runtime.batching import (Unsplittable, as_args, as_call, call_specs, concat, hand_over,
-                                     measure_profile, normalise_examples, pad, split, synchronize,
-                                     wait_for_callers)
+from stfuse.runtime.batching import (Unsplittable, adopt_intra_op_threads, as_args, as_call, call_specs,
+                                     concat, hand_over, measure_profile, normalise_examples, pad, split,
+                                     synchronize, wait_for_callers)
 from stfuse.runtime.stats import StatsRecorder
 from stfuse.runtime.policies import Dispatch, Scheduler, Wait, make_scheduler
 from stfuse.runtime.profile import LatencyProfile
@@ -349,6 +349,7 @@ class Runtime:
 
     def _loop(self) -> None:
         try:
+            adopt_intra_op_threads()  # else this thread's OpenMP team is every core (batching.py)
             while True:
                 self._waited = 0.0
                 start = time.perf_counter()
@@ -361,7 +362,8 @@ class Runtime:
                     # each tenant's call runs on its own thread (stream) and the worker does not wait:
                     # the tenant shows work again as soon as its own call is done
                     if self._pool is None:
-                        self._pool = ThreadPoolExecutor(len(self.tenants), thread_name_prefix="stfuse-space")
+                        self._pool = ThreadPoolExecutor(len(self.tenants), thread_name_prefix="stfuse-space",
+                                                        initializer=adopt_intra_op_threads)
                     with self._lock:
                         self._running.update(batch)
                     for t, reqs in batch.items():
