@@ -333,12 +333,9 @@ class Runtime:
                         r = queue.popleft()
                         if vary and got and not same_shape(got[0], r):
                             later.append(r)  # another length: a later launch, in its order
-                        elif r.future.set_running_or_notify_cancel():
+                        else:  # marked running by _start, outside the lock
                             got.append(r)
                             rows += r.rows
-                        else:
-                            with self._stats_lock:
-                                self._stats.count(t, "cancelled")
                     queue.extendleft(reversed(later))
                     if got:
                         batch[t] = got
@@ -358,6 +355,8 @@ class Runtime:
                 launch, batch = item
                 if launch is None:
                     self._shed(batch)
+                elif not (batch := self._start(batch)):
+                    pass  # every request of it was cancelled meanwhile
                 elif launch.mode == "concurrent":
                     # each tenant's call runs on its own thread (stream) and the worker does not wait:
                     # the tenant shows work again as soon as its own call is done
@@ -383,6 +382,20 @@ class Runtime:
                 if not r.future.done():
                     if r.future.running() or r.future.set_running_or_notify_cancel():
                         r.future.set_exception(StfuseError(f"runtime worker failed: {exc!r}"))
+
+    def _start(self, batch: dict[str, list[Request]]) -> dict[str, list[Request]]:
+        """Mark a launch's requests running, outside the runtime's lock (a submitting thread that
+        waits for it sleeps, and on a busy machine wakes late), and drop those cancelled since the
+        last look: a request cancelled before this never runs."""
+        out = {}
+        for t, reqs in batch.items():
+            live = [r for r in reqs if r.future.set_running_or_notify_cancel()]
+            if len(live) < len(reqs):
+                with self._stats_lock:
+                    self._stats.count(t, "cancelled", len(reqs) - len(live))
+            if live:
+                out[t] = live
+        return out
 
     def _shed(self, batch: dict[str, list[Request]]) -> None:
         """Fail shed requests: one DeadlineExceededError per tenant and decision, shared by its futures
