@@ -396,7 +396,12 @@ def _serve(args) -> int:
     from .serve.server import ModelServer
 
     sock = bind(args.host, args.port)  # a port in use fails now, not after loading the artifacts
-    return serve_forever(ModelServer(args.artifacts, progress=say, **options), sock, drain_s=args.drain_s)
+    try:
+        server = ModelServer(args.artifacts, progress=say, **options)
+    except BaseException:
+        sock.close()
+        raise
+    return serve_forever(server, sock, drain_s=args.drain_s)
 
 
 # ----------------------------------------------------------------------------- kernels
