@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import math
 import os
 import statistics
 import sys
@@ -347,61 +346,10 @@ def _run(args) -> int:
 
 # ----------------------------------------------------------------------------- serve
 
-def slo_option(values: list[str]) -> float | dict | None:
-    """--slo-ms: one number for every model, or NAME=MS per model."""
-    def ms(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not math.isfinite(value) or value <= 0:
-            raise StfuseError(f"--slo-ms: {text!r} is not a positive number of milliseconds")
-        return value
-
-    if not values:
-        return None
-    if len(values) == 1 and "=" not in values[0]:
-        return ms(values[0])
-    if bare := [v for v in values if "=" not in v]:
-        raise StfuseError(f"--slo-ms: {bare[0]!r}: give one MS for every model, or NAME=MS per model")
-    return {name: ms(value) for name, _, value in (v.rpartition("=") for v in values)}
-
-
 def _serve(args) -> int:
-    from .runtime import POLICIES
+    from .serve.command import serve
 
-    if args.policy not in POLICIES:
-        raise StfuseError(f"--policy {args.policy!r}: policies are {', '.join(POLICIES)}")
-    options = {"policy": args.policy, "slo_ms": slo_option(args.slo_ms), "slice_ms": args.slice_ms,
-               "max_batch": args.max_batch, "max_queue": args.max_queue, "device": args.device}
-    on_ray = args.replicas > 1 or args.ray or args.ray_address is not None
-    try:
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-        if on_ray:
-            import ray.serve  # noqa: F401
-    except ImportError as err:
-        raise StfuseError(f"stfuse serve needs the serve extra: pip install 'stfuse[serve]' "
-                          f"(cannot import {err.name})") from None
-    say = _Progress(args.quiet)
-    if on_ray:
-        if args.port == 0:
-            raise StfuseError("--port 0 is for one process; Ray Serve's proxy needs a port number")
-        from .serve.ray_app import serve_on_ray
-
-        return serve_on_ray(args.artifacts, args.replicas, options, host=args.host,
-                            port=args.port, address=args.ray_address, timeout_s=args.timeout_s,
-                            drain_s=args.drain_s, replica_cpus=args.replica_cpus, progress=say)
-    from .serve.http import bind, serve_forever
-    from .serve.server import ModelServer
-
-    sock = bind(args.host, args.port)  # a port in use fails now, not after loading the artifacts
-    try:
-        server = ModelServer(args.artifacts, progress=say, **options)
-    except BaseException:
-        sock.close()
-        raise
-    return serve_forever(server, sock, drain_s=args.drain_s)
+    return serve(args, _Progress(args.quiet))
 
 
 # ----------------------------------------------------------------------------- kernels
