@@ -90,3 +90,24 @@ def test_unknown_slo_name_and_duplicate_models_are_refused(artifact):
         ModelServer([artifact], slo_ms={"zz": 5})
     with pytest.raises(StfuseError, match="model 'a' is in two artifacts"):
         ModelServer([artifact, artifact])
+
+
+def test_a_model_that_raises_is_500_and_the_others_still_answer(artifact):
+    server = ModelServer([artifact], slo_ms=600000)
+    runtime, _ = server.models["b"]
+    run = runtime._fused.run
+
+    def failing(inputs):
+        if "b" in inputs:
+            raise RuntimeError("bad weights")
+        return run(inputs)
+
+    runtime._fused.run = failing
+    try:
+        failed = _infer(server, "b", torch.randn(1, 8))
+        served = _infer(server, "a", torch.randn(1, 8))
+    finally:
+        runtime._fused.run = run
+        server.close()
+    assert failed == (500, {"error": "the model raised RuntimeError: bad weights"})
+    assert served[0] == 200

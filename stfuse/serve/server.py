@@ -48,7 +48,10 @@ def error_status(err: BaseException) -> int:
 
 
 def error_body(err: BaseException) -> dict:
-    return {"error": str(err) or type(err).__name__}
+    """The protocol's error body; a fault that is not stfuse's own error says what raised."""
+    if isinstance(err, StfuseError):
+        return {"error": str(err) or type(err).__name__}
+    return {"error": f"the model raised {type(err).__name__}: {err}"}
 
 
 def server_metadata() -> dict:
