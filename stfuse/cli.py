@@ -5,6 +5,7 @@
     stfuse inspect OUT [--kernels] [--draw plan.png]
     stfuse run OUT [--batch N] [--tenants a,b] [--repeat N]
     stfuse kernels [--arch sm_80,sm_90] [--json FILE] [--quick]
+    stfuse serve OUT [OUT ...] [--host H] [--port P] [--slo-ms [NAME=]MS ...] [--replicas N]
 
 A factory is a function of no arguments returning ``(model, example_inputs)``,
 or ``({name: model}, {name: example_inputs})`` for several tenants at once
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import math
 import os
 import statistics
 import sys
@@ -120,7 +120,39 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument("--quick", action="store_true",
                       help="first config per kernel and dtype, epilogue chain only (the CI tier)")
     kern.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    _serve_arguments(sub)
     return parser
+
+
+def _serve_arguments(sub) -> None:
+    serve = sub.add_parser("serve", help="serve artifacts over HTTP (Open Inference Protocol, KServe v2)",
+                           description="Serve the tenants of artifacts as models over HTTP with the Open "
+                           "Inference Protocol (KServe v2): one process by default, replicas on Ray Serve "
+                           "with --replicas N > 1 (needs the serve extra). SIGINT or SIGTERM drains and "
+                           "exits 0. See docs/serve.md.")
+    serve.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=_count(0, 65535), default=8000,
+                       help="port (default 8000; 0: any free port, printed; one process only)")
+    serve.add_argument("--policy", default="space-time", help="the runtime's policy (default space-time)")
+    serve.add_argument("--slo-ms", nargs="+", action="extend", default=[], metavar="[NAME=]MS",
+                       help="latency SLO: MS for every model, or NAME=MS per model (default 100)")
+    serve.add_argument("--slice-ms", type=float, default=2.0, help="the runtime's batching window (default 2)")
+    serve.add_argument("--max-batch", type=_count(1, 2**16), default=32, help="rows per launch (default 32)")
+    serve.add_argument("--max-queue", type=_count(1, 2**24), default=1024,
+                       help="queued requests per model before 429 (default 1024)")
+    serve.add_argument("--device", default=None, help="device to run on (default: the saved one)")
+    serve.add_argument("--replicas", type=_count(1, 4096), default=1,
+                       help="replicas on Ray Serve (default 1: one process, no Ray)")
+    serve.add_argument("--ray", action="store_true", help="deploy on Ray Serve even with one replica")
+    serve.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="a running Ray cluster (default: RAY_ADDRESS, else start a local one)")
+    serve.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per Ray replica (default 1)")
+    serve.add_argument("--timeout-s", type=float, default=60.0,
+                       help="on Ray: seconds before an unanswered request gets 503 (default 60)")
+    serve.add_argument("--drain-s", type=float, default=30.0,
+                       help="on SIGINT/SIGTERM: seconds to finish requests in flight (default 30)")
+    serve.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
 
 # ------------------------------------------------------------------------- compile
@@ -274,47 +306,6 @@ def kernel_sources(manifest: dict) -> list[tuple[str, str, str]]:
 
 # ----------------------------------------------------------------------------- run
 
-def _input_bytes(spec, batch: int | None) -> int:
-    total = 0
-    for s in spec.inputs:
-        shape = ((batch or s.shape[0]), *s.shape[1:]) if s.batched else s.shape
-        total += math.prod(shape) * s.dtype.itemsize
-    return total
-
-
-def _random_inputs(prog, names: list[str], batch: int | None, seed: int, max_mb: int) -> dict:
-    """Random inputs of the recorded specs for ``names``; refuses (before allocating) a
-    batch whose inputs would take more than ``max_mb``."""
-    import torch
-    import torch.utils._pytree as pytree
-
-    need = sum(_input_bytes(prog.specs[n], batch) for n in names if n in prog.specs)
-    if need > max_mb * 2**20:
-        raise StfuseError(f"the inputs at batch {batch} would take {need / 2**20:,.0f} MiB, more than "
-                          f"--max-input-mb {max_mb}; pass a smaller --batch or raise the limit")
-    gen = torch.Generator().manual_seed(seed)
-    ranges = {t["name"]: [i.get("value_range") for i in t["inputs"]] for t in prog.manifest["tenants"]}
-    inputs = {}
-    for name in names:
-        spec = prog.specs.get(name)
-        if spec is None:
-            inputs[name] = None  # run() names the unknown tenant
-            continue
-        leaves = []
-        for s, rng in zip(spec.inputs, ranges[name]):
-            shape = ((batch or s.shape[0]), *s.shape[1:]) if s.batched else s.shape
-            if s.dtype.is_floating_point:
-                x = torch.randn(shape, generator=gen).to(s.dtype)
-            elif s.dtype == torch.bool:
-                x = torch.randint(0, 2, shape, generator=gen).bool()
-            else:  # integers: the example's range where it was recorded (token ids), else zeros
-                lo, hi = rng if rng else (0, 0)
-                x = torch.randint(lo, hi + 1, shape, generator=gen).to(s.dtype)
-            leaves.append(x.to(s.device))
-        inputs[name] = pytree.tree_unflatten(leaves, spec.in_spec)
-    return inputs
-
-
 def _describe_output(out) -> str:
     import torch
     import torch.utils._pytree as pytree
@@ -329,12 +320,13 @@ def _run(args) -> int:
     import torch
 
     from .artifact import load
+    from .artifact.inputs import random_inputs
 
     say = _Progress(args.quiet)
     say(f"loading {args.artifact}")
     prog = load(args.artifact, device=args.device)
     names = args.tenants.split(",") if args.tenants else prog.tenants
-    inputs = _random_inputs(prog, names, args.batch, args.seed, args.max_input_mb)
+    inputs = random_inputs(prog, names, args.batch, args.seed, args.max_input_mb)
     say(f"running {', '.join(inputs)} on {prog.device}")
     with torch.no_grad():
         outs = prog.run(inputs)
@@ -350,6 +342,14 @@ def _run(args) -> int:
     print(f"ran {len(outs)} tenants: median {statistics.median(times) * 1e3:.3f} ms per call "
           f"over {len(times)} calls")
     return 0
+
+
+# ----------------------------------------------------------------------------- serve
+
+def _serve(args) -> int:
+    from .serve.command import serve
+
+    return serve(args, _Progress(args.quiet))
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(repeat=args.repeat)
-    commands = {"compile": _compile, "inspect": _inspect, "run": _run, "kernels": _kernels}
+    commands = {"compile": _compile, "inspect": _inspect, "run": _run, "kernels": _kernels, "serve": _serve}
     try:
         return commands[args.command](args)
     except StfuseError as err:

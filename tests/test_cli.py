@@ -1,6 +1,7 @@
 """The stfuse command line: compile -> inspect -> run end to end on the bundled
 example, factories from a file, --help everywhere, and exit codes for errors."""
 
+import importlib.util
 import os
 import re
 import shutil
@@ -118,7 +119,7 @@ def test_run_unknown_tenant(tmp_path, factories, capsys):
     assert "unknown tenant 'ghost'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [[], ["demo"], ["compile"], ["inspect"], ["run"]])
+@pytest.mark.parametrize("argv", [[], ["demo"], ["compile"], ["inspect"], ["run"], ["serve"]])
 def test_help_everywhere(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--help"])
@@ -170,6 +171,11 @@ def _one_line_error(capsys, argv) -> tuple[int, str]:
     (["compile", "{bad_import}:make", "-o", "{tmp}/o", "-q"], "importing .* raised RuntimeError: boom at import"),
     (["compile", "{bad_factory}:make", "-o", "{tmp}/o", "-q"], "the factory raised ValueError: no weights here"),
     (["compile", "{bad_factory}:missing", "-o", "{tmp}/o", "-q"], "cannot load the factory"),
+    (["serve", "{art}", "--policy", "nope", "-q"], "--policy 'nope': policies are"),
+    (["serve", "{art}", "--slo-ms", "0", "-q"], "--slo-ms: '0' is not a positive number"),
+    (["serve", "{art}", "--slo-ms", "a=5", "10", "-q"], "give one MS for every model, or NAME=MS per model"),
+    (["serve", "{art}", "--port", "70000"], "--port: must be between 0 and 65535"),
+    (["serve", "{art}", "--replicas", "0"], "--replicas: must be between 1 and"),
 ])
 def test_user_errors_are_one_line(small_artifact, tmp_path, capsys, argv, pattern):
     """Exit status non-zero, one line on stderr naming what was wrong, no traceback."""
@@ -189,3 +195,18 @@ def test_run_batch_is_used(small_artifact, capsys):
     assert main(["run", str(small_artifact), "--batch", "5", "--repeat", "1", "-q"]) == 0
     out = capsys.readouterr().out
     assert out.count("Tensor: [5, 4] float32") == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("starlette") is None,
+                    reason="needs the serve extra (pip install -e '.[serve]')")
+def test_serve_refuses_a_port_in_use_and_unknown_slo_names_in_one_line(small_artifact, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        code, err = _one_line_error(capsys, ["serve", str(small_artifact), "--port", port, "-q"])
+    assert code == 1 and len(err) == 1 and "Address already in use" in err[0], err
+    code, err = _one_line_error(capsys, ["serve", str(small_artifact), "--port", "0", "--slo-ms", "zz=5", "-q"])
+    assert code == 1 and len(err) == 1 and "--slo-ms names unknown model(s) ['zz']" in err[0], err

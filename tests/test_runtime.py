@@ -965,3 +965,24 @@ def test_shed_takes_a_bool_or_none():
     fused = stfuse.compile({"a": zoo.mlp(16, 32, 4)}, {"a": torch.randn(2, 16)})
     with pytest.raises(StfuseError, match=r"shed must be True, False or None, got 'yes'"):
         Runtime(fused, shed="yes")
+
+
+def test_keyword_examples_give_a_measured_profile():
+    """A keyword tenant's example is a call ((), {name: tensor}): measure_profile times it
+    like a positional one (stfuse serve passes every tenant's example this way)."""
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(8, 4)
+
+        def forward(self, x, scale):
+            return self.l(x) * scale
+
+    torch.manual_seed(0)
+    fused = stfuse.compile({"kw": Kw().eval(), "mlp": zoo.mlp(8, 16, 4)},
+                           {"kw": {"x": torch.randn(2, 8), "scale": torch.rand(2, 4)}, "mlp": torch.randn(2, 8)})
+    examples = {"kw": ((), {"x": torch.randn(1, 8), "scale": torch.rand(1, 4)}), "mlp": torch.randn(1, 8)}
+    with Runtime(fused, "space-time", example_inputs=examples, max_batch=4, profile_reps=1) as rt:
+        assert rt.submit("kw", {"x": torch.randn(2, 8), "scale": torch.rand(2, 4)}).result(TIMEOUT).shape == (2, 4)
+    prof = rt._scheduler.profile
+    assert set(prof.fixed) == {"kw", "mlp"} and frozenset({"kw", "mlp"}) in prof.fused_fixed

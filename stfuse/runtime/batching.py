@@ -151,8 +151,10 @@ def adopt_intra_op_threads() -> None:
     torch.set_num_threads(torch.get_num_threads())
 
 
-def synchronize(inputs: Mapping[str, tuple]) -> None:
-    first = next(iter(inputs.values()))[0]
+def synchronize(inputs: Mapping[str, Any]) -> None:
+    """Wait for the device that ``inputs`` ({tenant: flat tuple or call}) are on."""
+    # a keyword tenant's call is ((), {name: tensor}): its first leaf, not its first element
+    first = pytree.tree_leaves(next(iter(inputs.values())))[0]
     if first.is_cuda:
         torch.cuda.current_stream(first.device).synchronize()
 
