@@ -1,0 +1,143 @@
+"""Placements on the runtime's fake clock: the planner against round-robin and random.
+
+Each replica runs the space-time policy (stfuse/runtime/policies.py) over the tenants
+placed on it, on ``stfuse.runtime.simulate.simulate``'s fake clock, against a
+LatencyProfile whose per-tenant parts come from the tenants' descriptions and whose
+fused group is priced by the FusionModel (placement.py): the same model for every
+placement, so only where tenants sit differs. Requests arrive as Poisson processes;
+a tenant hosted on k replicas sends each a k-th of its rate.
+
+    attainment           requests finished within their SLO / requests sent
+    goodput              requests finished within their SLO per second
+    throughput at SLO    the largest goodput over a sweep of load scales at which
+                         attainment stays >= ATTAINMENT (0.99)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from stfuse.errors import StfuseError
+from stfuse.runtime.policies import make_scheduler
+from stfuse.runtime.profile import LatencyProfile
+from stfuse.runtime.simulate import SimRequest, simulate
+
+from .placement import FusionModel, PlacementPlan, TenantDesc, build_plan
+
+ATTAINMENT = 0.99
+
+
+def zipf_population(archs: Sequence[TenantDesc], tenants: int, total_rate: float, *, exponent: float = 1.0,
+                    seed: int = 0) -> list[TenantDesc]:
+    """``tenants`` tenants ("t0000", ...) spread evenly over the architectures (each a copy of
+    its representative: name aside, the same description), with request rates following
+    a Zipf law of ``exponent`` in a random order, summing to ``total_rate``."""
+    if not archs:
+        raise StfuseError("zipf_population: no architectures")
+    rng = random.Random(seed)
+    ranks = list(range(1, tenants + 1))
+    rng.shuffle(ranks)
+    weights = [r ** -exponent for r in ranks]
+    scale = total_rate / sum(weights)
+    return [replace(archs[i % len(archs)], name=f"t{i:04d}", rate=w * scale) for i, w in enumerate(weights)]
+
+
+def _hosts_like(plan: PlacementPlan) -> list[tuple[str, int]]:
+    """(tenant, number of replicas) in name order: the baselines place the same shards as the plan."""
+    return [(t, len(plan.hosts[t])) for t in sorted(plan.hosts)]
+
+
+def round_robin(plan: PlacementPlan, fusion: FusionModel) -> PlacementPlan:
+    """Tenants (and the shards of split ones) in name order, replica after replica."""
+    n = len(plan.rows)
+    hosts, i = {}, 0
+    for t, k in _hosts_like(plan):
+        hosts[t] = [(i + j) % n for j in range(k)]
+        i += k
+    return build_plan("round-robin", hosts, list(plan.tenants.values()), n, plan.memory_budget, fusion)
+
+
+def random_placement(plan: PlacementPlan, fusion: FusionModel, seed: int = 0) -> PlacementPlan:
+    """Each tenant on replicas drawn uniformly (distinct ones for a split tenant)."""
+    n = len(plan.rows)
+    rng = random.Random(seed)
+    hosts = {t: rng.sample(range(n), k) for t, k in _hosts_like(plan)}
+    return build_plan("random", hosts, list(plan.tenants.values()), n, plan.memory_budget, fusion)
+
+
+@dataclass(frozen=True)
+class SimOutcome:
+    placement: str
+    scale: float
+    offered_rps: float
+    sent: int
+    on_time: int
+    attainment: float
+    goodput_rps: float
+    p99_ms: float | None
+
+
+def _arrivals(rate: float, duration: float, rng: random.Random) -> list[float]:
+    out, t = [], 0.0
+    if rate <= 0:
+        return out
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration:
+            return out
+        out.append(t)
+
+
+def simulate_plan(plan: PlacementPlan, fusion: FusionModel, *, scale: float = 1.0, duration_s: float = 1.0,
+                  seed: int = 0, max_batch: int = 32, slice_s: float = 0.002) -> SimOutcome:
+    """Every replica of ``plan`` on the fake clock with the tenants' rates times ``scale``."""
+    rng = random.Random(seed)
+    sent = on_time = 0
+    tails: list[float] = []
+    offered = 0.0
+    for row in plan.rows:
+        if not row.tenants:
+            continue
+        descs = [plan.tenants[t] for t in row.tenants]
+        names = list(row.tenants)
+        fused = {frozenset(names): fusion.fused_fixed(descs)} if len(names) > 1 else {}
+        profile = LatencyProfile({d.name: d.fixed_s for d in descs}, {d.name: d.per_row_s for d in descs}, fused)
+        slo = {d.name: d.slo_s for d in descs}
+        reqs = []
+        for d in descs:
+            rate = plan.rate_on(d.name) * scale
+            offered += rate
+            reqs += [SimRequest(d.name, a, a + d.slo_s) for a in _arrivals(rate, duration_s, rng)]
+        if not reqs:
+            continue
+        scheduler = make_scheduler("space-time", names, profile=profile, slo_s=slo, max_batch=max_batch,
+                                   slice_s=slice_s)
+        result = simulate(scheduler, reqs, profile, slo_s=slo)
+        sent += len(reqs)
+        for r in result.requests:
+            if r.finish is not None:
+                latency = r.finish - r.arrival
+                on_time += latency <= slo[r.tenant] + 1e-9
+                tails.append(latency)
+            else:
+                tails.append(math.inf)
+    tails.sort()
+    p99 = tails[max(0, math.ceil(0.99 * len(tails)) - 1)] * 1e3 if tails else None
+    return SimOutcome(plan.name, scale, offered, sent, on_time, on_time / sent if sent else 1.0,
+                      on_time / duration_s, p99)
+
+
+def throughput_at_slo(outcomes: Sequence[SimOutcome]) -> float:
+    """The largest goodput among the outcomes whose attainment is at least ATTAINMENT (0 if none)."""
+    return max((o.goodput_rps for o in outcomes if o.attainment >= ATTAINMENT), default=0.0)
+
+
+def compare(plan: PlacementPlan, fusion: FusionModel, scales: Sequence[float], *, duration_s: float = 1.0,
+            seed: int = 0) -> dict[str, list[SimOutcome]]:
+    """{placement: outcomes per scale} for the plan, round-robin and random placements."""
+    plans = [plan, round_robin(plan, fusion), random_placement(plan, fusion, seed)]
+    return {p.name: [simulate_plan(p, fusion, scale=s, duration_s=duration_s, seed=seed) for s in scales]
+            for p in plans}
