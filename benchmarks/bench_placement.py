@@ -34,7 +34,7 @@ import torch
 from stfuse import zoo
 from stfuse.serve import describe, plan_placement
 from stfuse.serve import place_sim
-from stfuse.serve.placement import FusionModel
+from stfuse.serve.placement import TenantDesc
 
 
 def catalog() -> tuple[dict, dict]:
@@ -83,11 +83,20 @@ def main() -> None:
     ap.add_argument("--replicas-shown", type=int, default=8, help="rows of the planner's table printed")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--json", help="write the outcomes here")
+    ap.add_argument("--archs", help="read the architectures' descriptions from this JSON file instead of tracing")
+    ap.add_argument("--save-archs", help="write the architectures' descriptions to this JSON file")
     args = ap.parse_args()
 
     start = time.perf_counter()
-    models, inputs = catalog()
-    archs = [replace(d, arch=d.name) for d in describe(models, inputs, device=args.device)]
+    if args.archs:
+        with open(args.archs) as f:
+            archs = [TenantDesc.from_json(d) for d in json.load(f)]
+    else:
+        models, inputs = catalog()
+        archs = [replace(d, arch=d.name) for d in describe(models, inputs, device=args.device)]
+    if args.save_archs:
+        with open(args.save_archs, "w") as f:
+            json.dump([d.to_json() for d in archs], f)
     archs = [replace(d, slo_s=max(args.slo_floor_ms / 1e3, args.slo_factor * d.solo_s(1))) for d in archs]
     described = time.perf_counter() - start
     print(f"{'architecture':<14} {'ops':>4} {'launches':>8} {'weights MB':>10} {'fixed us':>9} "
@@ -101,26 +110,26 @@ def main() -> None:
     planned = time.perf_counter() - start
     print()
     print(plan.table(limit=args.replicas_shown))
-    fusion = FusionModel(pop, args.device)
-    plans = [plan, place_sim.round_robin(plan, fusion), place_sim.random_placement(plan, fusion, args.seed)]
     scales = [float(s) for s in args.scales.split(",")]
     start = time.perf_counter()
-    outcomes = {p.name: [place_sim.simulate_plan(p, fusion, scale=s, duration_s=args.duration, seed=args.seed)
-                         for s in scales] for p in plans}
+    results = place_sim.compare(pop, args.replicas, int(args.memory_mb * 2**20), scales, device=args.device,
+                                duration_s=args.duration, seed=args.seed)
     simulated = time.perf_counter() - start
 
     print(f"\n{args.tenants} tenants of {len(archs)} architectures on {args.replicas} replicas "
-          f"({args.memory_mb:.0f} MB each), Zipf {args.exponent} rates, {args.rate:,.0f} requests/s at scale 1, "
-          f"device model {args.device!r}, {args.duration} s simulated per point")
-    head = ["placement", "archs/replica", "fixed ms (fused)", "max pressure", "over memory",
-            "throughput at SLO (rps)"] + [f"attain @{s:g}x" for s in scales]
+          f"({args.memory_mb:.0f} MB each), Zipf {args.exponent} rates, {args.rate:,.0f} requests/s at scale 1x, "
+          f"device model {args.device!r}, {args.duration} s simulated per point; the planner plans for each "
+          f"scale's rates, the baselines place the same tenants (hot ones split alike)")
+    head = ["placement", "throughput at SLO (rps)"] + [f"attain @{s:g}x" for s in scales] + \
+        [f"archs/replica @{scales[0]:g}x", f"max pressure @{scales[0]:g}x", f"over memory @{scales[0]:g}x"]
     lines = []
-    for p in plans:
-        s = p.summary()
-        lines.append([p.name, f"{s['archs_per_replica']:.2f}", f"{s['fused_fixed_ms']:.1f}",
-                      f"{s['max_pressure']:.2f}", str(s["over_budget"]),
-                      f"{place_sim.throughput_at_slo(outcomes[p.name]):,.0f}"]
-                     + [f"{o.attainment:.4f}" for o in outcomes[p.name]])
+    for name, entries in results.items():
+        first = next((p for _, p, _ in entries if p is not None), None)
+        summary = first.summary() if first is not None else None
+        lines.append([name, f"{place_sim.throughput_at_slo([o for _, _, o in entries]):,.0f}"]
+                     + [f"{o.attainment:.4f}" if o is not None else "no plan" for _, _, o in entries]
+                     + ([f"{summary['archs_per_replica']:.2f}", f"{summary['max_pressure']:.2f}",
+                         str(summary["over_budget"])] if summary else ["-"] * 3))
     if args.markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
@@ -131,13 +140,14 @@ def main() -> None:
         print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
         for row in lines:
             print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-    sent = sum(o.sent for os_ in outcomes.values() for o in os_)
+    sent = sum(o.sent for entries in results.values() for _, _, o in entries if o is not None)
     print(f"\n(described in {described:.1f} s, planned in {planned:.1f} s, simulated {sent:,} requests in "
           f"{simulated:.1f} s; wall times on a shared machine, noisy)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"plan": plan.to_json(), "outcomes": {k: [o.__dict__ for o in v] for k, v in outcomes.items()}},
-                      f, indent=1)
+            json.dump({"plan": plan.to_json(),
+                       "outcomes": {k: [{"scale": s, **(o.__dict__ if o else {})} for s, _, o in v]
+                                    for k, v in results.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":
