@@ -184,11 +184,15 @@ class FusionModel:
         self.device = device
         self.launch_s, self.member_s = dev.launch_us * 1e-6, dev.member_us * 1e-6
         self.ops: dict[str, tuple] = {}
+        self._columns: dict[tuple, list] = {}
+        self.learn(tenants)
+
+    def learn(self, tenants: Sequence[TenantDesc]) -> None:
+        """Record the tenants' architectures; one architecture always has the same ops."""
         for d in tenants:
             if self.ops.setdefault(d.arch, d.ops) != d.ops:
                 raise StfuseError(f"tenant {d.name!r}: architecture {d.arch!r} given with other ops than "
                                   f"another tenant of it")
-        self._columns: dict[tuple, list] = {}
 
     def columns(self, archs: tuple[str, ...]) -> list[list[tuple[str, int]]]:
         """match.py's alignment of the architectures' fusable ops: columns of (arch, op index)."""
@@ -232,6 +236,7 @@ class FusionModel:
     def fused_fixed(self, tenants: Sequence[TenantDesc]) -> float:
         if not tenants:
             return 0.0
+        self.learn(tenants)
         counts: dict[str, int] = {}
         for d in tenants:
             counts[d.arch] = counts.get(d.arch, 0) + 1
