@@ -25,7 +25,7 @@ from stfuse.runtime.policies import make_scheduler
 from stfuse.runtime.profile import LatencyProfile
 from stfuse.runtime.simulate import SimRequest, simulate
 
-from .placement import FusionModel, PlacementPlan, TenantDesc, build_plan, plan_placement
+from .placement import FusionModel, PlacementPlan, TenantDesc, build_plan, plan_placement, replicas_needed
 
 ATTAINMENT = 0.99
 
@@ -67,27 +67,27 @@ def zipf_population(archs: Sequence[TenantDesc], tenants: int, total_rate: float
     return [replace(archs[k], name=f"t{i:04d}", rate=w * scale) for i, (k, w) in enumerate(zip(kinds, weights))]
 
 
-def _hosts_like(plan: PlacementPlan) -> list[tuple[str, int]]:
-    """(tenant, number of replicas) in name order: the baselines place the same shards as the plan."""
-    return [(t, len(plan.hosts[t])) for t in sorted(plan.hosts)]
+def _splits(tenants: Sequence[TenantDesc], replicas: int) -> list[tuple[str, int]]:
+    """(tenant, replicas it needs) in name order: the baselines split hot tenants as the planner does."""
+    return [(d.name, replicas_needed(d, replicas, strict=False)) for d in sorted(tenants, key=lambda d: d.name)]
 
 
-def round_robin(plan: PlacementPlan, fusion: FusionModel) -> PlacementPlan:
-    """Tenants (and the shards of split ones) in name order, replica after replica."""
-    n = len(plan.rows)
+def round_robin(tenants: Sequence[TenantDesc], replicas: int, memory_bytes: int,
+                fusion: FusionModel) -> PlacementPlan:
+    """Tenants (and the shares of split ones) in name order, replica after replica."""
     hosts, i = {}, 0
-    for t, k in _hosts_like(plan):
-        hosts[t] = [(i + j) % n for j in range(k)]
+    for t, k in _splits(tenants, replicas):
+        hosts[t] = [(i + j) % replicas for j in range(k)]
         i += k
-    return build_plan("round-robin", hosts, list(plan.tenants.values()), n, plan.memory_budget, fusion)
+    return build_plan("round-robin", hosts, tenants, replicas, memory_bytes, fusion)
 
 
-def random_placement(plan: PlacementPlan, fusion: FusionModel, seed: int = 0) -> PlacementPlan:
+def random_placement(tenants: Sequence[TenantDesc], replicas: int, memory_bytes: int, fusion: FusionModel,
+                     seed: int = 0) -> PlacementPlan:
     """Each tenant on replicas drawn uniformly (distinct ones for a split tenant)."""
-    n = len(plan.rows)
     rng = random.Random(seed)
-    hosts = {t: rng.sample(range(n), k) for t, k in _hosts_like(plan)}
-    return build_plan("random", hosts, list(plan.tenants.values()), n, plan.memory_budget, fusion)
+    hosts = {t: rng.sample(range(replicas), k) for t, k in _splits(tenants, replicas)}
+    return build_plan("random", hosts, tenants, replicas, memory_bytes, fusion)
 
 
 @dataclass(frozen=True)
@@ -166,18 +166,18 @@ def compare(population: Sequence[TenantDesc], replicas: int, memory_bytes: int, 
             device: str = "cuda", duration_s: float = 0.1, seed: int = 0) -> dict[str, list]:
     """{placement: [(scale, plan or None, SimOutcome or None)]} for the planner, round-robin and
     random at each load scale (every rate times it). The planner plans for each scale's rates
-    (it is told them); the baselines place the same tenants, split as the plan splits them.
-    Where the planner finds no feasible placement, every entry of that scale is None."""
+    (it is told them) and has no plan (None) where it finds no feasible placement; the
+    baselines place the same tenants, hot ones split over as many replicas."""
     fusion = FusionModel(population, device)
     out: dict[str, list] = {"planner": [], "round-robin": [], "random": []}
     for s in scales:
         pop = [replace(d, rate=d.rate * s) for d in population]
+        plans = [round_robin(pop, replicas, memory_bytes, fusion),
+                 random_placement(pop, replicas, memory_bytes, fusion, seed)]
         try:
-            plan = plan_placement(pop, replicas, memory_bytes, device=device)
+            plans.insert(0, plan_placement(pop, replicas, memory_bytes, device=device))
         except StfuseError:
-            for v in out.values():
-                v.append((s, None, None))
-            continue
-        for p in (plan, round_robin(plan, fusion), random_placement(plan, fusion, seed)):
+            out["planner"].append((s, None, None))
+        for p in plans:
             out[p.name].append((s, p, simulate_plan(p, fusion, duration_s=duration_s, seed=seed)))
     return out

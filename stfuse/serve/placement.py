@@ -315,6 +315,10 @@ class PlacementPlan:
                          f"{slo:>7} {r.pressure:>8.3f}  {archs}")
         if len(rows) < len(self.rows):
             lines.append(f"... {len(self.rows) - len(rows)} more replicas")
+        s = self.summary()
+        lines.append(f"fused fixed {s['fused_fixed_ms']:.3f} ms of {s['apart_fixed_ms']:.3f} ms apart; "
+                     f"{s['archs_per_replica']:.2f} architectures per used replica; max pressure "
+                     f"{s['max_pressure']:.3f}; {s['over_budget']} replicas over the memory budget")
         split = {t: h for t, h in self.hosts.items() if len(h) > 1}
         if split:
             lines.append("split over replicas: " + "; ".join(f"{t} -> {list(h)}" for t, h in sorted(split.items())))
@@ -388,7 +392,7 @@ def plan_placement(tenants, replicas: int, memory_bytes: int, *, rates: Mapping[
             raise StfuseError(f"tenant {d.name!r}: SLO {d.slo_s * 1e3:.3f} ms is below twice its latency alone "
                               f"({2 * d.solo_s(1) * 1e3:.3f} ms at one row): infeasible on any replica")
     fusion = FusionModel(descs, device)
-    shards = {d.name: _shards(d, replicas) for d in descs}
+    shards = {d.name: replicas_needed(d, replicas) for d in descs}
     packer = _Packer(descs, shards, replicas, memory_bytes, fusion)
     hosts = packer.pack(1.0)
     if hosts is None:
@@ -408,12 +412,15 @@ def plan_placement(tenants, replicas: int, memory_bytes: int, *, rates: Mapping[
     return build_plan("planner", hosts, descs, replicas, memory_bytes, fusion)
 
 
-def _shards(d: TenantDesc, replicas: int) -> int:
-    """Replicas a tenant needs so that its share alone stays below SHARD_PRESSURE."""
+def replicas_needed(d: TenantDesc, replicas: int, strict: bool = True) -> int:
+    """Replicas a tenant needs so that its share alone stays below SHARD_PRESSURE; more than
+    ``replicas``: an error, or (``strict=False``) all of them."""
     k = 1
     while pressure(d.fixed_s, d.per_row_s * d.rate / k, d.slo_s) > SHARD_PRESSURE:
         k += 1
         if k > replicas:
+            if not strict:
+                return replicas
             raise StfuseError(f"tenant {d.name!r}: {d.rate:.1f} requests/s need more than {replicas} replicas "
                               f"to meet its SLO of {d.slo_s * 1e3:.3f} ms")
     return k
