@@ -77,6 +77,8 @@ def test_describe_takes_a_compiled_program_and_a_measured_profile(models, descri
     assert (got["cnn"].rate, got["cnn"].slo_s, got["mlp_a"].slo_s) == (7.0, 0.009, math.inf)
     with pytest.raises(StfuseError, match=r"rates: unknown tenant\(s\) \['nope'\]"):
         describe(fused, rates={"nope": 1.0})
+    plan = plan_placement(fused, 2, 8 * MB, rates={"mlp_a": 10.0}, slo_ms={"mlp_a": 50.0, "cnn": 50.0})
+    assert sorted(plan.hosts) == ["cnn", "mlp_a"] and plan.tenants["mlp_a"].rate == 10.0
 
 
 def test_fusion_model_columns_are_the_matchers_groups(models, described):

@@ -1,35 +1,14 @@
 """Placement: which tenants share a replica, planned with the compiler's own fusion decisions.
 
-A tenant is described once (``TenantDesc``): its architecture key, its fusable ops'
-match keys in order (passes/match.py ``class_key`` / ``uniform_key``), its launches,
-parameter bytes, and its latency alone as the runtime's LatencyProfile models it
-(``fixed_s + per_row_s * rows``), plus an expected request rate and an SLO.
-``describe`` derives that from a compiled program or from models (the compiler's
-normalize and annotate passes; latencies from passes/cost.py's device model, or from
-a measured LatencyProfile), so 1000 tenants of 20 architectures need 20 traces.
-
-What tenants on one replica cost together (``FusionModel``): the replica runs one fused
-program over them; its fixed part is the members' fixed parts less the launches that
-fusion saves. Which ops share a launch is match.py's order-preserving alignment of
-the tenants' fusable ops; what a shared launch saves is cost.py's rule for a group
-(``cost.estimate``: fused = launch + work + R * member for unequal shapes, apart =
-R * launch + work; the work cancels, and a group that saves nothing is dropped or
-split into its equal-shape subgroups, as ``cost.best_split``).
-
-A replica's pressure is the queueing bound of the space-time scheduler: while busy,
-each cycle runs one fused launch of its tenants, so the cycle C = F / (1 - u) for
-F the fused fixed part and u = sum(rate * per_row_s) the share of device time spent
-on rows; a request waits at most one cycle and runs in the next, so its latency is
-within 2C, and the pressure 2C / (the tightest SLO there) must stay <= 1.
-
-The planner (``plan_placement``): a tenant too hot for one replica (pressure alone
-above SHARD_PRESSURE) is split over several replicas; tenants are then taken
-architecture by architecture (busiest first) and each goes to the replica where
-it adds least pressure, among those within the memory budget and a pressure cap;
-the cap is bisected down to the lowest that still places every tenant. Adding a
-tenant to a replica that already runs its architecture adds almost no fixed cost
-(every fusable op joins a launch), which is what co-locates architectures.
-Deterministic: no randomness, ties go to the lowest replica index.
+``TenantDesc``: what the planner knows of a tenant (match.py keys of its fusable ops,
+launches, weights, latency alone, rate, SLO); ``describe`` derives it from a compiled
+program or traced models, so 1000 tenants of 20 architectures need 20 traces.
+``FusionModel``: the fixed cost of tenants sharing one fused program (match.py's
+alignment says which ops share a launch, cost.py's group rule what a launch saves).
+``pressure``: max(utilization, 2 * cycle / tightest SLO), <= 1 on every replica of a plan.
+``plan_placement``: split hot tenants, pack architecture by architecture where each tenant
+adds least pressure within memory and a pressure cap, bisect the cap; deterministic.
+docs/serve.md ("Placement") explains each step and its reasons.
 """
 
 from __future__ import annotations
@@ -361,12 +340,13 @@ def plan_placement(tenants, replicas: int, memory_bytes: int, *, rates: Mapping[
 
     ``tenants``: TenantDescs, or what ``describe`` takes (a FusedProgram, or {name: model}
     with ``example_inputs``). ``rates`` (requests/s) and ``slo_ms`` override the descriptions'
-    per tenant. ``device``: the cost model's row for what fusing saves ("cuda" or "cpu").
+    per tenant. ``device``: the cost model's row ("cuda" or "cpu") for what fusing saves, and for
+    latencies of tenants described here.
     Raises StfuseError where no placement keeps every tenant within memory and its SLO."""
     if isinstance(tenants, Sequence) and all(isinstance(d, TenantDesc) for d in tenants):
         descs = list(tenants)
     else:
-        descs = describe(tenants, example_inputs)
+        descs = describe(tenants, example_inputs, device=device)
     names = [d.name for d in descs]
     if len(set(names)) != len(names):
         raise StfuseError(f"tenant names repeat: {sorted({n for n in names if names.count(n) > 1})}")
