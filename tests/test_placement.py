@@ -290,3 +290,11 @@ def test_descriptions_are_copies_not_shared_state():
     d = _desc("a", "A")
     plan = plan_placement([d], 1, 8 * MB, rates={"a": 5.0})
     assert d.rate == 100.0 and plan.tenants["a"].rate == 5.0
+
+
+def test_cli_place_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["place", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: stfuse place") and "--memory-mb" in text and "--slo-ms" in text
