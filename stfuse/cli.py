@@ -6,6 +6,7 @@
     stfuse run OUT [--batch N] [--tenants a,b] [--repeat N]
     stfuse kernels [--arch sm_80,sm_90] [--json FILE] [--quick]
     stfuse serve OUT [OUT ...] [--host H] [--port P] [--slo-ms [NAME=]MS ...] [--replicas N]
+    stfuse place TENANTS... --replicas N --memory-mb MB [--rate [NAME=]RPS] [--slo-ms [NAME=]MS]
 
 A factory is a function of no arguments returning ``(model, example_inputs)``,
 or ``({name: model}, {name: example_inputs})`` for several tenants at once
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 from .errors import StfuseError
+from .serve import place_command
 
 
 class _Progress:
@@ -121,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="first config per kernel and dtype, epilogue chain only (the CI tier)")
     kern.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     _serve_arguments(sub)
+    place_command.add_arguments(sub, _count)
     return parser
 
 
@@ -371,13 +374,20 @@ def _kernels(args) -> int:
     return 1 if failed else 0
 
 
+# ----------------------------------------------------------------------------- place
+
+def _place(args) -> int:
+    return place_command.place(args, _Progress(args.quiet), load_factories)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
 
         return demo_main(repeat=args.repeat)
-    commands = {"compile": _compile, "inspect": _inspect, "run": _run, "kernels": _kernels, "serve": _serve}
+    commands = {"compile": _compile, "inspect": _inspect, "run": _run, "kernels": _kernels, "serve": _serve,
+                "place": _place}
     try:
         return commands[args.command](args)
     except StfuseError as err:

@@ -5,7 +5,13 @@
     metrics.py    GET /metrics in Prometheus' text format
     http.py       the routes as a Starlette app, and the one-process server on uvicorn
     ray_app.py    replicas on Ray Serve, with an ingress routing each model to its replicas
+    placement.py  plan_placement: which replicas host which tenants (place_sim.py simulates it)
 
 Needs the ``serve`` extra (starlette, uvicorn, ray[serve]); Ray only with replicas.
-docs/serve.md has the protocol mapping and the multi-node setup.
+docs/serve.md has the protocol mapping, placement and the multi-node setup. Placement
+needs only the base install.
 """
+
+from .placement import PlacementPlan, TenantDesc, describe, plan_placement
+
+__all__ = ["plan_placement", "PlacementPlan", "TenantDesc", "describe"]
