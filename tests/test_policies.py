@@ -209,6 +209,19 @@ def test_space_time_trims_a_joining_tenant_to_keep_members_on_time():
     assert s.decide(qs, 0.0) == Dispatch({"a": 1, "b": 7})
 
 
+def test_space_time_keeps_a_head_held_to_its_latest_start_on_time():
+    """Held until deadline - work, the head's time left can round to just below its work
+    (here 0.7 - (0.7 - 1.5 ms) = 1.5 ms - 5e-17 s): it is still on time, and b must not
+    join and push it past its deadline (found by the placement simulation)."""
+    prof = profile("ab", fixed=1 * MS, per_row=0.5 * MS, fused_fixed=1 * MS)
+    s = scheduler("space-time", "ab", prof)
+    deadline = 0.7
+    now = deadline - prof.estimate({"a": 1}, 1)
+    assert deadline - now < prof.estimate({"a": 1}, 1)  # the rounding this test is about
+    qs = queues("ab", a=[req("a", 0.0, deadline)], b=[req("b", 0.0, deadline + 80 * MS)] * 20)
+    assert s.decide(qs, now) == Dispatch({"a": 1})
+
+
 def test_space_time_asks_for_padding_when_unequal_batches_cost_more():
     prof = profile("ab", fused_fixed=1.2 * MS)
     prof.uneven_fixed[frozenset("ab")] = 1 * MS

@@ -336,7 +336,7 @@ class SpaceTimeScheduler(Scheduler):
             pre = prefix[t]
             first = prof.estimate({**rows, t: pre[0]}, n + 1)
             left = queues[t][0].deadline - now
-            on_time = first <= left
+            on_time = first <= left + _EPS  # a head held to its latest start is on time
             # an overloaded head fills its batch: its own head's deadline does not trim it
             own = left if on_time and (take or not _full(queues[t], pre, self.max_batch)) else math.inf
             limit = min(slack, budget, own) + _EPS
