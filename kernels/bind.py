@@ -9,6 +9,10 @@ turns it into the program that runs, for compiled and loaded programs alike:
   functions: the same kernels the dispatcher would pick, without its boxing
   (about 3 us per call, most of a batch-1 MLP's budget).
 - CUDA: the program as it is; the custom ops dispatch to their Triton kernels.
+- codegen="inductor" (either device): the canonical program compiled by
+  torch.compile's Inductor on its first call (kernels/inductor.py), the
+  ``stfuse::`` ops extern calls inside it; the program bound as above runs
+  where Inductor fails.
 
 Before/after (CPU)::
 
@@ -82,9 +86,17 @@ def _bind_stacked_linear(gm, graph, n: torch.fx.Node) -> None:
 _CPU_SPECIALISE = {"stacked_linear": _bind_stacked_linear}
 
 
-def bind(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:
+def bind(gm: torch.fx.GraphModule, device: torch.device, codegen: str = "direct", dynamic=()):
     """The program that runs ``gm`` on ``device`` (a new module sharing gm's weights;
-    gm itself is not changed)."""
+    gm itself is not changed): ``forward(*flat inputs)``. ``codegen``: "direct" (above)
+    or "inductor" (kernels/inductor.py), with ``dynamic`` per flat input the dims that
+    vary between calls."""
+    if codegen == "inductor":
+        from .inductor import InductorProgram
+
+        return InductorProgram(gm, bind(gm, device), list(dynamic))
+    if codegen != "direct":
+        raise ValueError(f"codegen must be 'direct' or 'inductor', got {codegen!r}")
     if device.type != "cpu":
         return gm
     graph = copy.deepcopy(gm.graph)

@@ -7,6 +7,8 @@ STFUSE_DEVICE_MODEL   pin the cost model to the nominal constants of "cpu" or "c
                       (passes/cost.DEVICES) instead of the measured device profile
 STFUSE_TUNE           default of stfuse.compile(tune=...): "measure" (default), "model"
                       or "off" (passes/tune.py)
+STFUSE_CODEGEN        default of stfuse.compile(codegen=...) and stfuse.load(codegen=...):
+                      "direct" (default) or "inductor" (kernels/inductor.py)
 """
 
 from __future__ import annotations
@@ -44,10 +46,30 @@ TUNE_MODES = ("measure", "model", "off")
 DEFAULT_TUNE = "measure"
 
 
+def _choice(value, name: str, env: str, modes: tuple, default: str) -> str:
+    """``value`` checked against ``modes``, or the environment variable ``env``, or ``default``."""
+    mode = value if value is not None else (os.environ.get(env) or default)
+    if not isinstance(mode, str) or mode not in modes:
+        where = name if value is not None else env
+        raise StfuseError(f"{where} must be one of {list(modes)}, got {mode!r}")
+    return mode
+
+
 def tune_mode(value: str | None = None) -> str:
     """``value`` (stfuse.compile's ``tune``) checked, or STFUSE_TUNE, or DEFAULT_TUNE."""
-    mode = value if value is not None else (os.environ.get("STFUSE_TUNE") or DEFAULT_TUNE)
-    if mode not in TUNE_MODES:
-        where = "tune" if value is not None else "STFUSE_TUNE"
-        raise StfuseError(f"{where} must be one of {list(TUNE_MODES)}, got {mode!r}")
-    return mode
+    return _choice(value, "tune", "STFUSE_TUNE", TUNE_MODES, DEFAULT_TUNE)
+
+
+CODEGEN_MODES = ("direct", "inductor")
+# "direct" by default: "inductor" compiles each program on its first call (seconds to
+# minutes on a 2-core CPU, again per subset and per batch-1 call), and what it gains over
+# the direct kernels is fusion of the pointwise work between stfuse's groups, which the
+# epilogue pass already folds where it can; benchmarks/bench_models.py measures both
+# columns per model set, and the default should follow those numbers per device.
+DEFAULT_CODEGEN = "direct"
+
+
+def codegen_mode(value: str | None = None) -> str:
+    """``value`` (``codegen`` of stfuse.compile / stfuse.load) checked, or STFUSE_CODEGEN,
+    or DEFAULT_CODEGEN."""
+    return _choice(value, "codegen", "STFUSE_CODEGEN", CODEGEN_MODES, DEFAULT_CODEGEN)

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 import torch.utils._pytree as pytree
 
-from . import dims
+from . import config, dims
 from .errors import InputError
 from .calls import InputSpec, call_problem, input_problem
 from .frontend import TenantGraph
@@ -169,6 +169,12 @@ class TenantCalls:
     def _program(self, active: tuple, stacked: bool):
         raise NotImplementedError
 
+    def varying_dims(self, active: tuple) -> list[tuple[int, ...]]:
+        """Per flat input of a program over ``active`` tenants, the dims that may differ
+        between calls: dim 0 of a dynamic tenant's batched inputs, and declared dims."""
+        return [((0,) if s.batched and spec.dynamic else ()) + tuple(d for d, _ in s.dims)
+                for spec in (self._specs[t] for t in active) for s in spec.inputs]
+
     def _can_run_outside_range(self, name: str) -> bool:
         """Whether a call of ``name`` outside its batch range can still run correctly."""
         return False
@@ -211,10 +217,12 @@ class TenantCalls:
 class FusedProgram(TenantCalls):
     """Compiled tenants; call with one argument per tenant, or ``run`` a subset."""
 
-    def __init__(self, graph, history, compile_tenants=None):
+    def __init__(self, graph, history, compile_tenants=None, codegen: str = "direct"):
         """``compile_tenants`` (api.compile_tenants; passed in, so this module does not
-        import the compiler back) compiles a tenant traced again for another batch range."""
+        import the compiler back) compiles a tenant traced again for another batch range.
+        ``codegen`` (kernels/bind.py): "direct" or "inductor"."""
         self.graph = graph
+        self.codegen = codegen
         self._compile_tenants = compile_tenants
         self._tenants: dict[str, TenantGraph] = graph.graph["tenants"]
         self.plan = Plan(graph, history)
@@ -222,8 +230,9 @@ class FusedProgram(TenantCalls):
         self._init_calls({n: TenantSpec.of(tg) for n, tg in self._tenants.items()})
         # Every program that runs is a canonical one bound to the tenants' device, once.
         self.device = next(iter(self._tenants.values())).device
-        gm, counts = self._canonical
-        self._programs[(self._names, True)] = (bind(gm, self.device), counts)
+        # (tenants, stacked) -> (canonical program, counts): what every bound program came from
+        self._lowered = {(self._names, True): self._canonical}
+        self._programs[(self._names, True)] = (self._bind(self._canonical[0], self._names), self._canonical[1])
         self._lowering = threading.Lock()
         # Tenants traced again for batch sizes outside their graph's range: name -> [FusedProgram]
         self.respecialised: dict[str, list[FusedProgram]] = {}
@@ -232,10 +241,23 @@ class FusedProgram(TenantCalls):
 
     MAX_RESPECIALISATIONS = 4  # per tenant; beyond, calls outside every traced range run eagerly
 
+    def _bind(self, gm, active: tuple):
+        return bind(gm, self.device, self.codegen, self.varying_dims(active))
+
+    def set_codegen(self, codegen: str) -> None:
+        """Run with ``codegen`` ("direct" or "inductor", kernels/bind.py) from now on: every
+        program lowered so far is bound again (Inductor compiles each on its first call)."""
+        codegen = config.codegen_mode(codegen)
+        with self._lowering:
+            self.codegen = codegen
+            self._programs = {key: (self._bind(gm, key[0]), counts) for key, (gm, counts) in self._lowered.items()}
+
     @property
-    def program(self) -> torch.fx.GraphModule:
-        """The fx program that runs every tenant at one batch size: the canonical program
-        bound to the device (kernels/bind.py): on CPU it calls the ops' torch kernels."""
+    def program(self):
+        """The program that runs every tenant at one batch size: the canonical program
+        bound to the device (kernels/bind.py): with codegen="direct" an fx program that on
+        CPU calls the ops' torch kernels; with "inductor" a kernels.inductor.InductorProgram
+        (``.canonical`` is what Inductor compiles, ``.error`` why it was given up on)."""
         return self._programs[(self._names, True)][0]
 
     @property
@@ -290,7 +312,8 @@ class FusedProgram(TenantCalls):
                 from stfuse.passes.lower import lower_program
 
                 gm, counts = lower_program(self.graph, active, stacked)
-                self._programs[key] = (bind(gm, self.device), counts)
+                self._lowered[key] = (gm, counts)
+                self._programs[key] = (self._bind(gm, active), counts)
         return self._programs[key]
 
     def save(self, path, **kwargs):
