@@ -62,6 +62,14 @@ class TenantSpec:
         return f"[{low}, {'inf' if high is None else high}]"
 
 
+def varying_dims(specs: Mapping[str, TenantSpec], active) -> list[tuple[int, ...]]:
+    """Per flat input of a program over ``active`` tenants, the dims that may differ
+    between calls: dim 0 of a dynamic tenant's batched inputs, and declared dims
+    (what kernels/inductor.py marks dynamic)."""
+    return [((0,) if s.batched and spec.dynamic else ()) + tuple(d for d, _ in s.dims)
+            for spec in (specs[t] for t in active) for s in spec.inputs]
+
+
 class TenantCalls:
     """The calling convention of a multi-tenant program, from TenantSpecs alone.
 
@@ -169,11 +177,6 @@ class TenantCalls:
     def _program(self, active: tuple, stacked: bool):
         raise NotImplementedError
 
-    def varying_dims(self, active: tuple) -> list[tuple[int, ...]]:
-        """Per flat input of a program over ``active`` tenants, the dims that may differ
-        between calls: dim 0 of a dynamic tenant's batched inputs, and declared dims."""
-        return [((0,) if s.batched and spec.dynamic else ()) + tuple(d for d, _ in s.dims)
-                for spec in (self._specs[t] for t in active) for s in spec.inputs]
 
     def _can_run_outside_range(self, name: str) -> bool:
         """Whether a call of ``name`` outside its batch range can still run correctly."""
@@ -242,7 +245,7 @@ class FusedProgram(TenantCalls):
     MAX_RESPECIALISATIONS = 4  # per tenant; beyond, calls outside every traced range run eagerly
 
     def _bind(self, gm, active: tuple):
-        return bind(gm, self.device, self.codegen, self.varying_dims(active))
+        return bind(gm, self.device, self.codegen, varying_dims(self._specs, active))
 
     def set_codegen(self, codegen: str) -> None:
         """Run with ``codegen`` ("direct" or "inductor", kernels/bind.py) from now on: every
