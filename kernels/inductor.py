@@ -44,8 +44,15 @@ class InductorProgram:
         # per flat input: the dims that vary between calls (marked dynamic while compiling)
         self.dynamic = [tuple(d) for d in dynamic]
         self.error: str | None = None  # why Inductor was given up on (None: it runs)
-        self._compiled = torch.compile(gm, backend="inductor")
+        self.compiles = 0  # graphs Inductor compiled for this program (a recompile counts again)
+        self.runs = 0  # calls the compiled program ran
+        self._compiled = torch.compile(gm, backend=self._inductor)
         self._marking = any(self.dynamic)
+
+    def _inductor(self, gm: torch.fx.GraphModule, example_inputs):
+        """The Dynamo backend: Inductor, counted."""
+        self.compiles += 1
+        return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
 
     def _marked(self, flat) -> tuple[tuple, bool]:
         """Aliases of the inputs with their varying dims marked dynamic, and whether every
@@ -71,6 +78,7 @@ class InductorProgram:
             log.warning("stfuse: Inductor failed on a program (%s); it runs with codegen='direct'",
                         self.error[:300])
             return self.direct.forward(*flat)
+        self.runs += 1
         if wide:
             self._marking = False
         return out
