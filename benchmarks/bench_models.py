@@ -31,7 +31,8 @@ Alternatives, on the same models and inputs, one request per tenant per round:
 against eager at each request's own length and against stfuse with every request padded
 to 128 (what a fixed-shape program makes a server do).
 With --quick the four inductor columns (compile, wrapper, backend, stfuse+inductor) run on the
-first set only (inductor takes tens of seconds per graph on 2 CPU cores); --no-compile drops them.
+first set only (inductor takes tens of seconds per graph on 2 CPU cores; --compile-all runs them
+on every set); --no-compile drops them.
 
 Prints, per set: mean and p99 latency of a round, throughput (samples/s over all
 tenants) and every alternative's time over stfuse's (> 1: stfuse is faster).
@@ -277,6 +278,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small models, N = 4, batch 1, few repetitions")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (needs a C++ compiler on CPU)")
+    ap.add_argument("--compile-all", action="store_true",
+                    help="with --quick: the inductor columns on every set, not only the first")
     ap.add_argument("--sets", nargs="+", choices=FAMILIES + ("mixed",), default=None)
     ap.add_argument("--tenants", type=int, nargs="+", help="N values")
     ap.add_argument("--batches", type=int, nargs="+", help="batch sizes")
@@ -303,7 +306,7 @@ def main(argv=None) -> int:
     if args.only_lengths:
         cases = []
     for i, (s, n, b) in enumerate(cases):
-        with_compile = not args.no_compile and (not args.quick or i == 0)
+        with_compile = not args.no_compile and (not args.quick or i == 0 or args.compile_all)
         rows.append(run_set(s, n, b, args, device, with_compile))
     lengths = run_lengths(4, args, device) if args.lengths or args.only_lengths else None
     print(f"\nmean (p99) ms per round, one request per tenant; ratios: alternative time / stfuse time; {where}")
