@@ -82,8 +82,11 @@ def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
     ``codegen``: what runs the fused program (kernels/bind.py): "direct" calls stfuse's
     kernels and the tenants' aten ops one by one; "inductor" hands the program to
     torch.compile's Inductor on its first call (kernels/inductor.py): it generates code
-    for the aten ops between stfuse's fused ops, which stay one call each. Default:
-    STFUSE_CODEGEN, else "direct" (config.DEFAULT_CODEGEN says why).
+    for the aten ops between stfuse's fused ops, which stay one call each; "auto" times
+    both on the example inputs at compile time (an Inductor compile inside this call;
+    cached per device and program) and keeps the faster, recorded in
+    ``plan.stats["codegen"]``. Default: STFUSE_CODEGEN, else "direct"
+    (config.DEFAULT_CODEGEN says why).
     """
     tune = config.tune_mode(tune)
     codegen = config.codegen_mode(codegen)
@@ -116,6 +119,7 @@ def compile_tenants(tenants: dict, verify: bool = False, tune: str | None = None
     the direct programs (it checks stfuse's grouping, and compiles nothing); the
     program returned runs with ``codegen``."""
     from stfuse.passes import pipeline
+    from stfuse.passes.tune import choose_codegen
 
     from . import selfcheck
 
@@ -139,7 +143,14 @@ def compile_tenants(tenants: dict, verify: bool = False, tune: str | None = None
     # unfused: tenants taken out of fusion; still_differ: tenants that differ unfused too
     fused.plan.stats["self_check"] = {"unfused": sorted(bad), "reasons": dict(bad),
                                       "still_differ": sorted(still)}
-    fused.set_codegen(codegen)
+    if codegen == "auto":  # the Inductor program timed here is the one that runs, if it won
+        fused.set_codegen("inductor")
+        choice = choose_codegen(fused.graph, fused.program, fused.program.direct)
+        fused.plan.stats["codegen"] = choice
+        if choice["decision"] == "direct":
+            fused.set_codegen("direct")
+    else:
+        fused.set_codegen(codegen)
     return fused
 
 

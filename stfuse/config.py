@@ -8,8 +8,9 @@ STFUSE_DEVICE_MODEL   pin the cost model to the nominal constants of "cpu" or "c
 STFUSE_TUNE           default of stfuse.compile(tune=...): "measure" (default), "model"
                       or "off" (passes/tune.py)
 STFUSE_CODEGEN        default codegen of stfuse.compile, stfuse.load and the torch.compile
-                      backend: "direct" or "inductor" (kernels/inductor.py); unset, the
-                      first two take "direct", the backend "inductor"
+                      backend: "direct", "inductor" (kernels/inductor.py) or "auto" (the
+                      faster, measured: passes/tune.choose_codegen; load takes it as
+                      "direct"); unset, the first two take "direct", the backend "inductor"
 """
 
 from __future__ import annotations
@@ -61,12 +62,14 @@ def tune_mode(value: str | None = None) -> str:
     return _choice(value, "tune", "STFUSE_TUNE", TUNE_MODES, DEFAULT_TUNE)
 
 
-CODEGEN_MODES = ("direct", "inductor")
+CODEGEN_MODES = ("direct", "inductor", "auto")  # auto: measured per program (passes/tune.py)
 # "direct" by default: "inductor" compiles each program on its first call (seconds to
-# minutes on a 2-core CPU, again per subset and per batch-1 call), and what it gains over
-# the direct kernels is fusion of the pointwise work between stfuse's groups, which the
-# epilogue pass already folds where it can; benchmarks/bench_models.py measures both
-# columns per model set, and the default should follow those numbers per device.
+# minutes on a 2-core CPU, again per subset and per batch-1 call) and "auto" compiles the
+# full program inside every stfuse.compile to time it; what Inductor gains over the direct
+# kernels is the pointwise work between stfuse's groups, which the epilogue pass already
+# folds where it can. No quiet-machine numbers show yet where that pays for the compile
+# (benchmarks/bench_models.py: columns stfuse and stfuse+inductor); the default should
+# follow them per device.
 DEFAULT_CODEGEN = "direct"
 
 
@@ -74,6 +77,13 @@ def codegen_mode(value: str | None = None, default: str = DEFAULT_CODEGEN) -> st
     """``value`` (``codegen`` of stfuse.compile / stfuse.load) checked, or STFUSE_CODEGEN,
     or ``default``."""
     return _choice(value, "codegen", "STFUSE_CODEGEN", CODEGEN_MODES, default)
+
+
+def bound_codegen(value: str | None = None) -> str:
+    """codegen_mode for what binds a program without compiling it (stfuse.load,
+    FusedProgram.set_codegen): "auto" has nothing to time there and means "direct"."""
+    mode = codegen_mode(value)
+    return "direct" if mode == "auto" else mode
 
 
 # The torch.compile backend's default: a user of backend="stfuse" compares it with

@@ -250,7 +250,7 @@ class FusedProgram(TenantCalls):
     def set_codegen(self, codegen: str) -> None:
         """Run with ``codegen`` ("direct" or "inductor", kernels/bind.py) from now on: every
         program lowered so far is bound again (Inductor compiles each on its first call)."""
-        codegen = config.codegen_mode(codegen)
+        codegen = config.bound_codegen(codegen)
         with self._lowering:
             self.codegen = codegen
             self._programs = {key: (self._bind(gm, key[0]), counts) for key, (gm, counts) in self._lowered.items()}

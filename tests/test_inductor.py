@@ -131,3 +131,34 @@ def test_bad_codegen_is_a_stfuse_error(where, tmp_path, monkeypatch, mlps):
         else:
             monkeypatch.setenv("STFUSE_CODEGEN", "fast")
             stfuse.compile([_mlp(0)], [torch.randn(2, 12)])
+
+
+@pytest.mark.parametrize("inductor_faster", [True, False])
+def test_auto_keeps_the_faster_codegen(inductor_faster, monkeypatch, tmp_path, mlps):
+    """codegen="auto" times both (a fake timer here, as tests/test_tune.py does), keeps the
+    faster, records it, and takes a cached decision without timing again."""
+    from stfuse.kernels import timing
+
+    monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(timing, "busy", lambda: None)
+    timed = []
+
+    def fake(first, second, device, what="", budget_ms=0):
+        first(), second()  # both must run: the Inductor program compiles here
+        timed.append(what)
+        return (10.0, 20.0) if inductor_faster else (20.0, 10.0)
+
+    monkeypatch.setattr(timing, "time_pair", fake)
+    models = mlps[1]  # the fixture's program again: Inductor's cache has compiled it already
+    xs = [torch.randn(2, 12) for _ in models]
+    for round_ in range(2):
+        fused = stfuse.compile(models, [(x,) for x in xs], tune="off", codegen="auto")
+        choice = fused.plan.stats["codegen"]
+        assert choice["decision"] == fused.codegen == ("inductor" if inductor_faster else "direct")
+        assert choice["source"] == ("measured", "cached")[round_]
+        assert isinstance(fused.program, InductorProgram) == inductor_faster
+        for o, r in zip(fused(*xs), _eager(models, xs)):
+            assert_close(o, r)
+    assert timed == ["codegen"]
+    if inductor_faster:
+        assert fused.program.compiles == 1  # the program timed is the one that runs

@@ -252,7 +252,7 @@ def load(path, device=None, codegen=None) -> LoadedProgram:
         wanted = None if device is None else torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ArtifactError(f"invalid device {device!r}: {err}") from err
-    codegen = config.codegen_mode(codegen)
+    codegen = config.bound_codegen(codegen)
     manifest, data = read(path)
     try:
         saved_device = torch.device(manifest["tenants"][0]["device"])

@@ -38,8 +38,8 @@ Options (``torch.compile(..., options={...})``), documented in docs/backend.md:
 ``group`` (a name or a Group), ``strict`` (raise instead of running eagerly),
 ``verify`` (ir.verify after every pass), ``passes`` (False: no stfuse passes, the
 Dynamo graph goes to ``codegen`` as it is: Inductor, or run as it is for
-"direct"), ``codegen`` ("inductor" or "direct"; default STFUSE_CODEGEN, else
-"inductor").
+"direct"), ``codegen`` ("inductor", "direct" or "auto"; default STFUSE_CODEGEN,
+else "inductor").
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any]
     """
     opts = parse_options({**dict(options or {}), **kwargs})
     if not opts.passes:  # stfuse's half off: the graph as it is, to codegen
-        if opts.codegen == "inductor":
+        if opts.codegen != "direct":  # "auto" has no stfuse program to time: Inductor
             return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
         return gm
     watch_dynamo()

@@ -1,27 +1,32 @@
 """Conformance through codegen="inductor": real architectures, the fused program compiled by
 Inductor, checked against the float64 reference with the tolerance table.
 
-A CI-sized subset (each row compiles one program with Inductor, seconds to tens of
-seconds on 2 cores): one family per kind of op stfuse groups (attention with a mask,
-rotary attention with grouped KV heads, convolutions with folded BatchNorm, group norm,
-patches) and one mixed set. Each is compiled at the example batch (2) and called at
-batches 2 and 3: one Inductor compile must serve both (the batch dim is dynamic).
-Deselect with ``-m "not inductor"``.
+A CI-sized subset (each row compiles one program with Inductor: 8 to 100 s each on
+the shared 2-core CPU with a cold Inductor cache): attention with a mask and GELU
+(bert), convolutions with folded BatchNorm (resnet), group norm (gn_cnn), and one mixed
+set of three encoders (grouped ops: members of other shapes). Each is compiled at the
+example batch (2) and called at batches 2 and 3: one Inductor compile must serve both
+(the batch dim is dynamic). ``STFUSE_CONFORMANCE_INDUCTOR=all`` runs every
+architecture and every mixed set of tests/conformance/archs.py instead (tens of
+minutes). Deselect with ``-m "not inductor"``.
 """
+
+import os
 
 import pytest
 
 import stfuse
 
-from archs import ARCHS, EXAMPLE_BATCH, MIXES, SEEDS
+from archs import ARCHS, EXAMPLE_BATCH, KNOWN_FAILURES, MIXES, SEEDS
 from conftest import check_tenants
 
 pytest.importorskip("transformers", reason="transformers is in the test extra")
 
 pytestmark = [pytest.mark.slow, pytest.mark.inductor]
 
-FAMILIES = ("bert", "llama", "resnet", "gn_cnn", "vit")
-MIX = "bert+vit+wav2vec2"  # three architectures: grouped where they differ, across kinds
+ALL = os.environ.get("STFUSE_CONFORMANCE_INDUCTOR") == "all"
+FAMILIES = tuple(ARCHS) if ALL else ("bert", "resnet", "gn_cnn")
+MIX_SETS = tuple(MIXES) if ALL else ("distilbert+albert+clip_text",)
 BATCHES = (EXAMPLE_BATCH, 3)
 
 
@@ -33,7 +38,12 @@ def _check(fused, models, inputs) -> None:
     assert prog.runs == len(BATCHES) and prog.compiles == 1
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+def _known(name: str):
+    reason = KNOWN_FAILURES.get(name)
+    return [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_known(n)) for n in FAMILIES])
 def test_same_architecture(name):
     arch = ARCHS[name]
     length = arch.lengths[0]
@@ -43,8 +53,9 @@ def test_same_architecture(name):
     _check(fused, models, lambda b: [arch.make_inputs(b, length, 10 + s) for s in SEEDS])
 
 
-def test_mixed_architectures():
-    names = MIXES[MIX]
+@pytest.mark.parametrize("mix", [pytest.param(m, marks=_known(m)) for m in MIX_SETS])
+def test_mixed_architectures(mix):
+    names = MIXES[mix]
     models = [ARCHS[n].make_model(i) for i, n in enumerate(names)]
 
     def inputs(batch, seed=0):
