@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import stfuse
+from stfuse.artifact import validate
 from stfuse.kernels.inductor import InductorProgram
 from stfuse.tolerances import assert_close
 
@@ -160,5 +161,6 @@ def test_auto_keeps_the_faster_codegen(inductor_faster, monkeypatch, tmp_path, m
         for o, r in zip(fused(*xs), _eager(models, xs)):
             assert_close(o, r)
     assert timed == ["codegen"]
+    validate.plan_record(fused.plan.record(), "plan.json")  # an artifact's plan can hold the choice
     if inductor_faster:
         assert fused.program.compiles == 1  # the program timed is the one that runs
