@@ -177,7 +177,6 @@ class TenantCalls:
     def _program(self, active: tuple, stacked: bool):
         raise NotImplementedError
 
-
     def _can_run_outside_range(self, name: str) -> bool:
         """Whether a call of ``name`` outside its batch range can still run correctly."""
         return False
@@ -251,6 +250,8 @@ class FusedProgram(TenantCalls):
         """Run with ``codegen`` ("direct" or "inductor", kernels/bind.py) from now on: every
         program lowered so far is bound again (Inductor compiles each on its first call)."""
         codegen = config.bound_codegen(codegen)
+        if codegen == self.codegen:
+            return
         with self._lowering:
             self.codegen = codegen
             self._programs = {key: (self._bind(gm, key[0]), counts) for key, (gm, counts) in self._lowered.items()}
