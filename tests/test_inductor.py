@@ -2,7 +2,7 @@
 
 Every Inductor compile takes seconds on the 2-core CPU, so the programs here are tiny
 and each is compiled once per module (fixtures); the conformance tier runs real
-architectures (tests/conformance/test_inductor.py). Marked ``inductor``: deselect
+architectures (tests/conformance/test_conformance_inductor.py). Marked ``inductor``: deselect
 with ``-m "not inductor"``.
 """
 
