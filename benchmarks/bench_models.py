@@ -2,7 +2,7 @@
 
     python benchmarks/bench_models.py --quick          # CPU, under 2 minutes on 2 cores
     python benchmarks/bench_models.py                  # full-size models, N = 2, 4, 8, batch 1 and 8 (a GPU)
-    python benchmarks/bench_models.py --no-compile     # without the two inductor columns
+    python benchmarks/bench_models.py --no-compile     # without the four inductor columns
     python benchmarks/bench_models.py --quick --only-lengths   # 4 BERTs, request lengths 8-128
 
 Tenant sets, built from transformers configs with random weights (different per tenant):
@@ -22,13 +22,17 @@ Alternatives, on the same models and inputs, one request per tenant per round:
   compile   torch.compile (inductor) of each model, run in turn
   wrapper   torch.compile (inductor) of one nn.Module whose forward calls every tenant:
             inductor sees all N models in one graph and may fuse across them itself
-  stfuse    stfuse.compile of the N tenants, one call
+  backend   torch.compile(model, backend="stfuse") of each model (stfuse's passes within a
+            model, then Inductor: the backend's defaults), run in turn
+  stfuse+inductor  stfuse.compile(..., codegen="inductor"): the fused program compiled by Inductor
+  stfuse    stfuse.compile of the N tenants, one call (codegen="direct", the default)
 --lengths adds a row of 4 BERT tenants whose request lengths are drawn per round from
 8-128 tokens (log-uniform): stfuse with the sequence declared dynamic (compile(dynamic=))
 against eager at each request's own length and against stfuse with every request padded
 to 128 (what a fixed-shape program makes a server do).
-With --quick the two inductor columns run on the first set only (inductor takes
-tens of seconds per graph on 2 CPU cores); --no-compile drops them.
+With --quick the four inductor columns (compile, wrapper, backend, stfuse+inductor) run on the
+first set only (inductor takes tens of seconds per graph on 2 CPU cores; --compile-all runs them
+on every set); --no-compile drops them.
 
 Prints, per set: mean and p99 latency of a round, throughput (samples/s over all
 tenants) and every alternative's time over stfuse's (> 1: stfuse is faster).
@@ -65,7 +69,8 @@ from common import check_against_float64, latencies_ms, machine, resnet50_config
 
 OUT = Path(__file__).parent / "out"
 FAMILIES = ("bert", "vit", "resnet50", "gpt2")
-ALTS = ("eager", "vmap", "compile", "wrapper", "stfuse")
+ALTS = ("eager", "vmap", "compile", "wrapper", "backend", "stfuse+inductor", "stfuse")
+COMPILED = ("compile", "wrapper", "backend", "stfuse+inductor")  # the columns --no-compile drops
 
 
 def build(family: str, seed: int, batch: int, quick: bool, device: torch.device):
@@ -122,6 +127,19 @@ def vmapped(models, xs):
     return lambda: fn(params, buffers, xstack)
 
 
+def compiled(alt: str, models, xs):
+    """One round of the compiled column ``alt`` (every tenant once), compiled on its first call."""
+    if alt == "stfuse+inductor":
+        fused = stfuse.compile(models, [(x,) for x in xs], codegen="inductor")
+        return lambda: fused(*xs)
+    if alt == "wrapper":
+        c = torch.compile(Wrapper(models))
+        return lambda: c(*xs)
+    # per model: inductor ("compile") or stfuse's backend with its defaults ("backend")
+    cs = [torch.compile(m, **({"backend": "stfuse"} if alt == "backend" else {})) for m in models]
+    return lambda: [c(x) for c, x in zip(cs, xs)]
+
+
 def run_set(name: str, n: int, batch: int, args, device: torch.device, with_compile: bool) -> dict:
     models, xs = tenant_set(name, n, batch, args.quick, device)
     row = {"set": name, "tenants": n, "batch": batch, "errors": {}}
@@ -143,14 +161,14 @@ def run_set(name: str, n: int, batch: int, args, device: torch.device, with_comp
         except Exception as e:  # noqa: BLE001  (a model vmap cannot batch: recorded, not fatal)
             row["errors"]["vmap"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         if with_compile:
-            for alt, make in (("compile", lambda: [torch.compile(m) for m in models]),
-                              ("wrapper", lambda: torch.compile(Wrapper(models)))):
+            for alt in COMPILED:
                 try:
                     t = time.perf_counter()
-                    c = make()
-                    fn = (lambda c=c: [m(x) for m, x in zip(c, xs)]) if alt == "compile" else (lambda c=c: c(*xs))
+                    fn = compiled(alt, models, xs)
                     fn()  # compile outside the timing
                     row[f"{alt}_compile_s"] = time.perf_counter() - t
+                    if alt in ("backend", "stfuse+inductor"):  # stfuse's: checked as the default mode is
+                        check_against_float64(lambda *a, fn=fn: fn(), models, xs, f"{alt} {name} x{n} b{batch}")
                     alts[alt] = fn
                 except Exception as e:  # noqa: BLE001
                     row["errors"][alt] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
@@ -239,14 +257,15 @@ def lengths_table(row: dict) -> str:
 
 def table(rows: list[dict], markdown: bool = False) -> str:
     head = ["set", "N", "batch"] + [f"{a} ms (p99)" for a in ALTS] + [f"{a}/stfuse" for a in ALTS[:-1]] + [
-        "stfuse samples/s", "groups", "coverage", "launches"]
+        "fastest", "stfuse samples/s", "groups", "coverage", "launches"]
     body = []
     for r in rows:
         st = r["stfuse"]["mean_ms"]
         body.append([r["set"], str(r["tenants"]), str(r["batch"])]
                     + [f"{r[a]['mean_ms']:.2f} ({r[a]['p99_ms']:.2f})" if a in r else "-" for a in ALTS]
                     + [f"{r[a]['mean_ms'] / st:.2f}" if a in r else "-" for a in ALTS[:-1]]
-                    + [f"{r['stfuse']['samples_per_s']:.0f}", str(r["groups"]), f"{r['coverage']:.0%}",
+                    + [min((a for a in ALTS if a in r), key=lambda a: r[a]["mean_ms"]),
+                       f"{r['stfuse']['samples_per_s']:.0f}", str(r["groups"]), f"{r['coverage']:.0%}",
                        r["launches"]])
     if markdown:
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -259,6 +278,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small models, N = 4, batch 1, few repetitions")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (needs a C++ compiler on CPU)")
+    ap.add_argument("--compile-all", action="store_true",
+                    help="with --quick: the inductor columns on every set, not only the first")
     ap.add_argument("--sets", nargs="+", choices=FAMILIES + ("mixed",), default=None)
     ap.add_argument("--tenants", type=int, nargs="+", help="N values")
     ap.add_argument("--batches", type=int, nargs="+", help="batch sizes")
@@ -285,7 +306,7 @@ def main(argv=None) -> int:
     if args.only_lengths:
         cases = []
     for i, (s, n, b) in enumerate(cases):
-        with_compile = not args.no_compile and (not args.quick or i == 0)
+        with_compile = not args.no_compile and (not args.quick or i == 0 or args.compile_all)
         rows.append(run_set(s, n, b, args, device, with_compile))
     lengths = run_lengths(4, args, device) if args.lengths or args.only_lengths else None
     print(f"\nmean (p99) ms per round, one request per tenant; ratios: alternative time / stfuse time; {where}")

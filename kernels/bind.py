@@ -11,6 +11,10 @@ turns it into the program that runs, for compiled and loaded programs alike:
 - CUDA: the custom ops dispatch to their Triton kernels, grouped GEMMs over the
   program's weights run as planned sites (kernels/arena.py), and the whole program
   replays as a CUDA graph per input signature (kernels/graphs.py).
+- codegen="inductor" (either device): the canonical program compiled by
+  torch.compile's Inductor on its first call (kernels/inductor.py), the
+  ``stfuse::`` ops extern calls inside it; the program bound as above runs
+  where Inductor fails.
 
 Before/after (CPU)::
 
@@ -84,11 +88,20 @@ def _bind_stacked_linear(gm, graph, n: torch.fx.Node) -> None:
 _CPU_SPECIALISE = {"stacked_linear": _bind_stacked_linear}
 
 
-def bind(gm: torch.fx.GraphModule, device: torch.device, graphs: bool = True) -> torch.nn.Module:
+def bind(gm: torch.fx.GraphModule, device: torch.device, codegen: str = "direct", dynamic=(),
+         graphs: bool = True) -> torch.nn.Module:
     """The program that runs ``gm`` on ``device`` (a new module sharing gm's weights;
-    gm itself is not changed). On CUDA: grouped GEMMs over the program's own weights
+    gm itself is not changed): ``forward(*flat inputs)``. ``codegen``: "direct" (above)
+    or "inductor" (kernels/inductor.py), with ``dynamic`` per flat input the dims that
+    vary between calls. On CUDA, direct: grouped GEMMs over the program's own weights
     planned (kernels/arena.py), and with ``graphs`` (unless STFUSE_CUDA_GRAPHS=0) the
     whole program replayed as a CUDA graph per input signature (kernels/graphs.py)."""
+    if codegen == "inductor":
+        from .inductor import InductorProgram
+
+        return InductorProgram(gm, bind(gm, device, graphs=False), list(dynamic))
+    if codegen != "direct":
+        raise ValueError(f"codegen must be 'direct' or 'inductor', got {codegen!r}")
     if device.type != "cpu":
         from stfuse.config import cuda_graphs
 

@@ -114,9 +114,28 @@ def triton_impl(name: str) -> Callable | None:
     return triton_ops.IMPLS.get(name)
 
 
+def _as_declared(out):
+    """The kernel's outputs in the layout the fakes declare (contiguous). Compilers trust
+    the fake: Inductor indexes a stacked conv's channels-last output [R, B, O, H, W]
+    (reference.stacked_conv2d) with contiguous strides, and its size/stride assert
+    failed. The direct programs call the kernels themselves (kernels/bind.py), keeping
+    those layouts; only dispatched calls pay this copy."""
+    if isinstance(out, torch.Tensor):
+        return out.contiguous()
+    return [y.contiguous() for y in out]
+
+
+def _cpu_kernel(name: str, ref: Callable) -> Callable:
+    def kernel(*args):
+        return _as_declared(ref(*args))
+
+    kernel.__name__ = f"{name}_cpu"
+    return kernel
+
+
 def _cuda_kernel(name: str, ref: Callable) -> Callable:
     def kernel(*args):
-        return (triton_impl(name) or ref)(*args)
+        return _as_declared((triton_impl(name) or ref)(*args))
 
     kernel.__name__ = f"{name}_cuda"
     return kernel
@@ -134,7 +153,7 @@ def _registered() -> bool:
 _lib = torch.library.Library("stfuse", "FRAGMENT")
 for _name, _op in ({} if _registered() else OPS).items():
     _lib.define(_name + _op.schema)
-    _lib.impl(_name, _op.reference, "CPU")
+    _lib.impl(_name, _cpu_kernel(_name, _op.reference), "CPU")
     _lib.impl(_name, _cuda_kernel(_name, _op.reference), "CUDA")
     torch.library.register_fake(f"stfuse::{_name}", _op.fake, lib=_lib)
 

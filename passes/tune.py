@@ -334,3 +334,34 @@ def check_program(g):
     tuning["unsaved"] = tuning.get("unsaved") or cache.unsaved
     out.graph["tuning"] = tuning
     return out
+
+
+# ---------------------------------------------------------------------------- the codegen
+
+
+def choose_codegen(g, inductor, direct) -> dict:
+    """codegen="auto": time the full program compiled by Inductor (``inductor``, a
+    kernels.inductor.InductorProgram; its first call compiles it) against it run direct
+    (``direct``) on the example inputs; "inductor" where it is faster and compiled.
+    Cached per device and program like the program check: a cached "direct" compiles
+    nothing. Returns {inductor_us, direct_us, decision, source}.
+    """
+    device = device_of(g)
+    fused = g.graph["program"][0]
+    inputs = _flat_examples(g)
+    key = "codegen:" + program_key([(fused.graph, fused)], [_tensor_key(x) for x in inputs])
+    cache = timing.TimingCache(device)
+    hit = cache.get(key)
+    if hit is not None and {"inductor_us", "direct_us"} <= hit.keys():
+        i_us, d_us, source = hit["inductor_us"], hit["direct_us"], "cached"
+    else:
+        i_us, d_us = timing.time_pair(lambda: inductor.forward(*inputs), lambda: direct.forward(*inputs),
+                                      device, what="codegen")
+        source = "measured"
+        if inductor.error is None:  # a failed compile timed the direct program twice
+            cache.put(key, {"inductor_us": i_us, "direct_us": d_us})
+            cache.flush()
+    won = i_us < d_us and inductor.error is None
+    return {"inductor_us": i_us, "direct_us": d_us, "decision": "inductor" if won else "direct",
+            "source": source}
+

@@ -64,7 +64,7 @@ def _dynamic(names: list, dynamic) -> dict:
 def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
             example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
             dynamic: Sequence[Any] | Mapping[str, Any] | None = None,
-            tune: str | None = None) -> FusedProgram:
+            tune: str | None = None, codegen: str | None = None) -> FusedProgram:
     """Compile tenant models into one fused program.
 
     ``models``: a list (tenants named "0", "1", ...) or a dict {name: model}.
@@ -79,8 +79,17 @@ def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
     candidate group and the whole program on the device (cached per device and
     shape), "model" prices them with the analytic cost model, "off" keeps every
     group the matcher forms. Default: STFUSE_TUNE, else "measure".
+    ``codegen``: what runs the fused program (kernels/bind.py): "direct" calls stfuse's
+    kernels and the tenants' aten ops one by one; "inductor" hands the program to
+    torch.compile's Inductor on its first call (kernels/inductor.py): it generates code
+    for the aten ops between stfuse's fused ops, which stay one call each; "auto" times
+    both on the example inputs at compile time (an Inductor compile inside this call;
+    cached per device and program) and keeps the faster, recorded in
+    ``plan.stats["codegen"]``. Default: STFUSE_CODEGEN, else "direct"
+    (config.DEFAULT_CODEGEN says why).
     """
     tune = config.tune_mode(tune)
+    codegen = config.codegen_mode(codegen)
     models, examples = _named(models, example_inputs)
     if not models:
         raise StfuseError("stfuse.compile needs at least one model")
@@ -89,7 +98,7 @@ def compile(models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
     tenants = {}
     for name, model in models.items():
         tenants[name] = trace_tenant(name, model, examples[name], declared.get(name))
-    return compile_tenants(tenants, tune=tune)
+    return compile_tenants(tenants, tune=tune, codegen=codegen)
 
 
 def _graph(tenants: dict, tune: str):
@@ -98,15 +107,19 @@ def _graph(tenants: dict, tune: str):
     return g
 
 
-def compile_tenants(tenants: dict, verify: bool = False, tune: str | None = None) -> FusedProgram:
+def compile_tenants(tenants: dict, verify: bool = False, tune: str | None = None,
+                    codegen: str | None = None) -> FusedProgram:
     """The FusedProgram of already traced tenants (name -> TenantGraph): the pass
     pipeline over their multi-tenant graph. ``verify`` runs ir.verify after every pass;
-    ``tune`` as for ``compile``.
+    ``tune`` and ``codegen`` as for ``compile``.
 
     Then the self-check (stfuse/selfcheck.py): a tenant whose fused outputs differ from
     its traced graph's on its example inputs is taken out of every fusion group and the
-    pipeline runs again; ``plan.stats["self_check"]`` records it."""
+    pipeline runs again; ``plan.stats["self_check"]`` records it. The self-check runs
+    the direct programs (it checks stfuse's grouping, and compiles nothing); the
+    program returned runs with ``codegen``."""
     from stfuse.passes import pipeline
+    from stfuse.passes.tune import choose_codegen
 
     from . import selfcheck
 
@@ -114,9 +127,10 @@ def compile_tenants(tenants: dict, verify: bool = False, tune: str | None = None
     if len(set(devices.values())) > 1:
         raise StfuseError(f"all tenants must be on one device, got {devices}")
     tune = config.tune_mode(tune)
-    again = functools.partial(compile_tenants, tune=tune)  # a tenant traced again for another batch range
+    codegen = config.codegen_mode(codegen)
+    again = functools.partial(compile_tenants, tune=tune, codegen=codegen)  # a tenant traced again for another batch range
     graph, history = pipeline.run(_graph(tenants, tune), verify=verify)
-    fused = FusedProgram(graph, history, again)
+    fused = FusedProgram(graph, history, again)  # codegen "direct" until checked
     bad = selfcheck.mismatches(fused) if graph.graph["groups"] else {}
     still = {}
     if bad:
@@ -129,6 +143,14 @@ def compile_tenants(tenants: dict, verify: bool = False, tune: str | None = None
     # unfused: tenants taken out of fusion; still_differ: tenants that differ unfused too
     fused.plan.stats["self_check"] = {"unfused": sorted(bad), "reasons": dict(bad),
                                       "still_differ": sorted(still)}
+    if codegen == "auto":  # the Inductor program timed here is the one that runs, if it won
+        fused.set_codegen("inductor")
+        choice = choose_codegen(fused.graph, fused.program, fused.program.direct)
+        fused.plan.stats["codegen"] = choice
+        if choice["decision"] == "direct":
+            fused.set_codegen("direct")
+    else:
+        fused.set_codegen(codegen)
     return fused
 
 

@@ -9,6 +9,10 @@ STFUSE_TUNE           default of stfuse.compile(tune=...): "measure" (default), 
                       or "off" (passes/tune.py)
 STFUSE_CUDA_GRAPHS    "0": CUDA programs run launch by launch, never as captured CUDA
                       graphs (kernels/graphs.py; on by default)
+STFUSE_CODEGEN        default codegen of stfuse.compile, stfuse.load and the torch.compile
+                      backend: "direct", "inductor" (kernels/inductor.py) or "auto" (the
+                      faster, measured: passes/tune.choose_codegen; load takes it as
+                      "direct"); unset, the first two take "direct", the backend "inductor"
 """
 
 from __future__ import annotations
@@ -50,10 +54,46 @@ TUNE_MODES = ("measure", "model", "off")
 DEFAULT_TUNE = "measure"
 
 
+def _choice(value, name: str, env: str, modes: tuple, default: str) -> str:
+    """``value`` checked against ``modes``, or the environment variable ``env``, or ``default``."""
+    mode = value if value is not None else (os.environ.get(env) or default)
+    if not isinstance(mode, str) or mode not in modes:
+        where = name if value is not None else env
+        raise StfuseError(f"{where} must be one of {list(modes)}, got {mode!r}")
+    return mode
+
+
 def tune_mode(value: str | None = None) -> str:
     """``value`` (stfuse.compile's ``tune``) checked, or STFUSE_TUNE, or DEFAULT_TUNE."""
-    mode = value if value is not None else (os.environ.get("STFUSE_TUNE") or DEFAULT_TUNE)
-    if mode not in TUNE_MODES:
-        where = "tune" if value is not None else "STFUSE_TUNE"
-        raise StfuseError(f"{where} must be one of {list(TUNE_MODES)}, got {mode!r}")
-    return mode
+    return _choice(value, "tune", "STFUSE_TUNE", TUNE_MODES, DEFAULT_TUNE)
+
+
+CODEGEN_MODES = ("direct", "inductor", "auto")  # auto: measured per program (passes/tune.py)
+# "direct" by default: "inductor" compiles each program on its first call (seconds to
+# minutes on a 2-core CPU, again per subset and per batch-1 call) and "auto" compiles the
+# full program inside every stfuse.compile to time it; what Inductor gains over the direct
+# kernels is the pointwise work between stfuse's groups, which the epilogue pass already
+# folds where it can. No quiet-machine numbers show yet where that pays for the compile
+# (benchmarks/bench_models.py: columns stfuse and stfuse+inductor); the default should
+# follow them per device.
+DEFAULT_CODEGEN = "direct"
+
+
+def codegen_mode(value: str | None = None, default: str = DEFAULT_CODEGEN) -> str:
+    """``value`` (``codegen`` of stfuse.compile / stfuse.load) checked, or STFUSE_CODEGEN,
+    or ``default``."""
+    return _choice(value, "codegen", "STFUSE_CODEGEN", CODEGEN_MODES, default)
+
+
+def bound_codegen(value: str | None = None) -> str:
+    """codegen_mode for what binds a program without compiling it (stfuse.load,
+    FusedProgram.set_codegen): "auto" has nothing to time there and means "direct"."""
+    mode = codegen_mode(value)
+    return "direct" if mode == "auto" else mode
+
+
+# The torch.compile backend's default: a user of backend="stfuse" compares it with
+# backend="inductor", and a one-model graph has few cross-op groups to win back what
+# direct aten calls lose against Inductor's code (issue 17: 5.17 ms against 3.55 ms
+# for one BERT-small on the 2-core CPU). STFUSE_CODEGEN overrides it too.
+BACKEND_CODEGEN = "inductor"

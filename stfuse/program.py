@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 import torch.utils._pytree as pytree
 
-from . import dims
+from . import config, dims
 from .errors import InputError, StfuseError
 from .calls import InputSpec, call_problem, input_problem
 from .frontend import TenantGraph
@@ -65,6 +65,14 @@ class TenantSpec:
     def describe_range(self) -> str:
         low, high = self.batch_range
         return f"[{low}, {'inf' if high is None else high}]"
+
+
+def varying_dims(specs: Mapping[str, TenantSpec], active) -> list[tuple[int, ...]]:
+    """Per flat input of a program over ``active`` tenants, the dims that may differ
+    between calls: dim 0 of a dynamic tenant's batched inputs, and declared dims
+    (what kernels/inductor.py marks dynamic)."""
+    return [((0,) if s.batched and spec.dynamic else ()) + tuple(d for d, _ in s.dims)
+            for spec in (specs[t] for t in active) for s in spec.inputs]
 
 
 class TenantCalls:
@@ -216,10 +224,12 @@ class TenantCalls:
 class FusedProgram(TenantCalls):
     """Compiled tenants; call with one argument per tenant, or ``run`` a subset."""
 
-    def __init__(self, graph, history, compile_tenants=None):
+    def __init__(self, graph, history, compile_tenants=None, codegen: str = "direct"):
         """``compile_tenants`` (api.compile_tenants; passed in, so this module does not
         import the compiler back) compiles a tenant traced again for another batch range, and
-        the tenants again after their models' weights changed in place."""
+        the tenants again after their models' weights changed in place.
+        ``codegen`` (kernels/bind.py): "direct" or "inductor"."""
+        self.codegen = codegen
         self._compile_tenants = compile_tenants
         self._tenants: dict[str, TenantGraph] = graph.graph["tenants"]
         self._init_calls({n: TenantSpec.of(tg) for n, tg in self._tenants.items()})
@@ -241,7 +251,9 @@ class FusedProgram(TenantCalls):
         self.graph, self.plan = graph, plan
         self._canonical = graph.graph["program"]
         gm, counts = self._canonical
-        self._programs = {(self._names, True): (bind(gm, self.device), counts)}
+        # (tenants, stacked) -> (canonical program, counts): what every bound program came from
+        self._lowered = {(self._names, True): self._canonical}
+        self._programs = {(self._names, True): (self._bind(gm, self._names), counts)}
         # The traced tenants' tensors are views of the models' own parameters and buffers
         # and share their version counters. Packing and BatchNorm folding copy some of
         # them, so a program built before an in-place change (load_state_dict, p.add_())
@@ -274,12 +286,27 @@ class FusedProgram(TenantCalls):
         self._rebuild_if_weights_changed()
         return super()._execute(active, args)
 
+    def _bind(self, gm, active: tuple):
+        return bind(gm, self.device, self.codegen, varying_dims(self._specs, active))
+
+    def set_codegen(self, codegen: str) -> None:
+        """Run with ``codegen`` ("direct" or "inductor", kernels/bind.py) from now on: every
+        program lowered so far is bound again (Inductor compiles each on its first call)."""
+        codegen = config.bound_codegen(codegen)
+        if codegen == self.codegen:
+            return
+        with self._lowering:
+            self.codegen = codegen
+            self._programs = {key: (self._bind(gm, key[0]), counts) for key, (gm, counts) in self._lowered.items()}
+
     @property
-    def program(self) -> torch.nn.Module:
-        """The fx program that runs every tenant at one batch size: the canonical program
-        bound to the device (kernels/bind.py): on CPU it calls the ops' torch kernels; on
-        CUDA its grouped GEMMs are planned and it replays as CUDA graphs (a GraphedProgram
-        with the same ``graph`` and ``code``; docs/cuda.md)."""
+    def program(self):
+        """The program that runs every tenant at one batch size: the canonical program
+        bound to the device (kernels/bind.py): with codegen="direct" an fx program that on
+        CPU calls the ops' torch kernels, and on CUDA plans its grouped GEMMs and replays
+        as CUDA graphs (a GraphedProgram with the same ``graph`` and ``code``;
+        docs/cuda.md); with "inductor" a kernels.inductor.InductorProgram (``.canonical``
+        is what Inductor compiles, ``.error`` why it was given up on)."""
         return self._programs[(self._names, True)][0]
 
     @property
@@ -334,7 +361,8 @@ class FusedProgram(TenantCalls):
                 from stfuse.passes.lower import lower_program
 
                 gm, counts = lower_program(self.graph, active, stacked)
-                self._programs[key] = (bind(gm, self.device), counts)
+                self._lowered[key] = (gm, counts)
+                self._programs[key] = (self._bind(gm, active), counts)
         return self._programs[key]
 
     def save(self, path, **kwargs):

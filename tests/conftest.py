@@ -15,6 +15,10 @@ os.environ.setdefault("STFUSE_CACHE_DIR", tempfile.mkdtemp(prefix="stfuse-test-c
 # started by tests (test_determinism, the CLI) inherit both.
 os.environ.setdefault("STFUSE_TUNE", "model")
 os.environ.setdefault("STFUSE_DEVICE_MODEL", "cuda" if torch.cuda.is_available() else "cpu")
+# Programs run direct (the backend's default is "inductor"): an Inductor compile takes
+# seconds on 2 cores. tests/test_inductor.py and tests/conformance/test_conformance_inductor.py ask
+# for "inductor" by name.
+os.environ.setdefault("STFUSE_CODEGEN", "direct")
 
 import copy  # noqa: E402
 

@@ -189,6 +189,46 @@ def test_unknown_option_is_an_error():
     assert isinstance(info.value.inner_exception, StfuseError)
 
 
+@pytest.mark.parametrize("options,match", [({"passes": "no"}, "'passes' takes True or False"),
+                                           ({"codegen": "fast"}, "codegen must be one of"),
+                                           ({"passes": False, "group": "g"}, "'group' needs the passes")])
+def test_bad_passes_or_codegen_is_an_error(options, match):
+    compiled = torch.compile(nn.Linear(4, 4), backend="stfuse", options=options)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=match) as info:
+        _run(compiled, torch.ones(3, 4))
+    assert isinstance(info.value.inner_exception, StfuseError)
+
+
+@pytest.mark.inductor
+def test_codegen_inductor_compiles_the_lowered_program():
+    """The backend's default half two: stfuse's program (the Q/K/V group one stfuse op)
+    handed to Inductor; a second batch size reuses the dynamic program."""
+    torch.manual_seed(0)
+    model = Attention().eval()
+    compiled = torch.compile(model, backend="stfuse", options={"codegen": "inductor"})
+    for batch in (2, 3, 4):
+        x = torch.randn(batch, 5, 16)
+        assert_close(_run(compiled, x), float64_reference(model, (x,)), msg=f"batch {batch}")
+    _all_fused(graphs())
+    for cg in graphs():
+        (fused,) = cg.programs
+        prog = fused.program
+        assert fused.codegen == "inductor" and prog.error is None and prog.runs >= 1
+        assert "torch.ops.stfuse.stacked_linear" in prog.canonical.code
+
+
+@pytest.mark.parametrize("codegen", [pytest.param("inductor", marks=pytest.mark.inductor), "direct"])
+def test_passes_off_hands_the_dynamo_graph_on(codegen):
+    """passes=False: no stfuse tracing; Inductor compiles Dynamo's graph ("inductor"),
+    or it runs as it is ("direct")."""
+    torch.manual_seed(0)
+    model = Attention().eval()
+    compiled = torch.compile(model, backend="stfuse", options={"passes": False, "codegen": codegen})
+    x = torch.randn(2, 5, 16)
+    assert_close(_run(compiled, x), float64_reference(model, (x,)))
+    assert graphs() == []
+
+
 def test_autograd_calls_run_eagerly_with_gradients():
     torch.manual_seed(0)
     model = Attention()
@@ -265,6 +305,24 @@ def test_group_fuses_concurrent_calls_from_two_threads():
     # the two models' projections fuse with each other, not only within each model
     assert any(len({group.program.graph.nodes[m]["tenant"] for m in grp.members}) == 2
                for grp in group.program.plan.groups.values())
+    _all_fused(graphs())
+
+
+@pytest.mark.inductor
+def test_group_with_codegen_inductor():
+    """A group's program compiled by Inductor: the warm-up compiles both tenants together
+    and each alone, and lone calls run those."""
+    torch.manual_seed(0)
+    group = stfuse.Group("inductor", slice_ms=1.0, codegen="inductor")
+    models = [Attention().eval(), Attention().eval()]
+    compiled = [torch.compile(m, backend="stfuse", options={"group": group}) for m in models]
+    for _ in range(2):  # first round: join (the second member's call builds the group)
+        for c, m in zip(compiled, models):
+            x = torch.randn(2, 5, 16)
+            assert_close(_run(c, x), float64_reference(m, (x,)))
+    assert group.stats()["error"] is None and group.program.codegen == "inductor"
+    progs = [p for p, _ in group.program._programs.values()]
+    assert len(progs) == 3 and all(p.error is None and p.runs >= 1 for p in progs)
     _all_fused(graphs())
 
 

@@ -91,3 +91,22 @@ def test_epilogue_spec_rejects_unknown_steps():
         ep.parse("frobnicate")
     with pytest.raises(ValueError, match="pow takes a scalar"):
         ep.parse("pow:tensor")
+
+
+def test_dispatched_ops_return_the_layout_their_fakes_declare():
+    """A stacked conv over a channels-last packed weight computes a channels-last output
+    (kernels/reference.py); called through the dispatcher, as Inductor calls it, the op
+    returns it contiguous, the layout its fake declares, with the same values."""
+    from stfuse.kernels import reference
+
+    torch.manual_seed(0)
+    R, B, C, O = 2, 3, 4, 5
+    x = torch.randn(R, B, C, 7, 7)
+    w = torch.randn(R * O, C, 3, 3).to(memory_format=torch.channels_last).view(R, O, C, 3, 3)
+    args = (x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", [], [])
+    direct = reference.stacked_conv2d(*args)
+    assert not direct.is_contiguous()  # else this test checks nothing
+    dispatched = op("stacked_conv2d")(*args)
+    fake = op("stacked_conv2d")(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+    assert dispatched.is_contiguous() and dispatched.stride() == fake.stride()
+    torch.testing.assert_close(dispatched, direct, rtol=0, atol=0)

@@ -17,7 +17,8 @@ import torch.utils._pytree as pytree
 from stfuse.errors import ArtifactError, StfuseError
 from stfuse.calls import InputSpec, input_keywords, tenant_name_problem
 from stfuse.plan import Plan
-from stfuse.program import TenantSpec
+from stfuse import config
+from stfuse.program import TenantSpec, varying_dims
 
 from . import validate
 from .format import DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, OLDEST_READ, PLAN, WEIGHTS
@@ -208,7 +209,7 @@ def _weights(manifest, blob: bytes, device) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _program_of(meta, blob, tensors, specs, device, saved_device):
+def _program_of(meta, blob, tensors, specs, device, saved_device, codegen):
     from torch._export.serde.serialize import SerializedArtifact, deserialize
 
     from stfuse.kernels.bind import bind
@@ -231,16 +232,20 @@ def _program_of(meta, blob, tensors, specs, device, saved_device):
         from torch.export.passes import move_to_device_pass
 
         ep = move_to_device_pass(ep, device)
-    # as FusedProgram binds its programs, but no CUDA graphs: the weights are inputs here,
-    # and a replay would copy every one of them into the graph's buffers per call
-    gm = bind(ep.graph_module, device, graphs=False)
+    # as FusedProgram binds its programs (the weights come first, and never vary), but no
+    # CUDA graphs: the weights are inputs here, and a replay would copy every one of them
+    # into the graph's buffers per call
+    gm = bind(ep.graph_module, device, codegen, [()] * len(weights) + varying_dims(specs, active), graphs=False)
     return (active, meta["stacked"]), (BoundProgram(gm, weights), list(meta["counts"]))
 
 
-def load(path, device=None) -> LoadedProgram:
+def load(path, device=None, codegen=None) -> LoadedProgram:
     """Load an artifact written by ``fused.save(path)``; runs without the models' code.
 
-    ``device``: where to run (default: where it was compiled). Raises ArtifactError
+    ``device``: where to run (default: where it was compiled). ``codegen`` ("direct" or
+    "inductor", as for stfuse.compile; default STFUSE_CODEGEN, else "direct"): with
+    "inductor" the saved canonical programs are compiled by Inductor in this process, on
+    first call; an artifact holds no compiled code. Raises ArtifactError
     (a StfuseError) for a path that is not an artifact, a missing, truncated or
     modified file, another format version, or a program outside what stfuse writes;
     nothing is returned half-loaded.
@@ -249,6 +254,7 @@ def load(path, device=None) -> LoadedProgram:
         wanted = None if device is None else torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ArtifactError(f"invalid device {device!r}: {err}") from err
+    codegen = config.bound_codegen(codegen)
     manifest, data = read(path)
     try:
         saved_device = torch.device(manifest["tenants"][0]["device"])
@@ -260,7 +266,7 @@ def load(path, device=None) -> LoadedProgram:
         plan = read_plan(path, data)
         specs = _tenant_specs(manifest, device)
         tensors = _weights(manifest, data[WEIGHTS], device)
-        programs = dict(_program_of(meta, data[meta["file"]], tensors, specs, device, saved_device)
+        programs = dict(_program_of(meta, data[meta["file"]], tensors, specs, device, saved_device, codegen)
                         for meta in manifest["programs"].values())
         names = tuple(specs)
         missing = [key for key in [(names, True)] + [((t,), True) for t in names] if key not in programs]

@@ -114,7 +114,9 @@ _STATS = {k: int for k in ("tenants", "ops", "fusable_ops", "fused_ops", "fused_
     "tuning": Opt({"mode": str, "margin": NUM,
                    "groups": {"*": {"fused_us": Opt(NUM), "apart_us": Opt(NUM), "decision": str, "source": str}},
                    "program": Opt({"fused_us": NUM, "apart_us": NUM, "decision": str, "source": str}),
-                   "unsaved": Opt(str)})}
+                   "unsaved": Opt(str)}),
+    # codegen="auto"'s measurement (passes/tune.choose_codegen)
+    "codegen": Opt({"inductor_us": NUM, "direct_us": NUM, "decision": str, "source": str})}
 PLAN_SCHEMA = {
     "stats": _STATS,
     "passes": [{"name": str, "ms": NUM, "nodes": int, "groups": int}],

@@ -30,9 +30,16 @@ graph breaks, another one after a recompile). Each becomes a CompiledGraph:
    records (a parameter or input requires grad and grad mode is on): the fused
    program is inference-only.
 
+Each program then runs with ``codegen`` (kernels/bind.py): "inductor" (the
+default here) hands the lowered program to Inductor, which generates code for
+the aten ops around stfuse's fused ops; "direct" runs them one by one.
+
 Options (``torch.compile(..., options={...})``), documented in docs/backend.md:
 ``group`` (a name or a Group), ``strict`` (raise instead of running eagerly),
-``verify`` (ir.verify after every pass).
+``verify`` (ir.verify after every pass), ``passes`` (False: no stfuse passes, the
+Dynamo graph goes to ``codegen`` as it is: Inductor, or run as it is for
+"direct"), ``codegen`` ("inductor", "direct" or "auto"; default STFUSE_CODEGEN,
+else "inductor").
 """
 
 from __future__ import annotations
@@ -58,6 +65,10 @@ def backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any]
     keyword arguments. Returns a CompiledGraph, callable like ``gm``.
     """
     opts = parse_options({**dict(options or {}), **kwargs})
+    if not opts.passes:  # stfuse's half off: the graph as it is, to codegen
+        if opts.codegen != "direct":  # "auto" has no stfuse program to time: Inductor
+            return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+        return gm
     watch_dynamo()
     cg = CompiledGraph(gm, example_inputs, opts)
     register(cg)

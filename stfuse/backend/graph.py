@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
+from stfuse import config
 from stfuse.api import compile_tenants
 from stfuse.errors import StfuseError
 from stfuse.frontend import TenantGraph, trace_tenant
@@ -29,6 +30,8 @@ class Options:
     group: "Group | None" = None
     strict: bool = False
     verify: bool = False
+    passes: bool = True  # False: stfuse's passes are off (the graph goes to codegen as it is)
+    codegen: str = config.BACKEND_CODEGEN  # "inductor" or "direct" (kernels/bind.py)
 
 
 def parse_options(options: Mapping[str, Any] | None) -> Options:
@@ -43,15 +46,24 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     elif group is not None and not isinstance(group, Group):
         raise StfuseError("stfuse backend: option 'group' takes a group name or a stfuse.Group, "
                           f"got {type(group).__name__}")
-    return Options(group, bool(options.get("strict", False)), bool(options.get("verify", False)))
+    passes = options.get("passes", True)
+    if not isinstance(passes, bool):
+        raise StfuseError(f"stfuse backend: option 'passes' takes True or False, got {passes!r}")
+    codegen = config.codegen_mode(options.get("codegen"), config.BACKEND_CODEGEN)
+    if group is not None and not passes:
+        raise StfuseError("stfuse backend: option 'group' needs the passes (passes=True): "
+                          "models are fused with each other by them")
+    return Options(group, bool(options.get("strict", False)), bool(options.get("verify", False)),
+                   passes, codegen)
 
 
 class Member:
     """One specialisation of a compiled graph: its state tensors (by identity and
     version), scalar constants, traced tenant, and (alone) its own program."""
 
-    def __init__(self, name: str, state, scalars, tg: TenantGraph, verify: bool):
+    def __init__(self, name: str, state, scalars, tg: TenantGraph, verify: bool, codegen: str = "direct"):
         self.name = name
+        self.codegen = codegen
         self.refs = [weakref.ref(t) for t in state]
         self.versions = [t._version for t in state]
         self.scalars = scalars
@@ -76,7 +88,7 @@ class Member:
         if self._program is None:
             with _LOCK:
                 if self._program is None:
-                    self._program = compile_tenants({self.name: self.tg}, self.verify)
+                    self._program = compile_tenants({self.name: self.tg}, self.verify, codegen=self.codegen)
         return self._program
 
     def run_alone(self, data: tuple):
@@ -207,7 +219,7 @@ class CompiledGraph:
             # the batch range this trace holds for is another specialisation (accepts()).
             tg.model = None
             self.stats["traces"] += 1
-            m = Member(name, state, scalars, tg, self.options.verify)
+            m = Member(name, state, scalars, tg, self.options.verify, self.options.codegen)
             m.program  # noqa: B018 - compiled now, so a graph the passes reject never joins a group
             ms.append(m)
             if self.options.group is not None:

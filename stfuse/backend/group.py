@@ -8,6 +8,7 @@ import threading
 
 import torch
 
+from stfuse import config
 from stfuse.api import compile_tenants
 from stfuse.errors import InputError, StfuseError
 from stfuse.program import FusedProgram
@@ -64,6 +65,10 @@ class Group:
     one fused launch; a lone call runs by itself once the slice expires. While
     the group has one tenant, its calls run at once. ``slo_ms`` (one latency target
     for every tenant) is passed to the runtime and its policy.
+    ``codegen`` ("inductor" or "direct", kernels/bind.py; default STFUSE_CODEGEN,
+    else "inductor") runs the group's program: with "inductor", every subset of
+    tenants that launches together is compiled on its first launch (the warm-up
+    compiles all of them and each alone when the group is built).
 
     Creating a Group registers it under its name (replacing an earlier one for
     graphs compiled afterwards); ``options={"group": name}`` uses the group of
@@ -71,7 +76,7 @@ class Group:
     """
 
     def __init__(self, name: str, slice_ms: float = 2.0, *, policy: str = "slice",
-                 slo_ms: float | None = None):
+                 slo_ms: float | None = None, codegen: str | None = None):
         if not isinstance(name, str) or not name:
             raise StfuseError(f"a group needs a non-empty name, got {name!r}")
         if slice_ms < 0:
@@ -81,6 +86,7 @@ class Group:
         if policy not in POLICIES:
             raise StfuseError(f"group {name!r}: unknown policy {policy!r}; expected one of {POLICIES}")
         self.name, self.slice_ms, self.policy, self.slo_ms = name, float(slice_ms), policy, slo_ms
+        self.codegen = config.codegen_mode(codegen, config.BACKEND_CODEGEN)
         self.members: dict = {}  # tenant name -> graph.Member
         self.program: FusedProgram | None = None
         self.error: str | None = None  # why the last build failed (members then run alone)
@@ -154,7 +160,7 @@ class Group:
             return
         try:
             fused = compile_tenants({n: self.members[n].tg for n in names},
-                                    any(self.members[n].verify for n in names))
+                                    any(self.members[n].verify for n in names), codegen=self.codegen)
             _warm(fused)
             slo = self.slo_ms if self.slo_ms is not None else DEFAULT_SLO_MS
             big = 2**31 - 1  # one request per tenant per launch (below): rows are never capped

@@ -6,7 +6,7 @@ import itertools
 import threading
 import weakref
 
-OPTIONS = ("group", "strict", "verify")
+OPTIONS = ("group", "strict", "verify", "passes", "codegen")
 # Traced programs per set of weights of a compiled graph (other data shapes, scalars);
 # further shapes of those weights run eagerly.
 MAX_SPECIALIZATIONS = 8
