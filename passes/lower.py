@@ -264,14 +264,20 @@ class _Builder:
         if any(isinstance(m, Ref) for m in masks):
             keys = [m.key for m in masks]
             if not all(isinstance(m, Ref) and len(g.nodes[m.key]["shape"] or ()) == 4 for m in masks) or any(
-                    k not in self.env and k not in self.lazy and k not in self.deferred for k in keys):
+                    k not in self.env and k not in self.lazy and k not in self.deferred
+                    and g.nodes[k]["kind"] != "param" for k in keys):
                 return None
         elif any(m is not None for m in masks):
             return None
         flat = [self.graph.call_function(aten.flatten.using_ints, (t, 0, 1)) for t in (q, *kv)]
         mask = None
         if masks[0] is not None:
-            mask = self._stacked_from(keys) or self.stack(keys)
+            mask = self._stacked_from(keys) or self.stacks.get(tuple(keys))
+            if mask is None and all(g.nodes[k]["kind"] == "param" for k in keys):  # constants: stacked here
+                mask = self._attr(f"{keys[0]}_stacked", torch.stack([g.nodes[k]["value"] for k in keys]))
+                self.stacks[tuple(keys)] = mask
+            elif mask is None:
+                mask = self.stack(keys)
             if _dim0(g, keys[0]) != _dim0(g, sibs[0]):  # a mask broadcast over the batch
                 batch = self.graph.call_function(aten.sym_size.int, (q, 1))
                 mask = self.graph.call_function(aten.expand.default, (mask, [-1, batch, -1, -1, -1]))
