@@ -48,9 +48,11 @@ def arrives_stacked(g, members) -> bool:
     """The members' first inputs are distinct outputs of one group: a stacked tensor, no copy.
 
     Members of one tenant may read one tensor (Q, K and V of one input): stacking
-    that tensor R times is a copy, however it was produced.
+    that tensor R times is a copy, however it was produced. Views between (a flatten
+    to [B * S, C]) are looked through: lowering runs them on the stack
+    (passes/stacked_calls.py).
     """
-    srcs = [ir.refs(g.nodes[k]["args"][:1]) for k in members]
+    srcs = [[stacked_calls.view_source(g, r) for r in ir.refs(g.nodes[k]["args"][:1])] for k in members]
     gids = {g.nodes[s[0]]["group"] if s else None for s in srcs}
     firsts = [s[0] for s in srcs if s]
     return len(gids) == 1 and None not in gids and len(set(firsts)) == len(firsts)

@@ -136,3 +136,13 @@ def siblings(g, k, members, taken) -> list[str] | None:
             return None
         out.append(found)
     return out if k in out else None
+
+
+def view_source(g, k: str) -> str:
+    """The node whose value k views through rows of ``STACKED`` views (k itself if none)."""
+    while True:
+        a = g.nodes[k]
+        row = STACKED.get(a["target"]) if a["kind"] == "call" and not isinstance(a["target"], torch.nn.Module) else None
+        if row is None or not row.view or not a["args"] or not isinstance(a["args"][0], Ref):
+            return k
+        k = a["args"][0].key
