@@ -12,8 +12,6 @@ from stfuse import zoo
 from conftest import bert_call, check_tenants, float64_call_reference
 from stfuse.tolerances import assert_close
 
-SDPA = "aten.scaled_dot_product_attention"
-
 
 def _sdpa_calls(fused) -> int:
     return sum(n.target is torch.ops.aten.scaled_dot_product_attention.default
