@@ -263,6 +263,10 @@ class _Builder:
         masks = [optable.arg_or(g.nodes[s]["args"], 3, g.nodes[s]["kwargs"].get("attn_mask")) for s in sibs]
         if None in kv or len(a["shape"] or ()) != 4:
             return None
+        q0 = _dim0(g, g.nodes[sibs[0]]["args"][0].key)
+        if any(len(g.nodes[t]["shape"] or ()) != 4 or _dim0(g, t) != q0  # k, v broadcast over the batch
+               for i in (1, 2) for t in (g.nodes[sibs[0]]["args"][i].key,)):
+            return None
         if any(isinstance(m, Ref) for m in masks):
             keys = [m.key for m in masks]
             if not all(isinstance(m, Ref) and len(g.nodes[m.key]["shape"] or ()) == 4 for m in masks) or any(
