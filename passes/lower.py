@@ -32,7 +32,7 @@ from stfuse import ir
 from stfuse.ir import Ref
 from stfuse.kernels.ops import op
 
-from . import optable
+from . import optable, stacked_calls
 from .match import uniform_key
 
 aten = torch.ops.aten
@@ -48,9 +48,11 @@ def arrives_stacked(g, members) -> bool:
     """The members' first inputs are distinct outputs of one group: a stacked tensor, no copy.
 
     Members of one tenant may read one tensor (Q, K and V of one input): stacking
-    that tensor R times is a copy, however it was produced.
+    that tensor R times is a copy, however it was produced. Views between (a flatten
+    to [B * S, C]) are looked through: lowering runs them on the stack
+    (passes/stacked_calls.py).
     """
-    srcs = [ir.refs(g.nodes[k]["args"][:1]) for k in members]
+    srcs = [[stacked_calls.view_source(g, r) for r in ir.refs(g.nodes[k]["args"][:1])] for k in members]
     gids = {g.nodes[s[0]]["group"] if s else None for s in srcs}
     firsts = [s[0] for s in srcs if s]
     return len(gids) == 1 and None not in gids and len(set(firsts)) == len(firsts)
@@ -102,6 +104,9 @@ class _Builder:
         self.root = torch.nn.Module()
         self.env: dict[str, object] = {}
         self.lazy: dict[str, tuple] = {}  # member output -> (stacked node, index)
+        self.stacked_of: dict[str, tuple] = {}  # every stacked value's member -> (node, index)
+        self.members: dict[torch.fx.Node, tuple] = {}  # stacked node -> its member keys
+        self.deferred: set[str] = set()  # stacked views' members: their own op runs where read
         self.stacks: dict[tuple, torch.fx.Node] = {}  # member keys -> stacked node
         self.unbound: dict[torch.fx.Node, torch.fx.Node] = {}  # stacked node -> its unbind
         self.names: set[str] = set()
@@ -128,6 +133,10 @@ class _Builder:
 
     def value(self, k: str):
         if k in self.env:
+            return self.env[k]
+        if k in self.deferred:  # a stacked view's member read on its own: its own (cheap) view
+            self.deferred.discard(k)
+            self.emit(k)
             return self.env[k]
         if k in self.lazy:
             stacked, i = self.lazy.pop(k)
@@ -185,6 +194,14 @@ class _Builder:
     # -- stages ---------------------------------------------------------------
 
     def call(self, k: str) -> None:
+        """Node k of the schedule: once over a stacked value with its siblings
+        (passes/stacked_calls.py), already done so, or the tenant's own op."""
+        if k in self.deferred or k in self.lazy or k in self.env:
+            return
+        if not self.stacked_call(k):
+            self.emit(k)
+
+    def emit(self, k: str) -> None:
         a = self.g.nodes[k]
         args, kwargs = self.map(a["args"]), self.map(a["kwargs"])
         if isinstance(a["target"], torch.nn.Module):
@@ -193,6 +210,87 @@ class _Builder:
             self.env[k] = self.graph.call_module(name, args, kwargs)
         else:
             self.env[k] = self.graph.call_function(a["target"], args, kwargs)
+
+    def register(self, node: torch.fx.Node, keys, tensor: bool = True) -> None:
+        """``node`` holds the members ``keys`` stacked: a group or stacked call reads it as is."""
+        if tensor:  # a stacked list (split) is no operand; its stacked items are
+            self.stacks[tuple(keys)] = node
+        self.members[node] = tuple(keys)
+        for i, k in enumerate(keys):
+            self.stacked_of.setdefault(k, (node, i))
+
+    def stacked_call(self, k: str) -> bool:
+        """Emit node k and its siblings (one per member of the stacked value k reads) as
+        one call on that value (passes/stacked_calls.py); False where they cannot be."""
+        g, a = self.g, self.g.nodes[k]
+        row = stacked_calls.STACKED.get(a["target"]) if not isinstance(a["target"], torch.nn.Module) else None
+        if row is None or not self.stacked or not a["args"] or not isinstance(a["args"][0], Ref):
+            return False
+        if a["args"][0].key not in self.stacked_of:
+            return False
+        y, _ = self.stacked_of[a["args"][0].key]
+        taken = set(self.env) | self.deferred | set(self.lazy)
+        sibs = stacked_calls.siblings(g, k, self.members[y], taken)
+        if sibs is None:
+            return False
+        if row.view:
+            rest = self.map(tuple(a["args"][1:]))
+            node = self.graph.call_function(row.target, row.args(y, (None, *rest), len(sibs)))
+            self.deferred.update(sibs)
+        else:
+            node = self._stacked_attention(y, sibs)
+            if node is None:
+                return False
+            for i, s in enumerate(sibs):
+                self.lazy[s] = (node, i)
+        self.register(node, sibs, tensor=a["dtype"] is not None)
+        return True
+
+    def _stacked_from(self, keys):
+        """The stacked node holding ``keys`` in this order, or None."""
+        nodes = {self.stacked_of.get(k, (None, -1))[0] for k in keys}
+        node = nodes.pop() if len(nodes) == 1 else None
+        return node if node is not None and self.members[node] == tuple(keys) else None
+
+    def _stacked_attention(self, q, sibs):
+        """scaled_dot_product_attention of R members at once: q, k, v [R, B, H, S, D]
+        flattened to [R * B, H, S, D] (views), the members' masks stacked (a copy, made
+        once per set of masks), the output unflattened to [R, B, H, S, D]. None where
+        k or v does not arrive stacked, or a mask is not there yet."""
+        g = self.g
+        a = g.nodes[sibs[0]]
+        kv = [self._stacked_from([g.nodes[s]["args"][i].key for s in sibs]) for i in (1, 2)]
+        masks = [optable.arg_or(g.nodes[s]["args"], 3, g.nodes[s]["kwargs"].get("attn_mask")) for s in sibs]
+        if None in kv or len(a["shape"] or ()) != 4:
+            return None
+        q0 = _dim0(g, g.nodes[sibs[0]]["args"][0].key)
+        if any(len(g.nodes[t]["shape"] or ()) != 4 or _dim0(g, t) != q0  # k, v broadcast over the batch
+               for i in (1, 2) for t in (g.nodes[sibs[0]]["args"][i].key,)):
+            return None
+        if any(isinstance(m, Ref) for m in masks):
+            keys = [m.key for m in masks]
+            if not all(isinstance(m, Ref) and len(g.nodes[m.key]["shape"] or ()) == 4 for m in masks) or any(
+                    k not in self.env and k not in self.lazy and k not in self.deferred
+                    and g.nodes[k]["kind"] != "param" for k in keys):
+                return None
+        elif any(m is not None for m in masks):
+            return None
+        flat = [self.graph.call_function(aten.flatten.using_ints, (t, 0, 1)) for t in (q, *kv)]
+        mask = None
+        if masks[0] is not None:
+            mask = self._stacked_from(keys) or self.stacks.get(tuple(keys))
+            if mask is None and all(g.nodes[k]["kind"] == "param" for k in keys):  # constants: stacked here
+                mask = self._attr(f"{keys[0]}_stacked", torch.stack([g.nodes[k]["value"] for k in keys]))
+                self.stacks[tuple(keys)] = mask
+            elif mask is None:
+                mask = self.stack(keys)
+            if _dim0(g, keys[0]) != _dim0(g, sibs[0]):  # a mask broadcast over the batch
+                batch = self.graph.call_function(aten.sym_size.int, (q, 1))
+                mask = self.graph.call_function(aten.expand.default, (mask, [-1, batch, -1, -1, -1]))
+            mask = self.graph.call_function(aten.flatten.using_ints, (mask, 0, 1))
+        kwargs = {n: v for n, v in a["kwargs"].items() if n != "attn_mask"}
+        out = self.graph.call_function(a["target"], (*flat, mask, *a["args"][4:]), kwargs)
+        return self.graph.call_function(aten.unflatten.int, (out, 0, [len(sibs), -1]))
 
     def group(self, grp) -> None:
         g = self.g
@@ -212,7 +310,7 @@ class _Builder:
             args = self._stacked_args(grp, idx, inputs)
             y = self.graph.call_function(self.kernel(f"stacked_{grp.op_class}"),
                                          (*args, grp.epilogue, exts, scalars))
-            self.stacks[tuple(outs)] = y
+            self.register(y, outs)
             for j, k in enumerate(outs):
                 self.lazy[k] = (y, j)
         else:
@@ -261,6 +359,11 @@ class _Builder:
             counts.append(len(leaves))
         self.graph.output(tuple(flat))
         return counts
+
+
+def _dim0(g, k):
+    """The first dim of node k at every probed size (annotate's sig)."""
+    return tuple(s[1][0] if len(s) == 2 and isinstance(s[1], tuple) else s[0] for s in g.nodes[k]["sig"])
 
 
 def _member_inputs(g, cls: str, members) -> dict:

@@ -21,6 +21,8 @@ Before/after for one tenant (GPT-2's Conv1D, then an eval dropout)::
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from stfuse import ir
@@ -30,7 +32,8 @@ aten = torch.ops.aten
 
 # Ops that may be deleted once nothing reads them.
 _PURE = {aten.t.default, aten.permute.default, aten.transpose.int, aten.view.default,
-         aten.reshape.default, aten.conv2d.default, aten.linear.default}
+         aten.reshape.default, aten.conv2d.default, aten.linear.default, aten.mul.Tensor,
+         aten.add.Tensor, aten.pow.Tensor_Scalar, aten.tanh.default}
 
 
 def _param(g, v) -> torch.Tensor | None:
@@ -199,7 +202,48 @@ def _functionalize_inplace(g, k) -> None:
         _set_call(g, k, functional, a["args"], a["kwargs"])
 
 
+def _scalar_operand(g, v, target, scalar: float) -> Ref | None:
+    """The tensor operand of v where v is ``target(t, scalar)`` (either order), read once."""
+    if not isinstance(v, Ref) or g.nodes[v.key]["kind"] != "call" or len(ir.users(g, v.key)) != 1:
+        return None
+    a = g.nodes[v.key]
+    if a["target"] is not target or a["kwargs"] or len(a["args"]) != 2:
+        return None
+    for t, c in (a["args"], a["args"][::-1]):
+        if isinstance(t, Ref) and isinstance(c, float) and math.isclose(c, scalar, rel_tol=1e-9):
+            return t
+    return None
+
+
+def _gelu_tanh(g, k) -> None:
+    """``0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x ** 3)))`` (GPT-2's gelu_new,
+    eight ops as exported)  ->  ``gelu(x, approximate="tanh")``: one pass over the
+    activations instead of eight (GPT-2's MLP: 4.9 ms of a 62 ms program for 4 quick
+    GPT-2 tenants, one thread of the 2-core CPU), and a step an epilogue can take.
+    ``k`` is the tanh."""
+    inner = _scalar_operand(g, g.nodes[k]["args"][0], aten.mul.Tensor, math.sqrt(2 / math.pi))
+    a = g.nodes[inner.key] if inner is not None and len(ir.users(g, inner.key)) == 1 else None
+    if a is None or a["target"] is not aten.add.Tensor or a["kwargs"] or len(a["args"]) != 2:
+        return
+    for x, cube in (a["args"], a["args"][::-1]):
+        cubed = _scalar_operand(g, cube, aten.mul.Tensor, 0.044715)
+        if isinstance(x, Ref) and cubed is not None and _scalar_operand(g, cubed, aten.pow.Tensor_Scalar, 3.0) == x:
+            break
+    else:
+        return
+    one = ir.users(g, k)
+    if len(one) != 1 or _scalar_operand(g, Ref(one[0]), aten.add.Tensor, 1.0) != Ref(k):
+        return
+    out = ir.users(g, one[0])
+    half = g.nodes[out[0]]["args"] if len(out) == 1 and g.nodes[out[0]]["target"] is aten.mul.Tensor else ()
+    if len(half) == 2 and not g.nodes[out[0]]["kwargs"] and Ref(one[0]) in half:
+        other = half[1] if half[0] == Ref(one[0]) else half[0]
+        if _scalar_operand(g, other, aten.mul.Tensor, 0.5) == x:
+            _set_call(g, out[0], aten.gelu.default, (x,), {"approximate": "tanh"})
+
+
 RULES = {
+    aten.tanh.default: _gelu_tanh,
     aten.addmm.default: _addmm_to_linear,
     aten.mm.default: _mm_to_linear,
     aten.matmul.default: _mm_to_linear,
