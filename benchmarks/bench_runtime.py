@@ -45,6 +45,7 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 from concurrent.futures import wait
 from pathlib import Path
@@ -134,12 +135,11 @@ def others_load(before, after, wall: float) -> float | None:
     return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / wall
 
 
-def _done(stamps: list, sent: float, fut) -> None:
-    """A future's done callback: note when it completed. It runs on the runtime's worker thread, so
-    it does no more than that (list.append is atomic); which futures were served is sorted out after
-    the run. Checking each future's outcome here, under its lock, took 4 Python calls and 2 lock
-    round-trips of the worker's time per request, a cost of the benchmark and not of the runtime."""
-    stamps.append((fut, sent, time.perf_counter()))
+def _served(latencies: list, lock, sent: float, fut) -> None:
+    """A future's done callback: keep its latency if it was served (not shed, failed or cancelled)."""
+    if not fut.cancelled() and fut.exception() is None:
+        with lock:
+            latencies.append(time.perf_counter() - sent)
 
 
 def serve(fused, examples, shape, profile, policy: str, arrivals, args) -> dict:
@@ -149,7 +149,7 @@ def serve(fused, examples, shape, profile, policy: str, arrivals, args) -> dict:
     tenants = list(examples)
     gen = torch.Generator().manual_seed(args.seed)
     pool = {t: [(torch.randn(1, *shape, generator=gen),) for _ in range(64)] for t in tenants}
-    stamps = []
+    latencies, lock = {t: [] for t in tenants}, threading.Lock()
     rejected = {t: 0 for t in tenants}
     rt = Runtime(fused, policy, slice_ms=args.slice_ms, slo_ms=args.slo_ms, max_batch=args.max_batch,
                  max_queue=args.max_queue, example_inputs=examples, profile=copy.deepcopy(profile))
@@ -166,17 +166,12 @@ def serve(fused, examples, shape, profile, policy: str, arrivals, args) -> dict:
         except QueueFullError:
             rejected[t] += 1
             continue
-        fut.add_done_callback(functools.partial(_done, stamps, sent))
-        futures.append((fut, t))
+        fut.add_done_callback(functools.partial(_served, latencies[t], lock, sent))
+        futures.append(fut)
     submit_span = time.perf_counter() - start
-    wait([f for f, _ in futures], timeout=args.duration)  # still queued after as long again: missed
+    wait(futures, timeout=args.duration)  # what is still queued after as long again counts as missed
     rt.close(cancel_pending=True)
     others = others_load(cpu_before, _cpu_sample(), time.perf_counter() - start)
-    tenant_of = {id(f): t for f, t in futures}
-    latencies = {t: [] for t in tenants}
-    for fut, sent, done in stamps:  # served: not shed, failed or cancelled
-        if not fut.cancelled() and fut.exception() is None:
-            latencies[tenant_of[id(fut)]].append(done - sent)
     return {"latencies": latencies, "rejected": rejected, "stats": rt.stats(), "submit_span": submit_span,
             "others_load": others}
 
@@ -236,9 +231,8 @@ def simulate_point(profile, tenants, policy: str, rate: float, args) -> dict:
 
 def batch_capacity(profile, tenants, max_batch: int) -> float:
     """Requests/s (one row each) of per-tenant batching kept saturated on the simulated device:
-    a full batch of every tenant in turn, the runtime's own work included where the profile has
-    it (per_request, per_launch). The load unit of --simulate."""
-    return len(tenants) * max_batch / sum(profile.estimate({t: max_batch}, max_batch) for t in tenants)
+    a full batch of every tenant in turn. The load unit of --simulate."""
+    return len(tenants) * max_batch / sum(profile.solo(t, max_batch) for t in tenants)
 
 
 def device_profile(args, model: str, n: int):

@@ -670,13 +670,11 @@ def test_full_queue_raises_or_blocks_until_room():
 
 
 def test_requests_that_can_no_longer_meet_their_slo_are_shed_with_an_error():
-    """Queued behind a held launch for 10 ms with a 5 ms SLO (which an idle device meets,
-    per the profile, with the runtime's per-request work that the first launch teaches it:
-    a 1 us SLO would now be out of reach, and such a tenant is served late, never shed):
-    shed, each future failing with DeadlineExceededError, never run."""
+    """Queued behind a held launch for 10 ms with a 1 us SLO (which an idle device meets,
+    per the profile): shed, each future failing with DeadlineExceededError, never run."""
     prog = FakeProgram(fake_models())
     fast = LatencyProfile({t: 1e-9 for t in prog.tenants}, {t: 1e-10 for t in prog.tenants})
-    with runtime(prog, profile=fast, shed=True, slo_ms={"twin": 5, "mlp": 1e6, "cnn": 1e6}) as rt:
+    with runtime(prog, profile=fast, shed=True, slo_ms={"twin": 1e-3, "mlp": 1e6, "cnn": 1e6}) as rt:
         first = busy(rt, prog)
         late = [rt.submit("twin", make_args("twin", 1)) for _ in range(4)]
         kept = rt.submit("cnn", make_args("cnn", 1))
@@ -835,8 +833,6 @@ def test_stats_report_every_tenant():
     assert mlp["slo_misses"] == 0 and cnn["slo_misses"] == 3 and cnn["slo_miss_rate"] == 1.0
     assert st["tenants"]["pair"]["slo_ms"] == 100.0  # the default
     assert sum(n * c for n, c in mlp["batch_sizes"].items()) == 6 and mlp["queued"] == 0
-    # the worker learnt its own work per request and per decision (LatencyProfile.observe_requests)
-    assert st["per_request_us"] > 0 and st["per_launch_us"] > 0
     rt.reset_stats()
     assert rt.stats()["served"] == 0
 
@@ -914,8 +910,7 @@ def test_keyword_requests_are_merged_and_fused_like_positional_ones():
     prog = SimpleNamespace(tenants=fused.tenants, run=gate, specs=fused.specs, check_inputs=fused.check_inputs)
     sent = [("bert", bert_call(2, 8, seed=i)) for i in range(3)] + [("mlp", torch.randn(2, 8))]
     examples = {"bert": bert_call(1, 8), "mlp": torch.randn(1, 8)}
-    # shed=False: on a busy machine the held BERT launch took over the 100 ms SLO, and the queued
-    # requests were shed instead of merged (what this test checks is merging, not shedding)
+    # shed=False: on a loaded machine the queued requests outlive the default SLO (a flake seen twice)
     with Runtime(prog, "space-time", profile=cheap_fusion(fused.tenants), example_inputs=examples,
                  shed=False) as rt:
         futs = queue_behind_one_launch(rt, gate, ("bert", ((), bert_call(1, 8, seed=9))), sent)

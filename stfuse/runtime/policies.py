@@ -81,9 +81,7 @@ class Dispatch:
 
 @dataclass(frozen=True)
 class Wait:
-    """Nothing to launch before `until`, unless a tenant gets its first queued request or a
-    whole batch first (the Runtime decides again then, and not at other arrivals: a policy's
-    Wait must not end earlier because a busy tenant's queue grew by a few rows)."""
+    """Nothing to launch before `until` (unless new work arrives first)."""
 
     until: float
 
@@ -169,18 +167,16 @@ class Scheduler:
             return out
         for t, queue in queues.items():
             slo = self.slo_s.get(t)
-            if not queue or slo is None or self.profile.estimate({t: 1}, 1) > slo:
+            if not queue or slo is None or self.profile.estimate({t: 1}) > slo:
                 continue
             full = None
-            alone: dict[int, float] = {}  # rows -> cost of one such request alone: one estimate per size
             k = 0
             for r in queue:
-                cost = alone.get(r.rows)
-                if cost is None:
-                    cost = alone[r.rows] = self.profile.estimate({t: r.rows}, 1)
                 if _holds_rows(queue, k, self.max_batch):
                     full = self._full_launch(queues, t) if full is None else full
-                    cost = max(full, cost)
+                    cost = max(full, self.profile.estimate({t: r.rows}))
+                else:
+                    cost = self.profile.estimate({t: r.rows})
                 if now + cost <= r.deadline + _EPS:
                     break
                 k += 1
@@ -220,7 +216,7 @@ class Scheduler:
 
         def key(t):
             head = queues[t][0]
-            late = now + self.profile.estimate({t: head.rows}, 1) > head.deadline
+            late = now + self.profile.estimate({t: head.rows}) > head.deadline
             return (self.shares.over(t), late, head.deadline, head.arrival, self._order[t])
 
         return sorted(tenants, key=key)
@@ -329,12 +325,11 @@ class SpaceTimeScheduler(Scheduler):
         budget = self._reserve()
         take: dict[str, int] = {}
         rows: dict[str, int] = {}
-        n = 0  # requests in the launch so far (the profile prices each: LatencyProfile.per_request)
         latency = 0.0  # estimate of the launch as built so far
         slack = math.inf  # time left to the earliest deadline among on-time members
         for t in order:
             pre = prefix[t]
-            first = prof.estimate({**rows, t: pre[0]}, n + 1)
+            first = prof.estimate({**rows, t: pre[0]})
             left = queues[t][0].deadline - now
             on_time = first <= left + _EPS  # a head held to its latest start is on time
             # an overloaded head fills its batch: its own head's deadline does not trim it
@@ -346,17 +341,16 @@ class SpaceTimeScheduler(Scheduler):
             lo, hi = 1, len(pre)
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                if prof.estimate({**rows, t: pre[mid - 1]}, n + mid) <= limit:
+                if prof.estimate({**rows, t: pre[mid - 1]}) <= limit:
                     lo = mid
                 else:
                     hi = mid - 1
             if take:
-                lo = self._worth_fusing(rows, n, latency, t, pre, lo)
+                lo = self._worth_fusing(rows, latency, t, pre, lo)
                 if not lo:
                     continue  # fusing t costs more than running it in a later launch
             take[t], rows[t] = lo, pre[lo - 1]
-            n += lo
-            latency = prof.estimate(rows, n)
+            latency = prof.estimate(rows)
             if on_time and latency <= left + _EPS:  # joiners must keep this member on time
                 slack = min(slack, left)
         return Dispatch(take, pad_to=prof.pad_to(rows))
@@ -377,12 +371,10 @@ class SpaceTimeScheduler(Scheduler):
 
     def _reserve(self) -> float:
         """Step 4: how long a launch may grow (beyond the head's first request)."""
-        prof = self.profile  # uncorrected, for one row: the device and the runtime's own work
-        own = prof.per_launch + prof.per_request
-        reserve = [self.slo_s[u] - prof.solo(u, 1) - own for u in self.tenants if u in self.slo_s]
+        reserve = [self.slo_s[u] - self.profile.solo(u, 1) for u in self.tenants if u in self.slo_s]
         return min((r for r in reserve if r > 0), default=math.inf)
 
-    def _worth_fusing(self, rows: dict[str, int], n: int, latency: float, t: str, pre: list[int], k: int) -> int:
+    def _worth_fusing(self, rows: dict[str, int], latency: float, t: str, pre: list[int], k: int) -> int:
         """The batch (at most k requests) with which t joins the launch for less than it costs alone
         after it, or 0: k itself, else the batch that matches the launch's largest (an equal-size
         member is cheaper where the program has a fast path for those), else one request."""
@@ -390,8 +382,8 @@ class SpaceTimeScheduler(Scheduler):
         even = bisect.bisect_left(pre, most) + 1  # requests whose rows add up to `most`, if any do
         tries = [k] + ([even] if even < k and pre[even - 1] == most else []) + ([1] if k > 1 else [])
         for c in tries:
-            alone = self.profile.estimate({t: pre[c - 1]}, c)
-            if self.profile.estimate({**rows, t: pre[c - 1]}, n + c) <= latency + alone:
+            alone = self.profile.estimate({t: pre[c - 1]})
+            if self.profile.estimate({**rows, t: pre[c - 1]}) <= latency + alone:
                 return c
         return 0
 
@@ -401,7 +393,7 @@ class SpaceTimeScheduler(Scheduler):
         if any(_full(queues[t], prefix[t], self.max_batch) for t in busy):
             return None
         oldest = min(queues[t][0].arrival for t in busy)
-        latest_start = queues[head][0].deadline - self.profile.estimate({head: prefix[head][-1]}, len(prefix[head]))
+        latest_start = queues[head][0].deadline - self.profile.estimate({head: prefix[head][-1]})
         return min(oldest + self.slice_s, latest_start)
 
 

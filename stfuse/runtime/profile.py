@@ -8,15 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
-_ANY = frozenset()  # LatencyProfile.correction key of the shared correction
-_MAX_STEP = math.log(4.0)  # an observation moves an estimate by at most 4 ** weight
-_MAX_RESIDUAL = math.log(2.0)  # a tenant set's own correction stays within 2x of the shared one
-_MAX_RISE = 4.0  # an observation counts for at most 4x the per-request cost learnt so far
-
-
-def _moved(old: float, seen: float, weight: float) -> float:
-    """A moving average of seen costs, each counted for at most _MAX_RISE times the average so far."""
-    return old + weight * ((min(seen, _MAX_RISE * old) if old > 0 else seen) - old)
+_ANY = frozenset()  # LatencyProfile.correction key for tenant sets not launched yet
+_MAX_STEP = math.log(4.0)  # an observation moves a correction by at most 4 ** weight
 
 
 def _groups(table: Mapping[frozenset, float]) -> list:
@@ -44,35 +37,10 @@ class LatencyProfile:
     The estimate never falls when a member's rows grow, which lets the
     space-time scheduler size batches by bisection.
 
-    `observe` keeps a multiplicative correction: a shared one, moved toward
-    every measured launch (how fast the machine runs the program now), times
-    a residual per tenant set, moved toward that set's own launches relative
-    to the shared one and kept within 2x of it (`correction[frozenset()]` is
-    the shared one, `correction[set]` the residuals). Both move in log space
+    `observe` keeps a multiplicative correction per tenant set (and one for
+    sets never launched yet), moved toward each measured launch in log space
     with a clipped step: a profile that is off by 1000x converges within a few
-    dozen launches, while one 50 ms hiccup moves an estimate by at most 32%.
-    A correction per set alone (as before) went stale for sets launched
-    rarely: under real overload on 2 cores, where the submitting thread's
-    GIL contention made every launch 2-4x slower than at start-up, the sets
-    had corrections from 1.5x to 3.8x, learnt at different times, and the
-    space-time policy compared a fused launch priced at one slowdown with
-    separate launches priced at another: it ran full queues one tenant at a
-    time. With the shared part every estimate follows the machine at once
-    and comparisons between sets keep the start-up model's proportions.
-    `per_request` and `per_launch` are the runtime's own work, outside the
-    program: per request in a launch (concatenating it, splitting its output,
-    resolving its future, its statistics) and per launch (the decision, taking
-    the requests off the queues). A launch of n requests costs
-    `per_launch + n * per_request` more, so the policies price a launch of 32
-    one-row requests above one request of 32 rows, and two launches above one
-    fused launch by a whole decision. Neither is a device cost: the fair
-    shares are charged without them (`solo`). `observe_requests` learns both
-    from what the runtime measures; a profile measured at start-up has none.
-    Without it, deadlines were planned as if a request cost its rows' device
-    time alone: on 4 x mlp-small (2 CPU cores) a one-row request costs ~2 us
-    of device time and ~10-40 us of the runtime's Python (GIL waits included),
-    so under load the planned launches finished late and queued requests that
-    could not make it were kept and served late instead of shed.
+    dozen launches, while one 50 ms hiccup moves it by at most 32%.
     `concurrent_ratio` only matters to `simulate`: a concurrent (space) launch
     takes `concurrent_ratio * sum(solo costs)`, 1.0 meaning no overlap at all.
     """
@@ -85,36 +53,28 @@ class LatencyProfile:
     default_fixed: float = 1e-3
     default_per_row: float = 1e-4
     correction: dict[frozenset, float] = field(default_factory=dict)
-    per_request: float = 0.0
-    per_launch: float = 0.0
 
     def to_json(self) -> dict:
         """The model as plain JSON (groups as sorted name lists); corrections are not kept."""
         return {"fixed": dict(self.fixed), "per_row": dict(self.per_row), "fused_fixed": _groups(self.fused_fixed),
-                "uneven_fixed": _groups(self.uneven_fixed), "concurrent_ratio": self.concurrent_ratio,
-                "per_request": self.per_request, "per_launch": self.per_launch}
+                "uneven_fixed": _groups(self.uneven_fixed), "concurrent_ratio": self.concurrent_ratio}
 
     @classmethod
     def from_json(cls, data: Mapping) -> "LatencyProfile":
         return cls(dict(data["fixed"]), dict(data["per_row"]),
                    {frozenset(g): v for g, v in data.get("fused_fixed", [])},
                    {frozenset(g): v for g, v in data.get("uneven_fixed", [])},
-                   concurrent_ratio=data.get("concurrent_ratio", 1.0), per_request=data.get("per_request", 0.0),
-                   per_launch=data.get("per_launch", 0.0))
+                   concurrent_ratio=data.get("concurrent_ratio", 1.0))
 
     def solo(self, tenant: str, rows: int) -> float:
-        """Device seconds of the tenant alone with `rows` rows (no correction, no per-request work)."""
         return self._fixed(tenant) + self._per_row(tenant) * rows
 
-    def estimate(self, rows: Mapping[str, int], requests: int | None = None) -> float:
-        """Seconds for one fused launch with `rows[t]` rows of each tenant t, in `requests`
-        requests (default: one a row), the runtime's own work per launch and request included."""
+    def estimate(self, rows: Mapping[str, int]) -> float:
+        """Seconds for one fused launch with `rows[t]` rows of each tenant t."""
         if not rows:
             return 0.0
         key = frozenset(rows)
-        work = self.per_launch + self.per_request * (sum(rows.values()) if requests is None else requests)
-        corr = self.correction
-        return self._model(rows, key)[0] * corr.get(_ANY, 1.0) * corr.get(key, 1.0) + work
+        return self._model(rows, key)[0] * self.correction.get(key, self.correction.get(_ANY, 1.0))
 
     def pad_to(self, rows: Mapping[str, int]) -> int | None:
         """The batch size to pad every member to, where that beats running unequal sizes; else None."""
@@ -148,31 +108,17 @@ class LatencyProfile:
         return self.group_fixed(tenants) * self.uneven_fixed[ref] / max(self.group_fixed(ref), 1e-12)
 
     def observe(self, rows: Mapping[str, int], seconds: float, weight: float = 0.2) -> None:
-        """Fold one measured launch of the program into the shared correction and its set's residual."""
+        """Fold one measured launch into the correction of its tenant set and the shared one."""
         if not rows or seconds <= 0:
             return
         key = frozenset(rows)
         model = self._model(rows, key)[0]
         if model <= 0:
             return
-        ratio = math.log(seconds / model)
-        shared = math.log(self.correction.get(_ANY, 1.0))
-        residual = math.log(self.correction.get(key, 1.0))
-        half = weight * _MAX_STEP / 2  # each part moves at most half the clipped step: the estimate at most all of it
-        shared += max(-half, min(half, weight * (ratio - shared)))
-        self.correction[_ANY] = math.exp(shared)
-        step = max(-half, min(half, weight * (ratio - shared - residual)))
-        self.correction[key] = math.exp(max(-_MAX_RESIDUAL, min(_MAX_RESIDUAL, residual + step)))
-
-    def observe_requests(self, requests: int, seconds: float, launch: float | None = None,
-                         weight: float = 0.2) -> None:
-        """Fold the runtime's own work around one launch into per_request (`seconds` for its
-        `requests` requests) and per_launch (`launch` seconds): moving averages that one stalled
-        launch can raise by at most (_MAX_RISE - 1) * weight."""
-        if requests >= 1 and seconds >= 0:
-            self.per_request = _moved(self.per_request, seconds / requests, weight)
-        if launch is not None and launch >= 0:
-            self.per_launch = _moved(self.per_launch, launch, weight)
+        shared = self.correction.get(_ANY, 1.0)
+        for k, old in ((key, self.correction.get(key, shared)), (_ANY, shared)):
+            step = max(-_MAX_STEP, min(_MAX_STEP, math.log(seconds / (model * old))))
+            self.correction[k] = old * math.exp(weight * step)
 
     def _model(self, rows: Mapping[str, int], key: frozenset) -> tuple[float, int | None]:
         """Uncorrected seconds and pad_to: unequal sizes padded or not, whichever is cheaper."""

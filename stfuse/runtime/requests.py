@@ -72,14 +72,8 @@ class InputCheck:
         self._inputs = {t: inputs_seen(a) for t, a in examples.items()}
 
     def __call__(self, tenant: str, args: tuple) -> None:
-        if self._check is not None:  # _program_check, inline: submit() runs this for every request
-            spec = self._calls.get(tenant)
-            try:
-                self._check(tenant, args if spec is None else as_call(args, spec))
-            except StfuseError:
-                raise
-            except Exception as exc:
-                raise InputError(f"tenant {tenant!r}: {exc}") from exc
+        if self._check is not None:
+            self._program_check(tenant, args)
             return
         inputs = self._inputs.get(tenant)
         if inputs is None:
@@ -96,5 +90,12 @@ class InputCheck:
 
     def _program_check(self, tenant: str, args: tuple) -> None:
         """The program's own check_inputs, with any failure as an InputError."""
-        if self._check is not None:
-            self(tenant, args)
+        if self._check is None:
+            return
+        spec = self._calls.get(tenant)
+        try:
+            self._check(tenant, args if spec is None else as_call(args, spec))
+        except StfuseError:
+            raise
+        except Exception as exc:
+            raise InputError(f"tenant {tenant!r}: {exc}") from exc

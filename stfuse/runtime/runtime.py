@@ -32,9 +32,9 @@ from typing import Any, Mapping
 import torch
 
 from stfuse.errors import DeadlineExceededError, InputError, QueueFullError, RuntimeClosedError, StfuseError
-from stfuse.runtime.batching import (Unsplittable, adopt_intra_op_threads, as_args, as_call, call_specs,
-                                     concat, hand_over, measure_profile, normalise_examples, pad, split,
-                                     synchronize, wait_for_callers)
+from stfuse.runtime.batching import (Unsplittable, adopt_intra_op_threads, as_args, as_call, call_specs, concat, hand_over,
+                                     measure_profile, normalise_examples, pad, split, synchronize,
+                                     wait_for_callers)
 from stfuse.runtime.stats import StatsRecorder
 from stfuse.runtime.policies import Dispatch, Scheduler, Wait, make_scheduler
 from stfuse.runtime.profile import LatencyProfile
@@ -126,8 +126,6 @@ class Runtime:
                                              max_batch=max_batch, profile=profile, slo_s=self._slo_s,
                                              weights=weights, rate_limits=rate_limits, shed=shed)
         self.policy = self._scheduler.name
-        sched = self._scheduler  # admit() refuses only over a rate limit: submit skips it without one
-        self._admit = None if type(sched).admit is Scheduler.admit and not sched.shares.buckets else sched.admit
         self._stats = StatsRecorder(self.tenants, self._slo_s)
         self._stats_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -150,7 +148,6 @@ class Runtime:
         self._idle = False  # the worker waits on self._work (submit() notifies it only then)
         self.error: BaseException | None = None  # what stopped the worker, if anything did
         self._cancelled_some = False
-        self._waited = 0.0  # seconds the worker waited for work while deciding the next launch
         self._inflight: list[Request] = []  # the synchronous launch in flight
         self._running: set[str] = set()  # tenants with a concurrent call in flight
         self._pool: ThreadPoolExecutor | None = None
@@ -170,15 +167,16 @@ class Runtime:
         up to `timeout` seconds (None: no limit) and then raises it. After
         close(), raises RuntimeClosedError. Thread-safe.
         """
-        queue = self._queues.get(tenant)
-        if queue is None:
+        if tenant not in self._queues:
             raise InputError(f"unknown tenant {tenant!r}; tenants are {self.tenants}")
         spec = self._calls.get(tenant)
         if spec is None and not _plain(args):  # a dict or an (args, kwargs) pair: the program's own rule
             spec = getattr(self._fused, "specs", {}).get(tenant)
         args = as_args(tenant, args, self.max_batch, spec)
         self._input_check(tenant, args)
+        future = RequestFuture(self._on_cancel)
         with self._lock:
+            queue = self._queues[tenant]
             limit = None
             while not self._closed and len(queue) >= self.max_queue:
                 if limit is None and timeout is not None:
@@ -192,16 +190,13 @@ class Runtime:
             if self._closed:
                 raise RuntimeClosedError(f"tenant {tenant!r}: the runtime is closed")
             now = time.perf_counter()
-            if self._admit is not None and (refused := self._admit(tenant, now)) is not None:
+            refused = self._scheduler.admit(tenant, now)
+            if refused is not None:
                 with self._stats_lock:
                     self._stats.count(tenant, "rejected")
                 raise QueueFullError(refused)
-            # made here, past the checks: a request refused under overload costs no Future
-            future = RequestFuture(self._on_cancel)
             queue.append(Request(tenant, args, args[0].shape[0], now, now + self._slo_s[tenant], future))
-            # Wake the worker only while it waits, and only for what can end a Wait (policies.Wait): at
-            # every arrival it decided the same Wait again, taking the GIL from the submitting thread.
-            if self._idle and (len(queue) == 1 or len(queue) >= self.max_batch or args[0].shape[0] > 1):
+            if self._idle:  # the worker waits for work (no notify() while it runs: 3 calls a request)
                 self._work.notify()
         return future
 
@@ -216,8 +211,6 @@ class Runtime:
             snap["tenants"][t]["queued"] = n
             snap["tenants"][t]["merges_requests"] = t not in self._unbatchable
         snap["policy"] = self.policy
-        prof = self._scheduler.profile  # what the worker learnt of its own cost (LatencyProfile)
-        snap["per_request_us"], snap["per_launch_us"] = prof.per_request * 1e6, prof.per_launch * 1e6
         return snap
 
     def reset_stats(self) -> None:
@@ -261,12 +254,10 @@ class Runtime:
     def _wait(self, timeout: float | None = None) -> None:
         """The worker waits for work (under self._lock); submit() notifies only while it does."""
         self._idle = True
-        start = time.perf_counter()
         try:
             self._work.wait(timeout)
         finally:
             self._idle = False
-            self._waited += time.perf_counter() - start
 
     def _cancel_queued(self) -> None:
         for t, queue in self._queues.items():
@@ -333,9 +324,12 @@ class Runtime:
                         r = queue.popleft()
                         if vary and got and not same_shape(got[0], r):
                             later.append(r)  # another length: a later launch, in its order
-                        else:  # marked running by _start, outside the lock
+                        elif r.future.set_running_or_notify_cancel():
                             got.append(r)
                             rows += r.rows
+                        else:
+                            with self._stats_lock:
+                                self._stats.count(t, "cancelled")
                     queue.extendleft(reversed(later))
                     if got:
                         batch[t] = got
@@ -347,16 +341,10 @@ class Runtime:
     def _loop(self) -> None:
         try:
             adopt_intra_op_threads()  # else this thread's OpenMP team is every core (batching.py)
-            while True:
-                self._waited = 0.0
-                start = time.perf_counter()
-                if (item := self._next_launch()) is None:
-                    break
+            while (item := self._next_launch()) is not None:
                 launch, batch = item
                 if launch is None:
                     self._shed(batch)
-                elif not (batch := self._start(batch)):
-                    pass  # every request of it was cancelled meanwhile
                 elif launch.mode == "concurrent":
                     # each tenant's call runs on its own thread (stream) and the worker does not wait:
                     # the tenant shows work again as soon as its own call is done
@@ -367,8 +355,8 @@ class Runtime:
                         self._running.update(batch)
                     for t, reqs in batch.items():
                         self._pool.submit(self._run_concurrently, t, reqs)
-                else:  # the decision's time, waits excluded, is the runtime's own work per launch
-                    self._run_group(batch, launch.pad_to, time.perf_counter() - start - self._waited)
+                else:
+                    self._run_group(batch, launch.pad_to)
                 self._inflight = []
         except BaseException as exc:  # a bug here must not leave futures unresolved
             with self._lock:
@@ -383,34 +371,16 @@ class Runtime:
                     if r.future.running() or r.future.set_running_or_notify_cancel():
                         r.future.set_exception(StfuseError(f"runtime worker failed: {exc!r}"))
 
-    def _start(self, batch: dict[str, list[Request]]) -> dict[str, list[Request]]:
-        """Mark a launch's requests running, outside the runtime's lock (a submitting thread that
-        waits for it sleeps, and on a busy machine wakes late), and drop those cancelled since the
-        last look: a request cancelled before this never runs."""
-        out = {}
-        for t, reqs in batch.items():
-            live = [r for r in reqs if r.future.set_running_or_notify_cancel()]
-            if len(live) < len(reqs):
-                with self._stats_lock:
-                    self._stats.count(t, "cancelled", len(reqs) - len(live))
-            if live:
-                out[t] = live
-        return out
-
     def _shed(self, batch: dict[str, list[Request]]) -> None:
-        """Fail shed requests: one DeadlineExceededError per tenant and decision, shared by its futures
-        (a quarter of all requests were shed in a 2x overload run: one error each was worker time)."""
         now = time.perf_counter()
         for t, reqs in batch.items():
             with self._stats_lock:
                 self._stats.count(t, "shed", len(reqs))
-            waited = (now - reqs[0].arrival) * 1e3, (now - reqs[-1].arrival) * 1e3
-            exc = DeadlineExceededError(
-                f"tenant {t!r}: shed after {waited[1]:.1f}" + (f"-{waited[0]:.1f}" if len(reqs) > 1 else "")
-                + f" ms in the queue: it could no longer finish within its SLO of {self._slo_s[t] * 1e3:g} ms")
             for r in reqs:
                 if r.future.set_running_or_notify_cancel():
-                    r.future.set_exception(exc)
+                    r.future.set_exception(DeadlineExceededError(
+                        f"tenant {t!r}: shed after {(now - r.arrival) * 1e3:.1f} ms in the queue: it could no "
+                        f"longer finish within its SLO of {self._slo_s[t] * 1e3:g} ms"))
 
     def _run_concurrently(self, tenant: str, reqs: list[Request]) -> None:
         """One tenant's call of a concurrent launch, on a pool thread (and its own CUDA stream)."""
@@ -429,14 +399,8 @@ class Runtime:
                 self._running.discard(tenant)
                 self._work.notify()
 
-    def _run_group(self, batch: dict[str, list[Request]], pad_to: int | None = None,
-                   decided: float | None = None) -> None:
-        """One call of the program for `batch`; on failure, isolate the fault by retrying smaller groups.
-
-        The profile learns two things from it: the program's time (`observe`) and the runtime's
-        own time around it (`observe_requests`): per request, concatenating, splitting, resolving
-        the futures, statistics, and the GIL waits that come with them when submitting threads
-        are busy; per launch, the `decided` seconds of the decision that chose it."""
+    def _run_group(self, batch: dict[str, list[Request]], pad_to: int | None = None) -> None:
+        """One call of the program for `batch`; on failure, isolate the fault by retrying smaller groups."""
         start = time.perf_counter()
         if pad_to is not None and (len(batch) < 2 or self._unbatchable.intersection(batch)
                                    or any(self._row_cap.get(t, pad_to) < pad_to for t in batch)):
@@ -447,14 +411,11 @@ class Runtime:
             inputs = {t: concat([r.args for r in reqs]) for t, reqs in batch.items()}
             if pad_to is not None:
                 inputs = {t: pad(args, pad_to) for t, args in inputs.items()}
-            calls = {t: as_call(a, self._calls.get(t)) for t, a in inputs.items()}
-            run_start = time.perf_counter()
-            outs = self._fused.run(calls)
+            outs = self._fused.run({t: as_call(a, self._calls.get(t)) for t, a in inputs.items()})
             if type(outs) is not dict and not isinstance(outs, Mapping) or set(outs) != set(batch):
                 raise StfuseError(f"fused.run returned {type(outs).__name__} "
                                   f"{sorted(outs) if isinstance(outs, Mapping) else ''} for {sorted(batch)}")
             synchronize(inputs)
-            run_end = time.perf_counter()
             results, rows = {}, {}
             for t, reqs in batch.items():
                 sizes = [r.rows for r in reqs]
@@ -468,24 +429,19 @@ class Runtime:
             self._isolate(batch, exc)
             return
         finish = time.perf_counter()
-        with self._lock:  # the fair shares and the profile are the worker's, read by decide() under this lock
+        with self._lock:  # the fair shares are the worker's, read by decide() under this lock
             self._scheduler.charge(rows, finish - start)
-            self._scheduler.profile.observe(rows, run_end - run_start)
         with self._stats_lock:
             self._stats.launch(rows)
+            self._scheduler.profile.observe(rows, finish - start)
             for t, reqs in batch.items():
                 self._stats.served(t, [r.arrival for r in reqs], finish)
-        n = 0
         for t, reqs in batch.items():
             self._input_check.seen(t, reqs[0].args)
-            n += len(reqs)
             for r, out in zip(reqs, results[t]):
                 if r.stream is not None:
                     hand_over(out, r.stream)
                 r.future.set_result(out)
-        overhead = time.perf_counter() - finish + run_start - start
-        with self._lock:
-            self._scheduler.profile.observe_requests(n, overhead, decided)
 
     def _isolate(self, batch: dict[str, list[Request]], exc: Exception) -> None:
         if len(batch) > 1:

@@ -105,7 +105,7 @@ def simulate(scheduler: Scheduler, requests: Iterable[SimRequest], device: Laten
                 stats.launch({t: b})
                 scheduler.charge({t: b}, device.estimate({t: b}))
         else:
-            duration = device.estimate(rows, sum(len(rs) for rs in taken.values()))
+            duration = device.estimate(rows)
             stats.launch(rows)
             scheduler.charge(rows, duration)
         end = now + duration
