@@ -265,8 +265,8 @@ class FusedProgram(TenantCalls):
 
     def _rebuild_if_weights_changed(self) -> None:
         """Compile again from the same traced tenants (their tensors are the models' current
-        weights) when any weight changed in place since this program was built. About
-        0.1 us per tensor per call to check; seconds to rebuild, once per change."""
+        weights) when any weight changed in place since this program was built. One
+        version-counter read per tensor per call; seconds to rebuild, once per change."""
         if list(map(_VERSION, self._weights)) == self._versions:
             return
         with self._lowering:

@@ -9,6 +9,8 @@ import threading
 import pytest
 import torch
 
+from stfuse.tolerances import assert_close
+
 from serving import Client, ServerProcess, check_eager, kw_call, models, outputs, saved_artifact
 
 pytestmark = pytest.mark.skipif(
@@ -87,7 +89,7 @@ def test_infer_takes_inputs_in_any_order_by_name_echoes_id_and_selects_outputs(c
     assert status == 200, resp
     assert resp["id"] == "req-7" and [o["name"] for o in resp["outputs"]] == ["pooled"]
     ref = models()["kw"](**call)["pooled"]
-    torch.testing.assert_close(outputs(resp)["pooled"], ref, rtol=1e-4, atol=1e-4)
+    assert_close(outputs(resp)["pooled"], ref)  # the tolerance table (float32: 1e-4)
 
 
 def test_concurrent_clients_get_their_own_answers(client, server):
