@@ -175,20 +175,33 @@ def _run(members, epilogue: str, dtype: torch.dtype, device: torch.device, sizes
     steps = ep.parse(epilogue)
     kernel = codegen.load_kernel(GEMM, epilogue)
     # fp32 follows torch's own switch for matmuls (off by default: exact fp32, no tensor cores)
-    arith = math_of(dtype, torch.backends.cuda.matmul.allow_tf32)
-    run = launcher(kernel, GEMM, steps, members, _add_member, uniform, floats, device, flags=_flags,
-                   DTYPE=TL_DTYPE[dtype], INPUT_PRECISION=dot_precision(dtype, arith == "tf32"))
+    arith, dtypes = _arith(dtype, torch.backends.cuda.matmul.allow_tf32)
+    run = launcher(kernel, GEMM, steps, members, _add_member, uniform, floats, device, flags=_flags, **dtypes)
 
-    count = uniform or len(members)
+    configs, default, key = _choice(epilogue, arith, device, run.consts["VEC"] > 1, sizes, uniform or len(members))
+    launch = run.prepare(choose_config(key, configs, run, default))
+    launch()
+    return launch
+
+
+@functools.lru_cache(maxsize=None)
+def _arith(dtype: torch.dtype, allow_tf32: bool) -> tuple[str, dict]:
+    """(``math_of``, the dtype constexprs) of a launch in ``dtype``."""
+    arith = math_of(dtype, allow_tf32)
+    return arith, dict(DTYPE=TL_DTYPE[dtype], INPUT_PRECISION=dot_precision(dtype, arith == "tf32"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _choice(epilogue: str, arith: str, device: torch.device, vector: bool, sizes: tuple[int, int, int],
+            count: int) -> tuple[tuple[triton.Config, ...], int, tuple]:
+    """(the configs, the heuristic's pick, the tuning key) of a launch: fixed by its sizes,
+    so worked out once per size (about 1 us of host work per call)."""
     max_m, max_n, max_k = sizes
-    vector = run.consts["VEC"] > 1
     configs = gemm_configs(arith, device_arch(device), vector)
     default = pick_config(configs, max_m, lambda c: count * cdiv(max_m, c.kwargs["BLOCK_M"])
                           * cdiv(max_n, c.kwargs["BLOCK_N"]), sm_count(device))
     key = ("gemm", epilogue, arith, vector, max_m <= 64, next_pow2(max_n), next_pow2(max_k), next_pow2(count))
-    launch = run.prepare(choose_config(key, configs, run, default))
-    launch()
-    return launch
+    return configs, default, key
 
 
 def grouped_linear(x, w, b, epilogue, ext, scalars, out=None, plan=None):
