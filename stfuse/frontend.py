@@ -103,8 +103,9 @@ def _device_of(model: torch.nn.Module, args) -> torch.device:
 
 
 class _TrialExports(logging.Filter):
-    """Drops torch's fake-tensor error records on a thread while it tries an export that
-    may fail: the dynamic-batch attempt below. A graph whose views bake the batch into
+    """Drops torch's fake-tensor error records on a thread while it runs fake tensors
+    that may fail: the dynamic-batch attempt below, and the annotate pass's shape
+    probes at batch 3 (passes/annotate.py). A graph whose views bake the batch into
     another dim (``view(x, [32, 256 * B])``, as a Dynamo graph traced at batch 1 has)
     fails there, and torch logs the failing meta kernel at error level before raising,
     though the static export that follows succeeds. Other threads still log."""
@@ -131,6 +132,11 @@ class _TrialExports(logging.Filter):
 
 
 _TRIALS = _TrialExports()
+
+
+def quiet_trials():
+    """Inside: torch's fake-tensor error records on this thread are dropped (_TrialExports)."""
+    return _TRIALS.quiet()
 
 
 def _export(name, model, args, kwargs, batch, leaf_dims):

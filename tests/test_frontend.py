@@ -51,6 +51,29 @@ def test_a_failed_dynamic_trial_export_logs_no_error():
     check_tenants(fused, models, args)
 
 
+class BatchBakedIntoBuffer(torch.nn.Module):
+    """Holds only at its traced batch (a [2, 8] buffer added to [B, 8]): the annotate
+    pass's fake-tensor probe at batch 3 fails on it, as expected."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.register_buffer("z", torch.randn(2, 8))
+
+    def forward(self, x):
+        return self.lin(x) + self.z
+
+
+def test_expected_fake_tensor_failures_in_annotate_log_no_error():
+    torch.manual_seed(0)
+    models = [BatchBakedIntoBuffer().eval() for _ in range(2)]
+    args = [(torch.randn(2, 8),), (torch.randn(2, 8),)]
+    with records("torch._subclasses.fake_tensor") as got:
+        fused = stfuse.compile(models, args)
+    assert not [r.getMessage() for r in got if r.levelno >= logging.ERROR]
+    check_tenants(fused, models, args)
+
+
 def test_the_filter_is_per_thread_and_ends_with_the_trial():
     import threading
 
