@@ -345,7 +345,18 @@ def trace_tenant(name: str, model: torch.nn.Module, example, dynamic=None) -> Te
                 raise TraceError(
                     f"tenant {name!r} cannot be traced: torch.export failed with "
                     f"{type(export_err).__name__}: {_first_line(export_err)}; torch.fx.symbolic_trace "
-                    f"failed with {type(fx_err).__name__}: {_first_line(fx_err)}") from export_err
+                    f"failed with {type(fx_err).__name__}: {_first_line(fx_err)}{_hint(model, export_err)}"
+                ) from export_err
+
+
+def _hint(model, err: Exception) -> str:
+    """What a user can do about an export failure stfuse recognises ("" otherwise)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False) and "Cache" in str(err):
+        # transformers decoders return a DynamicCache object by default, which is not a pytree
+        return ("; the model returns a key/value cache object (its config has use_cache=True): "
+                "set model.config.use_cache = False before compiling")
+    return ""
 
 
 def _first_line(err: Exception) -> str:
