@@ -102,6 +102,8 @@ def test_the_one_pass_check_takes_only_what_the_full_check_accepts():
         assert fused._fast_flat(names, list(call.values())) is None, change
         with pytest.raises(InputError):
             fused(*call.values())
+    with pytest.raises(InputError, match=r"tenant 'mlp', argument 0 \(.*\): batch size 0: an empty batch has nothing"):
+        fused(torch.randn(0, 8), good["two"])
     # tenants at different batch sizes: accepted, not stacked, and right
     mixed_batch = {"mlp": torch.randn(5, 8), "two": good["two"]}
     flat, stacked = fused._fast_flat(names, list(mixed_batch.values()))
