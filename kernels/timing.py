@@ -12,7 +12,8 @@ events around the calls (host launch gaps included: they are what fusing saves).
 name, torch version, thread count) under ``config.cache_dir()/tuning``, written
 atomically; an unreadable or malformed file reads as empty (and is replaced on
 the next write), so a corrupt cache costs a measurement, never a compile.
-Timings taken while the machine is overloaded (``busy``) are used but not kept.
+Timings taken while the machine is overloaded (``busy``), or while other processes
+used more than half a core (``OthersMeter``), are used but not kept.
 """
 
 from __future__ import annotations
@@ -152,13 +153,48 @@ def busy() -> str | None:
     return f"load average {load:.1f} on {cpus} CPUs" if load > cpus + 0.5 else None
 
 
+class OthersMeter:
+    """CPU that other processes used since it was made, in cores, from /proc/stat (Linux;
+    None elsewhere). The load average lags by a minute: at a load of 10 from processes
+    that had just started, busy() saw none of it, and plans timed then filled the cache."""
+
+    LIMIT = 0.5  # cores; a quiet machine reads under 0.1
+
+    def __init__(self):
+        self.start = self._sample()
+        self.wall = time.perf_counter()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        own = os.times()
+        # all but idle and iowait, then this process's user + system time
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+    def cores(self) -> float | None:
+        now, wall = self._sample(), time.perf_counter() - self.wall
+        if self.start is None or now is None or wall < 0.05:  # /proc/stat counts 10 ms ticks
+            return None
+        return max(0.0, (now[0] - self.start[0]) - (now[1] - self.start[1])) / wall
+
+    def reason(self) -> str | None:
+        """Why timings taken since should not be kept, or None."""
+        cores = self.cores()
+        return None if cores is None or cores <= self.LIMIT else f"other processes used {cores:.1f} cores meanwhile"
+
+
 class TimingCache:
     """Measurements of one device identity: key -> {name: number}, one JSON file.
 
     ``get``/``put`` work in memory; ``flush`` merges what was put into the file as it
     is now (another process may have added entries) and replaces it atomically.
-    What is put while the machine is ``busy`` serves this compile only: ``unsaved``
-    says why it was not written.
+    What is put while the machine is ``busy``, or flushed after other processes used
+    more than OthersMeter.LIMIT cores since the cache was made, serves this compile
+    only: ``unsaved`` says why it was not written.
     """
 
     def __init__(self, device: torch.device):
@@ -169,6 +205,7 @@ class TimingCache:
         self.entries = self._read()
         self.added: dict[str, dict] = {}
         self.unsaved: str | None = None
+        self._others = OthersMeter()
 
     def _read(self) -> dict:
         try:
@@ -196,6 +233,10 @@ class TimingCache:
 
     def flush(self) -> None:
         if not self.added:
+            return
+        reason = self._others.reason()
+        if reason is not None:  # timed beside other work: right only for this compile
+            self.unsaved, self.added = reason, {}
             return
         entries = {**self._read(), **self.added}
         data = {"version": CACHE_VERSION, "identity": self.identity, "entries": entries}

@@ -8,8 +8,10 @@ import torch
 if not torch.cuda.is_available():
     # Must be set before any Triton kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Generated kernels go to a fresh cache, not the user's ~/.cache/stfuse.
-os.environ.setdefault("STFUSE_CACHE_DIR", tempfile.mkdtemp(prefix="stfuse-test-cache-"))
+# Generated kernels go to a fresh cache, not the user's ~/.cache/stfuse (removed at the end).
+_OWN_CACHE = None if "STFUSE_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="stfuse-test-cache-")
+if _OWN_CACHE:
+    os.environ["STFUSE_CACHE_DIR"] = _OWN_CACHE
 # Plans must not depend on timings: the suite prices groups with the cost model on its
 # nominal constants (tests/test_tune.py runs "measure" with a fake timer). Children
 # started by tests (test_determinism, the CLI) inherit both.
@@ -25,6 +27,22 @@ import copy  # noqa: E402
 import pytest  # noqa: E402
 
 from stfuse.tolerances import TOLERANCES, assert_close  # noqa: E402,F401
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE and os.environ.get("STFUSE_CACHE_DIR") == _OWN_CACHE:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _timings_kept_whatever_runs_beside(monkeypatch):
+    """A timing cache written by a test does not depend on what else the machine runs
+    (kernels/timing.py OthersMeter); tests of the meter itself patch it back."""
+    from stfuse.kernels import timing
+
+    monkeypatch.setattr(timing.OthersMeter, "reason", lambda self: None)
 
 
 def float64_reference(model, args):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -137,3 +138,34 @@ def test_nothing_is_written_while_busy(cache_dir, monkeypatch):
     assert c.get("k") == {"x": 1.0} and c.unsaved == "load average 7.0 on 2 CPUs"
     c.flush()
     assert not c.path.exists()
+
+
+def test_nothing_is_written_after_other_processes_took_the_cores(cache_dir, monkeypatch):
+    """The load average lags by a minute; the meter reads what other processes used
+    while the cache was open, from /proc/stat."""
+    monkeypatch.undo()
+    monkeypatch.setenv("STFUSE_CACHE_DIR", str(cache_dir))
+    monkeypatch.setattr(timing, "busy", lambda: None)
+    c = timing.TimingCache(CPU)
+    monkeypatch.setattr(timing.OthersMeter, "cores", lambda self: 1.3)
+    c.put("k", {"x": 1.0})
+    c.flush()
+    assert not c.path.exists() and c.unsaved == "other processes used 1.3 cores meanwhile"
+    assert c.get("k") == {"x": 1.0}  # still used by this compile
+    monkeypatch.setattr(timing.OthersMeter, "cores", lambda self: 0.1)
+    c.put("k", {"x": 2.0})
+    c.flush()
+    assert timing.TimingCache(CPU).get("k") == {"x": 2.0}
+
+
+def test_the_meter_reads_other_processes_not_this_one():
+    import time
+
+    meter = timing.OthersMeter()
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:  # this process keeps a core busy: not "others"
+        pass
+    cores = meter.cores()
+    if cores is None:
+        pytest.skip("no /proc/stat here")
+    assert 0.0 <= cores <= (os.cpu_count() or 1)
