@@ -137,3 +137,15 @@ def test_nothing_is_written_while_busy(cache_dir, monkeypatch):
     assert c.get("k") == {"x": 1.0} and c.unsaved == "load average 7.0 on 2 CPUs"
     c.flush()
     assert not c.path.exists()
+
+
+def test_another_cpu_gemm_mode_is_another_cache(cache_dir, monkeypatch):
+    """Timings taken with linears bound to one GEMM library (kernels/cpu_gemm.py) are not
+    read under another."""
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "mkl")
+    c = timing.TimingCache(CPU)
+    c.put("k", {"x": 1.0})
+    c.flush()
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "onednn")
+    other = timing.TimingCache(CPU)
+    assert other.identity["cpu_gemm"] == "onednn" and other.path != c.path and other.get("k") is None

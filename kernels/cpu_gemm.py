@@ -1,0 +1,138 @@
+"""CPU linears on constant weights: oneDNN's prepacked GEMM where it beats MKL's.
+
+On CPU every linear, fused or not, is a GEMM on a weight that never changes
+between calls: a tenant's own ``aten.linear`` on its parameter, a stacked
+group's ``baddbmm`` on its packed weights. aten runs both through MKL's sgemm.
+oneDNN can instead reorder the weight once into its blocked layout
+(``mkldnn._reorder_linear_weight``, what Inductor's freezing pass does) and run
+``mkldnn._linear_pointwise`` on it. Measured on the project's 2-core AMD EPYC
+(Zen 5, AVX-512), one thread, fp32, median of turns (scratch A/B scripts; MKL
+takes its AVX2 path on this CPU, oneDNN its AVX-512 one):
+
+=============================  =========  ===========
+rows x K x N (per member)      MKL us     oneDNN us
+=============================  =========  ===========
+4 x [32 x 768 x 768]           1594       734
+4 x [32 x 768 x 3072]          7626       3454
+4 x [256 x 768 x 3072]         45565      20310
+[4 x 768 x 768]                94         40
+[16 x 256 x 256]               24.6       19.7
+[1 x 768 x 768]                31.9       41.2
+4 x [1 x 256 x 256]            15.0       57.4   (baddbmm against 4 calls)
+4 x [8 x 256 x 256]            59.6       68.8   (baddbmm against 4 calls)
+=============================  =========  ===========
+
+So a call takes oneDNN where a member's GEMM is big enough (``use_onednn``:
+at least MIN_ROWS rows and MIN_MACS multiply-adds), else the path it had. The
+weight reorder is a second copy of each linear's weight (blocked), made once when
+the program is bound (kernels/bind.py); a weight changed in place rebuilds the
+program, and with it the copy (stfuse/program.py).
+
+Whether oneDNN is used at all is ``mode``: STFUSE_CPU_GEMM (config.cpu_gemm_mode)
+"onednn", "mkl", or "auto" (default): one linear timed both ways on this device
+(about 20 ms, once per device identity, cached like every measurement), oneDNN
+where it wins by MARGIN.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from stfuse import config
+
+from . import reference
+
+# A member's GEMM takes oneDNN from this size (table above: 1 row of 768 x 768 is
+# faster in MKL's gemv, 4 rows already 2.3x faster in oneDNN; below ~1M multiply-adds
+# oneDNN's ~15 us per call costs more than its faster kernel saves).
+MIN_ROWS = 2
+MIN_MACS = 1 << 20
+# "auto" takes oneDNN where it is this much faster on the probe GEMM (2.2x on the EPYC).
+MARGIN = 0.10
+PROBE = (32, 768, 768)  # rows, K, N of the linear "auto" times
+
+
+def available() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+# Weights smaller than this (K * N) are not packed: they reach MIN_MACS only beyond
+# 64 rows, and their packed copy would cost memory for calls that rarely pay.
+MIN_WEIGHT = MIN_MACS // 64
+
+
+def packable(w) -> bool:
+    """A weight worth packing for oneDNN: a 2-D float32 CPU tensor of MIN_WEIGHT or more."""
+    return (isinstance(w, torch.Tensor) and w.dim() == 2 and w.dtype == torch.float32
+            and w.device.type == "cpu" and w.numel() >= MIN_WEIGHT)
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] reordered into oneDNN's blocked layout (a copy)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
+
+
+def use_onednn(rows: int, k: int, n: int) -> bool:
+    return rows >= MIN_ROWS and rows * k * n >= MIN_MACS
+
+
+def linear(x, w, b, packed):
+    """``F.linear(x, w, b)``, through oneDNN on ``packed`` (= pack(w)) where it pays."""
+    k = w.shape[1]
+    if x.dtype == torch.float32 and k and use_onednn(x.numel() // k, k, w.shape[0]):
+        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+    return F.linear(x, w, b)
+
+
+def stacked_linear(x, wt, b1, packed, biases, epilogue, ext, scalars):
+    """``reference.stacked_linear_kn(x, wt, b1, ...)`` where ``packed`` / ``biases`` hold
+    each member's packed weight and [N] bias: one oneDNN call per member (then one
+    stack, ~2% of the GEMMs at [4, 256, 3072]) where a member's GEMM pays, else the one
+    baddbmm."""
+    R, k, n = wt.shape
+    if x.dtype == torch.float32 and k and R and use_onednn(x.numel() // (R * k), k, n):
+        mk = torch.ops.mkldnn._linear_pointwise
+        y = torch.stack([mk(xi, p, bi, "none", [], "") for xi, p, bi in zip(x.unbind(0), packed, biases)])
+        return reference._stacked_epilogue(y, epilogue, ext, scalars)
+    return reference.stacked_linear_kn(x, wt, b1, epilogue, ext, scalars)
+
+
+def mode(device: torch.device) -> str:
+    """"onednn" or "mkl": what CPU linears on constant weights run on ``device``."""
+    wanted = config.cpu_gemm_mode()
+    if device.type != "cpu" or not available() or wanted == "mkl":
+        return "mkl"
+    return "onednn" if wanted == "onednn" else _measured(torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _measured(threads: int) -> str:
+    """"auto": the probe linear timed both ways (cached per device identity, which
+    includes the thread count; ``threads`` keys this process's memo the same way)."""
+    from . import timing
+
+    device = torch.device("cpu")
+    cache = timing.TimingCache(device)
+    hit = cache.get("cpu_gemm")
+    if hit is None or not {"mkl_us", "onednn_us"} <= hit.keys():
+        rows, k, n = PROBE
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(s, generator=gen) for s in ((rows, k), (n, k), (n,)))
+        packed = pack(w)
+        # One thread: the libraries' kernels compared, not how long a second OpenMP thread
+        # waits for a core (on the loaded 2-core CPU a 2-thread probe took 8 ms both ways
+        # against 0.4 ms quiet, and the 2.2x between them vanished).
+        torch.set_num_threads(1)
+        try:
+            mkl_us, onednn_us = timing.time_pair(
+                lambda: F.linear(x, w, b), lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""),
+                device, what="cpu_gemm")
+        finally:
+            torch.set_num_threads(threads)
+        hit = {"mkl_us": mkl_us, "onednn_us": onednn_us}
+        cache.put("cpu_gemm", hit)
+        cache.flush()
+    return "onednn" if hit["onednn_us"] < (1 - MARGIN) * hit["mkl_us"] else "mkl"

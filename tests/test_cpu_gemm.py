@@ -1,0 +1,128 @@
+"""kernels/cpu_gemm.py: oneDNN's prepacked GEMM for CPU linears on constant weights."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import stfuse
+from stfuse import zoo
+from stfuse.errors import StfuseError
+from stfuse.kernels import cpu_gemm, reference, timing
+from stfuse.kernels.bind import bind
+from stfuse.tolerances import assert_close
+
+CPU = torch.device("cpu")
+
+needs_onednn = pytest.mark.skipif(not cpu_gemm.available(), reason="torch built without oneDNN")
+
+
+def _f64_linear(x, w, b):
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+# (rows, K, N): odd sizes on both sides of the oneDNN threshold (MIN_MACS = 2^20)
+BIG, SMALL = (33, 257, 129), (3, 257, 129)
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows,k,n", [BIG, SMALL])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", [(), (1,)])
+def test_linear_matches_float64(rows, k, n, bias, lead):
+    torch.manual_seed(0)
+    x, w = torch.randn(*lead, rows, k), torch.randn(n, k)
+    b = torch.randn(n) if bias else None
+    assert cpu_gemm.packable(w) and cpu_gemm.use_onednn(rows, k, n) == ((rows, k, n) == BIG)
+    got = cpu_gemm.linear(x, w, b, cpu_gemm.pack(w))
+    assert got.shape == (*lead, rows, n)
+    assert_close(got, _f64_linear(x, w, b))
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows,k,n", [BIG, SMALL])
+@pytest.mark.parametrize("epilogue", ["", "add:tensor,relu"])
+def test_stacked_linear_matches_float64(rows, k, n, epilogue):
+    torch.manual_seed(0)
+    R = 3
+    x, w, b = torch.randn(R, rows, k), torch.randn(R, n, k), torch.randn(R, n)
+    ext = [torch.randn(R, rows, n)] if epilogue else []
+    got = cpu_gemm.stacked_linear(x, w.transpose(1, 2), b.unsqueeze(1), tuple(cpu_gemm.pack(wi) for wi in w),
+                                  tuple(b), epilogue, ext, [])
+    want = torch.stack([_f64_linear(x[i], w[i], b[i]) for i in range(R)])
+    if epilogue:
+        want = torch.relu(want + ext[0].double())
+    assert got.shape == (R, rows, n)
+    assert_close(got, want)
+
+
+def test_small_weights_are_not_packed():
+    assert not cpu_gemm.packable(torch.randn(32, 16))  # 512 < MIN_WEIGHT
+    assert not cpu_gemm.packable(torch.randn(257, 129, dtype=torch.float64))
+    assert cpu_gemm.packable(torch.randn(257, 129))
+
+
+def _targets(bound):
+    return {n.target for n in bound.graph.nodes if n.op == "call_function"}
+
+
+@needs_onednn
+def test_bind_packs_fused_and_own_linears_for_onednn(monkeypatch):
+    """Two MLPs fused (stacked_linear) plus a third of another width (its own
+    aten.linear: the cost model keeps the equal-shape pair): with STFUSE_CPU_GEMM=onednn
+    both kinds bind to cpu_gemm's kernels on packed copies and compute what the
+    canonical program computes, at a batch that takes oneDNN; with "mkl" neither."""
+    torch.manual_seed(0)
+    models = [zoo.mlp(257, 129, 5, depth=2), zoo.mlp(257, 129, 5, depth=2), zoo.mlp(257, 130, 5, depth=2)]
+    fused = stfuse.compile(models, [(torch.randn(1, 257),) for _ in models], tune="model")
+    canonical = fused.canonical_program
+    xs = [torch.randn(33, 257) for _ in models]  # 33 x 257 x 129: over MIN_MACS
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "onednn")
+    bound = bind(canonical, CPU)
+    assert {cpu_gemm.stacked_linear, cpu_gemm.linear} <= _targets(bound)
+    with torch.no_grad():
+        for got, want in zip(bound(*xs), canonical(*xs)):
+            assert_close(got, want.double())
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "mkl")
+    plain = _targets(bind(canonical, CPU))
+    assert cpu_gemm.stacked_linear not in plain and cpu_gemm.linear not in plain
+    assert reference.stacked_linear_kn in plain
+
+
+@pytest.fixture
+def fresh_choice(monkeypatch, tmp_path):
+    monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "auto")
+    monkeypatch.setattr(timing, "busy", lambda: None)
+    cpu_gemm._measured.cache_clear()
+    yield
+    cpu_gemm._measured.cache_clear()
+
+
+@needs_onednn
+@pytest.mark.parametrize("mkl_us,onednn_us,want", [(400.0, 200.0, "onednn"), (400.0, 380.0, "mkl"),
+                                                   (200.0, 400.0, "mkl")])
+def test_auto_times_the_probe_once_and_keeps_a_clear_winner(fresh_choice, monkeypatch, mkl_us, onednn_us, want):
+    calls = []
+
+    def fake_pair(first, second, device, what="", budget_ms=None):
+        calls.append((what, torch.get_num_threads()))
+        return mkl_us, onednn_us
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(timing, "time_pair", fake_pair)
+    assert cpu_gemm.mode(CPU) == want
+    assert calls == [("cpu_gemm", 1)] and torch.get_num_threads() == threads  # one thread, then restored
+    cpu_gemm._measured.cache_clear()
+    assert cpu_gemm.mode(CPU) == want and len(calls) == 1  # from the cache file
+    assert timing.TimingCache(CPU).get("cpu_gemm") == {"mkl_us": mkl_us, "onednn_us": onednn_us}
+
+
+def test_mode_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "mkl")
+    assert cpu_gemm.mode(CPU) == "mkl"
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "onednn")
+    assert cpu_gemm.mode(CPU) == ("onednn" if cpu_gemm.available() else "mkl")
+    assert cpu_gemm.mode(torch.device("meta")) == "mkl"
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "fast")
+    with pytest.raises(StfuseError, match="STFUSE_CPU_GEMM"):
+        cpu_gemm.mode(CPU)
