@@ -115,7 +115,8 @@ def _bind_stacked_linear(gm, graph, n: torch.fx.Node, gemm: str) -> None:
         packed = _const_attr(gm, graph, n, f"{w.target}_onednn", tuple(cpu_gemm.pack(wi) for wi in W))
         biases = _const_attr(gm, graph, n, f"{w.target}_onednn_b",
                              tuple(B) if B is not None else (None,) * W.shape[0])
-        n.target, n.args = cpu_gemm.stacked_linear, (x, wt, b1, packed, biases, *rest)
+        least = cpu_gemm.min_numel(W.shape[2], W.shape[1], W.shape[0])
+        n.target, n.args = cpu_gemm.stacked_linear, (x, wt, b1, packed, biases, least, *rest)
 
 
 def _bind_linear(gm, graph, n: torch.fx.Node, gemm: str) -> None:
@@ -126,7 +127,8 @@ def _bind_linear(gm, graph, n: torch.fx.Node, gemm: str) -> None:
         return
     x, wnode, *b = n.args
     packed = _const_attr(gm, graph, n, f"{wnode.target}_onednn", cpu_gemm.pack(w))
-    n.target, n.args = cpu_gemm.linear, (x, wnode, b[0] if b else None, packed)
+    least = cpu_gemm.min_numel(w.shape[1], w.shape[0])
+    n.target, n.args = cpu_gemm.linear, (x, wnode, b[0] if b else None, packed, least)
 
 
 # CPU specialisations of a bound op, by stfuse op name or aten overload: each rewrites

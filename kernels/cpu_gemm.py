@@ -60,8 +60,10 @@ def available() -> bool:
 
 
 # Weights smaller than this (K * N) are not packed: they reach MIN_MACS only beyond
-# 64 rows, and their packed copy would cost memory for calls that rarely pay.
-MIN_WEIGHT = MIN_MACS // 64
+# 8 rows, where oneDNN saves a few us (16 x 256 x 256: 24.6 -> 19.7 us), less than
+# a batch-1 call loses to the choice (~0.3 us a linear, of a 4 x MLP-256 call's 50 us),
+# and their packed copy costs memory.
+MIN_WEIGHT = MIN_MACS // 8
 
 
 def packable(w) -> bool:
@@ -79,21 +81,28 @@ def use_onednn(rows: int, k: int, n: int) -> bool:
     return rows >= MIN_ROWS and rows * k * n >= MIN_MACS
 
 
-def linear(x, w, b, packed):
-    """``F.linear(x, w, b)``, through oneDNN on ``packed`` (= pack(w)) where it pays."""
-    k = w.shape[1]
-    if x.dtype == torch.float32 and k and use_onednn(x.numel() // k, k, w.shape[0]):
+def min_numel(k: int, n: int, members: int = 1) -> int:
+    """The input size (elements) from which a call takes oneDNN: computed once, at
+    binding, so that a call compares one number (the whole choice costs ~0.3 us a call,
+    a batch-1 MLP's groups take 16 us)."""
+    rows = max(MIN_ROWS, -(-MIN_MACS // max(k * n, 1)))
+    return members * rows * k
+
+
+def linear(x, w, b, packed, least: int):
+    """``F.linear(x, w, b)``, through oneDNN on ``packed`` (= pack(w)) from ``least``
+    input elements (min_numel)."""
+    if x.numel() >= least and x.dtype is torch.float32:
         return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
     return F.linear(x, w, b)
 
 
-def stacked_linear(x, wt, b1, packed, biases, epilogue, ext, scalars):
+def stacked_linear(x, wt, b1, packed, biases, least: int, epilogue, ext, scalars):
     """``reference.stacked_linear_kn(x, wt, b1, ...)`` where ``packed`` / ``biases`` hold
-    each member's packed weight and [N] bias: one oneDNN call per member (then one
-    stack, ~2% of the GEMMs at [4, 256, 3072]) where a member's GEMM pays, else the one
-    baddbmm."""
-    R, k, n = wt.shape
-    if x.dtype == torch.float32 and k and R and use_onednn(x.numel() // (R * k), k, n):
+    each member's packed weight and [N] bias: from ``least`` input elements (min_numel
+    of all members), one oneDNN call per member (then one stack, ~2% of the GEMMs at
+    [4, 256, 3072]), else the one baddbmm."""
+    if x.numel() >= least and x.dtype is torch.float32:
         mk = torch.ops.mkldnn._linear_pointwise
         y = torch.stack([mk(xi, p, bi, "none", [], "") for xi, p, bi in zip(x.unbind(0), packed, biases)])
         return reference._stacked_epilogue(y, epilogue, ext, scalars)

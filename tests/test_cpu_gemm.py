@@ -20,8 +20,9 @@ def _f64_linear(x, w, b):
     return F.linear(x.double(), w.double(), None if b is None else b.double())
 
 
-# (rows, K, N): odd sizes on both sides of the oneDNN threshold (MIN_MACS = 2^20)
-BIG, SMALL = (33, 257, 129), (3, 257, 129)
+# (rows, K, N): odd sizes on both sides of the oneDNN threshold (MIN_MACS = 2^20), a
+# weight just over MIN_WEIGHT
+BIG, SMALL = (9, 513, 257), (3, 513, 257)
 
 
 @needs_onednn
@@ -33,7 +34,9 @@ def test_linear_matches_float64(rows, k, n, bias, lead):
     x, w = torch.randn(*lead, rows, k), torch.randn(n, k)
     b = torch.randn(n) if bias else None
     assert cpu_gemm.packable(w) and cpu_gemm.use_onednn(rows, k, n) == ((rows, k, n) == BIG)
-    got = cpu_gemm.linear(x, w, b, cpu_gemm.pack(w))
+    least = cpu_gemm.min_numel(k, n)
+    assert (rows * k >= least) == cpu_gemm.use_onednn(rows, k, n)
+    got = cpu_gemm.linear(x, w, b, cpu_gemm.pack(w), least)
     assert got.shape == (*lead, rows, n)
     assert_close(got, _f64_linear(x, w, b))
 
@@ -47,7 +50,7 @@ def test_stacked_linear_matches_float64(rows, k, n, epilogue):
     x, w, b = torch.randn(R, rows, k), torch.randn(R, n, k), torch.randn(R, n)
     ext = [torch.randn(R, rows, n)] if epilogue else []
     got = cpu_gemm.stacked_linear(x, w.transpose(1, 2), b.unsqueeze(1), tuple(cpu_gemm.pack(wi) for wi in w),
-                                  tuple(b), epilogue, ext, [])
+                                  tuple(b), cpu_gemm.min_numel(k, n, R), epilogue, ext, [])
     want = torch.stack([_f64_linear(x[i], w[i], b[i]) for i in range(R)])
     if epilogue:
         want = torch.relu(want + ext[0].double())
@@ -56,9 +59,9 @@ def test_stacked_linear_matches_float64(rows, k, n, epilogue):
 
 
 def test_small_weights_are_not_packed():
-    assert not cpu_gemm.packable(torch.randn(32, 16))  # 512 < MIN_WEIGHT
-    assert not cpu_gemm.packable(torch.randn(257, 129, dtype=torch.float64))
-    assert cpu_gemm.packable(torch.randn(257, 129))
+    assert not cpu_gemm.packable(torch.randn(256, 256))  # 65536 < MIN_WEIGHT: a 4 x MLP-256's
+    assert not cpu_gemm.packable(torch.randn(513, 257, dtype=torch.float64))
+    assert cpu_gemm.packable(torch.randn(513, 257))
 
 
 def _targets(bound):
@@ -72,10 +75,10 @@ def test_bind_packs_fused_and_own_linears_for_onednn(monkeypatch):
     both kinds bind to cpu_gemm's kernels on packed copies and compute what the
     canonical program computes, at a batch that takes oneDNN; with "mkl" neither."""
     torch.manual_seed(0)
-    models = [zoo.mlp(257, 129, 5, depth=2), zoo.mlp(257, 129, 5, depth=2), zoo.mlp(257, 130, 5, depth=2)]
-    fused = stfuse.compile(models, [(torch.randn(1, 257),) for _ in models], tune="model")
+    models = [zoo.mlp(513, 257, 5, depth=2), zoo.mlp(513, 257, 5, depth=2), zoo.mlp(513, 258, 5, depth=2)]
+    fused = stfuse.compile(models, [(torch.randn(1, 513),) for _ in models], tune="model")
     canonical = fused.canonical_program
-    xs = [torch.randn(33, 257) for _ in models]  # 33 x 257 x 129: over MIN_MACS
+    xs = [torch.randn(9, 513) for _ in models]  # 9 x 513 x 257: over MIN_MACS
     monkeypatch.setenv("STFUSE_CPU_GEMM", "onednn")
     bound = bind(canonical, CPU)
     assert {cpu_gemm.stacked_linear, cpu_gemm.linear} <= _targets(bound)
