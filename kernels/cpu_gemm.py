@@ -37,6 +37,8 @@ where it wins by MARGIN.
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -72,9 +74,37 @@ def packable(w) -> bool:
             and w.device.type == "cpu" and w.numel() >= MIN_WEIGHT)
 
 
+# Packed weights by source tensor, so that every program bound on the same weights
+# (each subset fused.run lowers, the self-check's, a rebind) reads one packed copy: per
+# id of the weight's base tensor, (a weak reference to it, {(offset, shape, strides):
+# (version, weak reference to the packed weight)}). Weak both ways: an entry goes with
+# its weight, a packed weight with the last program that reads it.
+_PACKS: dict[int, tuple] = {}
+_LOCK = threading.RLock()  # re-entered where a weight dies while a pack is made
+
+
 def pack(w: torch.Tensor) -> torch.Tensor:
-    """w [N, K] reordered into oneDNN's blocked layout (a copy)."""
-    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
+    """w [N, K] reordered into oneDNN's blocked layout: a copy, made once per weight
+    (and version) while a bound program holds it."""
+    base = w if w._base is None else w._base
+    where = (w.storage_offset(), tuple(w.shape), tuple(w.stride()))
+    with _LOCK:
+        entry = _PACKS.get(id(base))
+        if entry is None or entry[0]() is not base:
+            entry = (weakref.ref(base, functools.partial(_forget, id(base))), {})
+            _PACKS[id(base)] = entry
+        version, ref = entry[1].get(where, (None, None))
+        packed = ref() if ref is not None and version == w._version else None
+        if packed is None:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
+            entry[1][where] = (w._version, weakref.ref(packed))
+    return packed
+
+
+def _forget(key: int, ref) -> None:
+    with _LOCK:
+        if key in _PACKS and _PACKS[key][0] is ref:
+            del _PACKS[key]
 
 
 def use_onednn(rows: int, k: int, n: int) -> bool:

@@ -129,3 +129,40 @@ def test_mode_follows_the_environment(monkeypatch):
     monkeypatch.setenv("STFUSE_CPU_GEMM", "fast")
     with pytest.raises(StfuseError, match="STFUSE_CPU_GEMM"):
         cpu_gemm.mode(CPU)
+
+
+@needs_onednn
+def test_programs_on_the_same_weights_share_one_packed_copy(monkeypatch):
+    """Every subset program (and a second bind) reads the full program's packed weights:
+    packed copies per subset would multiply the weights' memory by the subsets served."""
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "onednn")
+    torch.manual_seed(0)
+    models = [zoo.mlp(513, 257, 5, depth=2) for _ in range(3)]
+    fused = stfuse.compile(models, [(torch.randn(1, 513),) for _ in models], tune="off")
+
+    def packs(bound):
+        out = []
+        for n in bound.graph.nodes:
+            if n.op == "get_attr" and n.target.endswith("_onednn"):
+                v = getattr(bound, n.target)
+                out += list(v) if isinstance(v, tuple) else [v]
+        return out
+
+    full = packs(fused.program)
+    again = packs(bind(fused.canonical_program, CPU))
+    assert full and all(a is b for a, b in zip(full, again))
+    fused.run({"0": (torch.randn(9, 513),), "2": (torch.randn(9, 513),)})
+    sub = next(p for (active, _), (p, _) in fused._programs.items() if active == ("0", "2"))
+    assert {id(p) for p in packs(sub)} <= {id(p) for p in full}
+
+
+@needs_onednn
+def test_a_weight_changed_in_place_is_packed_again():
+    w = torch.randn(2, 513, 257)
+    first = cpu_gemm.pack(w[1])
+    assert cpu_gemm.pack(w[1]) is first and cpu_gemm.pack(w[0]) is not first
+    w[1].add_(1.0)
+    again = cpu_gemm.pack(w[1])
+    assert again is not first
+    x = torch.randn(9, 257)
+    assert_close(cpu_gemm.linear(x, w[1], None, again, 0), _f64_linear(x, w[1], None))
