@@ -131,6 +131,29 @@ def _bind_linear(gm, graph, n: torch.fx.Node, gemm: str) -> None:
     n.target, n.args = cpu_gemm.linear, (x, wnode, b[0] if b else None, packed, least)
 
 
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _fold_gelu(graph) -> None:
+    """cpu_gemm.linear whose one reader is ``gelu`` (through at most one view, as GPT-2's
+    Conv1D restores the batch dims between) -> cpu_gemm.linear_gelu: gelu becomes
+    oneDNN's post-op (gelu of a view is the view of the gelu)."""
+    for n in list(graph.nodes):
+        if n.target is not cpu_gemm.linear or len(n.users) != 1:
+            continue
+        u, view = next(iter(n.users)), None
+        if u.op == "call_function" and u.target in _VIEWS and u.args[0] is n and len(u.users) == 1:
+            view, u = u, next(iter(u.users))
+        if u.op != "call_function" or u.target is not aten.gelu.default or u.args[0] is not (view or n):
+            continue
+        approximate = u.kwargs.get("approximate", u.args[1] if len(u.args) > 1 else "none")
+        if set(u.kwargs) - {"approximate"} or approximate not in ("none", "tanh"):
+            continue
+        n.target, n.args = cpu_gemm.linear_gelu, (*n.args, approximate)
+        u.replace_all_uses_with(view or n)
+        graph.erase_node(u)
+
+
 # CPU specialisations of a bound op, by stfuse op name or aten overload: each rewrites
 # the node in place, given what CPU linears run on (cpu_gemm.mode).
 _CPU_SPECIALISE = {"stacked_linear": _bind_stacked_linear, aten.linear.default: _bind_linear}
@@ -169,6 +192,7 @@ def bind(gm: torch.fx.GraphModule, device: torch.device, codegen: str = "direct"
         n.target = _cpu_target(n.target)
         if rule is not None:
             rule(bound, graph, n, gemm)
+    _fold_gelu(graph)
     graph.eliminate_dead_code()
     bound.recompile()
     _plain_attributes(bound)

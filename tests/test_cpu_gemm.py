@@ -11,6 +11,8 @@ from stfuse.kernels import cpu_gemm, reference, timing
 from stfuse.kernels.bind import bind
 from stfuse.tolerances import assert_close
 
+from conftest import float64_reference
+
 CPU = torch.device("cpu")
 
 needs_onednn = pytest.mark.skipif(not cpu_gemm.available(), reason="torch built without oneDNN")
@@ -166,3 +168,42 @@ def test_a_weight_changed_in_place_is_packed_again():
     assert again is not first
     x = torch.randn(9, 257)
     assert_close(cpu_gemm.linear(x, w[1], None, again, 0), _f64_linear(x, w[1], None))
+
+
+class _Conv1DGelu(torch.nn.Module):
+    """GPT-2's MLP shape of a linear: addmm on the flattened rows, the batch dims
+    restored by a view, then gelu."""
+
+    def __init__(self, k=513, n=257, approximate="tanh"):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(k, n) * 0.05)
+        self.b = torch.nn.Parameter(torch.randn(n) * 0.1)
+        self.approximate = approximate
+
+    def forward(self, x):
+        y = torch.addmm(self.b, x.view(-1, x.shape[-1]), self.w).view(*x.shape[:-1], self.w.shape[1])
+        return F.gelu(y, approximate=self.approximate)
+
+
+class _LinearGelu(torch.nn.Module):
+    def __init__(self, k=513, n=257, approximate="none"):
+        super().__init__()
+        self.fc, self.approximate = torch.nn.Linear(k, n), approximate
+
+    def forward(self, x):
+        return F.gelu(self.fc(x), approximate=self.approximate)
+
+
+@needs_onednn
+@pytest.mark.parametrize("make", [_Conv1DGelu, _LinearGelu])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_after_a_linear_is_its_post_op(monkeypatch, make, approximate):
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "onednn")
+    torch.manual_seed(0)
+    model = make(approximate=approximate).eval()
+    fused = stfuse.compile([model], [(torch.randn(1, 9, 513),)])
+    targets = _targets(fused.program)
+    assert cpu_gemm.linear_gelu in targets and torch.ops.aten.gelu.default not in targets
+    for batch in (1, 3):  # 9 and 27 rows: oneDNN from 8 rows (min_numel)
+        x = torch.randn(batch, 9, 513)
+        assert_close(fused(x)[0], float64_reference(model, (x,)))
