@@ -10,7 +10,8 @@ turns it into the program that runs, for compiled and loaded programs alike:
   (about 3 us per call, most of a batch-1 MLP's budget). Linears on the
   program's weights, fused (stacked_linear) or a tenant's own (aten.linear),
   run oneDNN's GEMM on weights reordered here, once, where kernels/cpu_gemm.py
-  says it is faster (2.2x on the project's AMD EPYC at transformer sizes).
+  says it is faster (2.2x on the project's AMD EPYC at transformer sizes); a
+  gelu after such a linear becomes oneDNN's post-op.
 - CUDA: the custom ops dispatch to their Triton kernels, grouped GEMMs over the
   program's weights run as planned sites (kernels/arena.py), and the whole program
   replays as a CUDA graph per input signature (kernels/graphs.py).

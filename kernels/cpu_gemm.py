@@ -22,11 +22,14 @@ rows x K x N (per member)      MKL us     oneDNN us
 4 x [8 x 256 x 256]            59.6       68.8   (baddbmm against 4 calls)
 =============================  =========  ===========
 
-So a call takes oneDNN where a member's GEMM is big enough (``use_onednn``:
-at least MIN_ROWS rows and MIN_MACS multiply-adds), else the path it had. The
-weight reorder is a second copy of each linear's weight (blocked), made once when
-the program is bound (kernels/bind.py); a weight changed in place rebuilds the
-program, and with it the copy (stfuse/program.py).
+So a call takes oneDNN where a member's GEMM is big enough (``use_onednn``: at
+least MIN_ROWS rows and MIN_MACS multiply-adds; the bound program compares one
+input size, ``min_numel``), else the path it had. A gelu reading such a linear
+(through one view) runs as oneDNN's post-op (``linear_gelu``). The reordered
+weight is a second copy of each linear's weight, made when a program is bound
+(kernels/bind.py) and shared by every program bound on the same weight
+(``pack``); a weight changed in place rebuilds the program (stfuse/program.py)
+and is packed again.
 
 Whether oneDNN is used at all is ``mode``: STFUSE_CPU_GEMM (config.cpu_gemm_mode)
 "onednn", "mkl", or "auto" (default): one linear timed both ways on this device
