@@ -7,7 +7,11 @@ turns it into the program that runs, for compiled and loaded programs alike:
 - CPU: every ``stfuse::`` op calls its torch reference kernel directly, and the
   aten ops lowering itself adds (stack, unbind, unsqueeze) call their torch
   functions: the same kernels the dispatcher would pick, without its boxing
-  (about 3 us per call, most of a batch-1 MLP's budget).
+  (about 3 us per call, most of a batch-1 MLP's budget). Linears on the
+  program's weights, fused (stacked_linear) or a tenant's own (aten.linear),
+  run oneDNN's GEMM on weights reordered here, once, where kernels/cpu_gemm.py
+  says it is faster (2.2x on the project's AMD EPYC at transformer sizes); a
+  gelu after such a linear becomes oneDNN's post-op.
 - CUDA: the custom ops dispatch to their Triton kernels, grouped GEMMs over the
   program's weights run as planned sites (kernels/arena.py), and the whole program
   replays as a CUDA graph per input signature (kernels/graphs.py).
@@ -25,10 +29,11 @@ Before/after (CPU)::
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 
-from . import reference
+from . import cpu_gemm, reference
 from .ops import OPS
 
 aten = torch.ops.aten
@@ -71,21 +76,88 @@ def _view_attr(gm, graph, node: torch.fx.Node, suffix: str, view) -> torch.fx.No
         return graph.get_attr(name)
 
 
-def _bind_stacked_linear(gm, graph, n: torch.fx.Node) -> None:
+def _weight(gm, node) -> torch.Tensor | None:
+    """The tensor gm holds for a get_attr node, else None."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
+        return None
+    t = getattr(gm, node.target, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def _const_attr(gm, graph, near: torch.fx.Node, hint: str, value) -> torch.fx.Node:
+    """A get_attr of ``value`` (any object: oneDNN's packed weights) set on gm under a
+    fresh name, inserted before ``near``."""
+    name = hint
+    while hasattr(gm, name):
+        name += "_"
+    object.__setattr__(gm, name, value)
+    with graph.inserting_before(near), warnings.catch_warnings():
+        # fx warns of a get_attr that is no parameter, buffer or submodule: a plain
+        # attribute is what the bound program reads anyway (_plain_attributes)
+        warnings.simplefilter("ignore", UserWarning)
+        return graph.get_attr(name)
+
+
+def _bind_stacked_linear(gm, graph, n: torch.fx.Node, gemm: str) -> None:
     """stacked_linear -> stacked_linear_kn on weight views taken once ([R, K, N], [R, 1, N]):
     two tensor calls fewer per group call (~2 us on the 2-core CPU: 4 x 256 x 256,
-    batch 1, 10.3 -> 8.3 us)."""
+    batch 1, 10.3 -> 8.3 us); with ``gemm`` "onednn", cpu_gemm.stacked_linear, which
+    also holds every member's oneDNN-packed weight and bias."""
     if OPS["stacked_linear"].reference is not reference.stacked_linear:
         return  # the table's kernel was replaced (a test's broken kernel): call it as it is
     x, w, b, *rest = n.args
     wt = _view_attr(gm, graph, w, "kn", lambda t: t.transpose(1, 2))
     b1 = None if b is None else _view_attr(gm, graph, b, "col", lambda t: t.unsqueeze(1))
-    if wt is not None and (b is None or b1 is not None):
-        n.target, n.args = reference.stacked_linear_kn, (x, wt, b1, *rest)
+    if wt is None or (b is not None and b1 is None):
+        return
+    n.target, n.args = reference.stacked_linear_kn, (x, wt, b1, *rest)
+    W, B = _weight(gm, w), _weight(gm, b)
+    if gemm == "onednn" and W is not None and W.dim() == 3 and cpu_gemm.packable(W[0]):
+        packed = _const_attr(gm, graph, n, f"{w.target}_onednn", tuple(cpu_gemm.pack(wi) for wi in W))
+        biases = _const_attr(gm, graph, n, f"{w.target}_onednn_b",
+                             tuple(B) if B is not None else (None,) * W.shape[0])
+        least = cpu_gemm.min_numel(W.shape[2], W.shape[1], W.shape[0])
+        n.target, n.args = cpu_gemm.stacked_linear, (x, wt, b1, packed, biases, least, *rest)
 
 
-# CPU specialisations of a bound op, by op name: each rewrites the node in place.
-_CPU_SPECIALISE = {"stacked_linear": _bind_stacked_linear}
+def _bind_linear(gm, graph, n: torch.fx.Node, gemm: str) -> None:
+    """aten.linear on one of the program's 2-D float32 weights -> cpu_gemm.linear, which
+    holds the weight packed for oneDNN (``gemm`` "onednn"; else left as it is)."""
+    w = _weight(gm, n.args[1]) if len(n.args) >= 2 else None
+    if gemm != "onednn" or n.kwargs or w is None or not cpu_gemm.packable(w):
+        return
+    x, wnode, *b = n.args
+    packed = _const_attr(gm, graph, n, f"{wnode.target}_onednn", cpu_gemm.pack(w))
+    least = cpu_gemm.min_numel(w.shape[1], w.shape[0])
+    n.target, n.args = cpu_gemm.linear, (x, wnode, b[0] if b else None, packed, least)
+
+
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _fold_gelu(graph) -> None:
+    """cpu_gemm.linear whose one reader is ``gelu`` (through at most one view, as GPT-2's
+    Conv1D restores the batch dims between) -> cpu_gemm.linear_gelu: gelu becomes
+    oneDNN's post-op (gelu of a view is the view of the gelu)."""
+    for n in list(graph.nodes):
+        if n.target is not cpu_gemm.linear or len(n.users) != 1:
+            continue
+        u, view = next(iter(n.users)), None
+        if u.op == "call_function" and u.target in _VIEWS and u.args[0] is n and len(u.users) == 1:
+            view, u = u, next(iter(u.users))
+        if u.op != "call_function" or u.target is not aten.gelu.default or u.args[0] is not (view or n):
+            continue
+        approximate = u.kwargs.get("approximate", u.args[1] if len(u.args) > 1 else "none")
+        if set(u.kwargs) - {"approximate"} or approximate not in ("none", "tanh"):
+            continue
+        n.target, n.args = cpu_gemm.linear_gelu, (*n.args, approximate)
+        u.replace_all_uses_with(view or n)
+        graph.erase_node(u)
+
+
+# CPU specialisations of a bound op, by stfuse op name or aten overload: each rewrites
+# the node in place, given what CPU linears run on (cpu_gemm.mode).
+_CPU_SPECIALISE = {"stacked_linear": _bind_stacked_linear, aten.linear.default: _bind_linear}
 
 
 def bind(gm: torch.fx.GraphModule, device: torch.device, codegen: str = "direct", dynamic=(),
@@ -112,13 +184,16 @@ def bind(gm: torch.fx.GraphModule, device: torch.device, codegen: str = "direct"
         return GraphedProgram(planned, device) if graphs and cuda_graphs() else planned
     graph = copy.deepcopy(gm.graph)
     bound = torch.fx.GraphModule(gm, graph)
+    gemm = cpu_gemm.mode(device)
     for n in list(graph.nodes):
         if n.op != "call_function":
             continue
         name = _stfuse_name(n.target)
+        rule = _CPU_SPECIALISE.get(name if name is not None else n.target)
         n.target = _cpu_target(n.target)
-        if name in _CPU_SPECIALISE:
-            _CPU_SPECIALISE[name](bound, graph, n)
+        if rule is not None:
+            rule(bound, graph, n, gemm)
+    _fold_gelu(graph)
     graph.eliminate_dead_code()
     bound.recompile()
     _plain_attributes(bound)

@@ -126,10 +126,15 @@ def _cpu_name() -> str:
 
 
 def device_identity(device: torch.device) -> dict:
-    """What a measurement depends on besides the program: the device, torch, the threads."""
+    """What a measurement depends on besides the program: the device, torch, the threads,
+    and on CPU which GEMM library its linears are bound to (kernels/cpu_gemm.py: the
+    configured mode, so a plan timed with one library is not reused under another)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return {"type": device.type, "name": name, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    identity = {"type": device.type, "name": name, "torch": torch.__version__,
+                "threads": torch.get_num_threads()}
+    if device.type == "cpu":
+        identity["cpu_gemm"] = config.cpu_gemm_mode()
+    return identity
 
 
 def _valid(data) -> bool:

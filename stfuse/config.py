@@ -79,6 +79,14 @@ CODEGEN_MODES = ("direct", "inductor", "auto")  # auto: measured per program (pa
 DEFAULT_CODEGEN = "direct"
 
 
+CPU_GEMM_MODES = ("auto", "onednn", "mkl")
+
+
+def cpu_gemm_mode() -> str:
+    """STFUSE_CPU_GEMM checked, else "auto" (kernels/cpu_gemm.py)."""
+    return _choice(None, "STFUSE_CPU_GEMM", "STFUSE_CPU_GEMM", CPU_GEMM_MODES, "auto")
+
+
 def codegen_mode(value: str | None = None, default: str = DEFAULT_CODEGEN) -> str:
     """``value`` (``codegen`` of stfuse.compile / stfuse.load) checked, or STFUSE_CODEGEN,
     or ``default``."""

@@ -169,3 +169,15 @@ def test_the_meter_reads_other_processes_not_this_one():
     if cores is None:
         pytest.skip("no /proc/stat here")
     assert 0.0 <= cores <= (os.cpu_count() or 1)
+
+
+def test_another_cpu_gemm_mode_is_another_cache(cache_dir, monkeypatch):
+    """Timings taken with linears bound to one GEMM library (kernels/cpu_gemm.py) are not
+    read under another."""
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "mkl")
+    c = timing.TimingCache(CPU)
+    c.put("k", {"x": 1.0})
+    c.flush()
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "onednn")
+    other = timing.TimingCache(CPU)
+    assert other.identity["cpu_gemm"] == "onednn" and other.path != c.path and other.get("k") is None
