@@ -93,8 +93,12 @@ def variants(quick: bool = False, arch: str = "sm_90") -> list[Variant]:
         add("gemm", triton_gemm.GEMM, scalar, name, K_CONTIGUOUS=False, VEC=1, IDX=tl_int32(64),
             INPUT_PRECISION=precision)
         # aligned channels_last x and w; channels_last x, 3x3 NCHW w; NCHW x, 1x1 (or channels_last)
-        # w; anything unaligned (the launcher drops the unit flags where VEC is 1)
-        for x_unit, w_unit in ((True, True), (True, False), (False, True), (False, False)):
+        # w; anything unaligned (the launcher drops the unit flags where VEC is 1). fp16/bf16 x goes
+        # channels_last wherever VEC can be 8 (triton_conv.vector_x), so NCHW x with vector w is
+        # fp32/tf32 only: half convs run (1, 1) with weights packed at binding, (1, 0) with weights
+        # the program does not own, (0, 0) where channels per group are not a multiple of 8
+        units = ((True, True), (True, False), (False, False))
+        for x_unit, w_unit in units + (((False, True),) if name in ("fp32", "tf32") else ()):
             add("conv", triton_conv.CONV, triton_conv.conv_configs(name, cap, x_unit), name, X_C_UNIT=x_unit,
                 W_C_UNIT=w_unit, VEC=vec if x_unit or w_unit else 1, IDX=i32, INPUT_PRECISION=precision)
         if name == "tf32":
