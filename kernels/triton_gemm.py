@@ -173,6 +173,15 @@ MAX_SPLITS = 16  # the reduce pass reads splits x M x N fp32: past this it costs
 SPLIT_FILL = 2  # split only where the tiles fill fewer than 1/SPLIT_FILL of the SMs
 
 
+SPLIT_MAX_TILE = 128 * 64  # BLOCK_M x BLOCK_N: split-K is for few tiles, so never the largest
+# (and fp32's 128x128 partial pass spilled 8 bytes on sm_80; ``stfuse kernels``)
+
+
+def split_configs(configs) -> tuple[triton.Config, ...]:
+    """The configs of ``gemm_configs`` a split-K partial pass may run with."""
+    return tuple(c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= SPLIT_MAX_TILE)
+
+
 def split_k(tiles: int, K: int, block_k: int, sms: int) -> int:
     """K slices for a launch of ``tiles`` output tiles on ``sms`` SMs (``sm_count``: the
     device's own on CUDA): 1 unless the tiles fill under half the SMs; then enough slices to
@@ -251,13 +260,14 @@ def _run(members, epilogue: str, dtype: torch.dtype, device: torch.device, sizes
     vector = run.consts["VEC"] > 1
     arch, sms = device_arch(device), sm_count(device)
     configs = gemm_configs(arith, arch, vector)
+    splittable = split_configs(configs) if vector else ()
 
     def tiles(c: triton.Config) -> int:
         return count * cdiv(max_m, c.kwargs["BLOCK_M"]) * cdiv(max_n, c.kwargs["BLOCK_N"])
 
     def prepare(cfg: triton.Config):
         # split-K for aligned members only: the unaligned path is the slow one anyway
-        splits = split_k(tiles(cfg), max_k, cfg.kwargs["BLOCK_K"], sms) if vector else 1
+        splits = split_k(tiles(cfg), max_k, cfg.kwargs["BLOCK_K"], sms) if cfg in splittable else 1
         if splits == 1:
             return run.prepare(cfg)
         return _split_launch(members, epilogue, device, uniform, floats, cfg, reduce_config(arch), splits, consts)
