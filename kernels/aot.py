@@ -65,9 +65,6 @@ def variants(quick: bool = False, arch: str = "sm_90", kernels=None) -> list[Var
     from . import triton_conv, triton_gemm, triton_group_norm, triton_norm
     from .triton_common import TL_DTYPE, dot_precision
 
-    if _interpreting():
-        raise StfuseError("compiling kernels for a GPU needs TRITON_INTERPRET unset before Triton "
-                          "is imported (run `stfuse kernels` in its own process)")
     out = []
     cap = ARCHS[arch]["capability"]
 
@@ -238,6 +235,9 @@ def compile_all(archs=("sm_80", "sm_90"), quick: bool = False, progress=None, ke
     unknown = [k for k in kernels or () if k not in KERNELS]
     if unknown:
         raise StfuseError(f"unknown kernel {unknown}; known: {', '.join(KERNELS)}")
+    if _interpreting():
+        raise StfuseError("compiling kernels for a GPU needs TRITON_INTERPRET unset before Triton "
+                          "is imported (run `stfuse kernels` in its own process)")
     rows = []
     todo = [(v, a) for a in archs for v in variants(quick, a, kernels)]
     for i, (v, arch) in enumerate(todo):
