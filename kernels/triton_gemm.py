@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import types
 
 import torch
@@ -279,17 +280,40 @@ def _run(members, epilogue: str, dtype: torch.dtype, device: torch.device, sizes
     return launch
 
 
+# (thread, device, stream) -> its split-K workspace: one address call after call, so the two
+# passes' launch plans find their tables as they are (a fresh workspace per call moved it:
+# stacked R=1 host work 61 against ~30 us, bench_host_overhead.py, launch stubbed, loaded CPU).
+# Per thread and stream: launches queued on one stream run in order, so a call's partial pass
+# never overwrites partials the last call's reduce pass has yet to read.
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
+def _workspace(numel: int, device: torch.device) -> torch.Tensor:
+    """``numel`` fp32 for split-K partials: fresh while a CUDA graph captures (its pool keeps
+    them for the graph), else this thread and stream's cached buffer, grown as needed."""
+    cuda = device.type == "cuda"
+    if cuda and torch.cuda.is_current_stream_capturing():
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    key = (threading.get_ident(), device, torch.cuda.current_stream(device).cuda_stream if cuda else None)
+    ws = _WORKSPACES.get(key)
+    if ws is None or ws.numel() < numel:
+        if len(_WORKSPACES) >= 64:
+            _WORKSPACES.clear()
+        ws = _WORKSPACES[key] = torch.empty(numel, dtype=torch.float32, device=device)
+    return ws[:numel]
+
+
 def _split_launch(members, epilogue: str, device: torch.device, uniform, floats, cfg: triton.Config,
                   reduce_cfg: triton.Config, splits: int, consts: dict):
     """The split-K launch of ``members`` (as ``_run`` takes them): a fp32 workspace of
     ``splits`` partial [M, N] sums per member, the partial launch (SPLIT=1, with ``cfg``,
     no epilogue) into it and the reduce launch (SPLIT=2, with ``reduce_cfg``) out of it,
     as one function with the launch attributes kernels/arena.py reads (``reusable``,
-    ``now``, ``moved``): the workspace lives as long as the launch does."""
+    ``now``, ``moved``); it holds its workspace (``_workspace``)."""
     if isinstance(members, Stack):  # the stack's tensors: x3 [R, rows, K], w, b, y3 [R, rows, N], operands
         x3, w, b, y3, *ops = members.tensors
         R, rows, N = y3.shape
-        ws = torch.empty(R, splits * rows, N, dtype=torch.float32, device=device)
+        ws = _workspace(R * splits * rows * N, device).view(R, splits * rows, N)
         shape = members.extra[1:]
         first = Stack((x3, w, None, ws), ("partial", splits), lambda: [
             _Member(x3[r], w[r], None, ws[r], ws.shape[1:], (), ()) for r in range(min(R, 2))])
@@ -299,7 +323,7 @@ def _split_launch(members, epilogue: str, device: torch.device, uniform, floats,
     else:
         # one allocation, each member's partials 16-byte aligned (4 fp32)
         sizes = [cdiv(splits * m.y2.shape[0] * m.y2.shape[1], 4) * 4 for m in members]
-        ws = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+        ws = _workspace(sum(sizes), device)
         views, at = [], 0
         for m, n in zip(members, sizes):
             views.append(ws[at:at + splits * m.y2.numel()].view(splits * m.y2.shape[0], m.y2.shape[1]))
