@@ -145,7 +145,8 @@ def conv_configs(arith: str, arch: int | None, vector: bool) -> tuple[triton.Con
     (channels_last) and is aligned, so its tiles load as 16-byte vectors with cp.async and
     pipeline 3 stages; otherwise x is a gather of scalars held in registers until the dot,
     and 2 stages with 8 warps for the larger tiles keep it at 0 spills (4 warps and 3 stages
-    spilled up to 5 KB per thread; ``stfuse kernels``, RESULTS.md).
+    spilled up to 5 KB per thread; ``stfuse kernels``, RESULTS.md). fp16/bf16 take the scalar
+    shapes only where their channels per group are not a multiple of 8 (``vector_x``).
     """
     if arch is None:
         return (triton.Config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), num_warps=1, num_stages=1),)
