@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--switch-interval-ms", type=float, default=0.5, help="sys.setswitchinterval (see bench_runtime)")
+    ap.add_argument("--gc", choices=("freeze", "leave"), default="freeze", help="Runtime(freeze_gc=...), see bench_runtime")
     ap.add_argument("--quick", action="store_true", help="real runs: fewer repetitions in the capacity measurement")
     ap.add_argument("--simulate", action="store_true", help="replay on a fake clock against a latency profile")
     ap.add_argument("--profile", default=None, help="--simulate: the device's latency profile (JSON)")

@@ -22,6 +22,7 @@ the optional "plot" extra); --json keeps the raw numbers.
 The submitting thread and the runtime's worker share the GIL and, on a small
 machine, the cores with whatever else runs there. So torch runs one intra-op
 thread (--threads), the GIL switch interval is 0.5 ms (--switch-interval-ms),
+the Runtime freezes the collector's view of the program (--gc, collector.py),
 each point reports the CPU other processes used meanwhile ("others' CPU", in
 cores), and without --quick every point runs 3 times, interleaved across the
 policies, keeping the least disturbed run.
@@ -152,7 +153,8 @@ def serve(fused, examples, shape, profile, policy: str, arrivals, args) -> dict:
     latencies, lock = {t: [] for t in tenants}, threading.Lock()
     rejected = {t: 0 for t in tenants}
     rt = Runtime(fused, policy, slice_ms=args.slice_ms, slo_ms=args.slo_ms, max_batch=args.max_batch,
-                 max_queue=args.max_queue, example_inputs=examples, profile=copy.deepcopy(profile))
+                 max_queue=args.max_queue, example_inputs=examples, profile=copy.deepcopy(profile),
+                 freeze_gc=getattr(args, "gc", "freeze") == "freeze")
     futures = []
     cpu_before = _cpu_sample()
     start = time.perf_counter()
@@ -343,6 +345,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (1 leaves the second of 2 cores to the submitting thread)")
+    ap.add_argument("--gc", choices=("freeze", "leave"), default="freeze",
+                    help="Runtime(freeze_gc=...): whether the collector skips the program's objects (collector.py)")
     ap.add_argument("--switch-interval-ms", type=float, default=0.5,
                     help="sys.setswitchinterval: at CPython's default 5 ms, a busy submitting thread stalls "
                          "the runtime's worker for up to 5 ms at every torch op, as the GIL changes hands")

@@ -70,10 +70,18 @@ def run_set(name: str, repeat: int) -> dict:
     row = {"set": name}
     with torch.no_grad():
         row["eager_ms"] = time_ms(lambda: [m(x) for m, x in zip(models, xs)], torch.device("cpu"), repeat)
-    os.environ["STFUSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="stfuse-bench-tune-")
-    stfuse.compile(models, [(x,) for x in xs], tune="off")  # untimed: torch.export's first-use costs
-    for mode in MODES:
-        row[mode] = compile_row(models, xs, mode, repeat)
+    saved = os.environ.get("STFUSE_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="stfuse-bench-tune-") as cache:  # a cold cache, removed after
+        os.environ["STFUSE_CACHE_DIR"] = cache
+        try:
+            stfuse.compile(models, [(x,) for x in xs], tune="off")  # untimed: torch.export's first-use costs
+            for mode in MODES:
+                row[mode] = compile_row(models, xs, mode, repeat)
+        finally:
+            if saved is None:
+                os.environ.pop("STFUSE_CACHE_DIR", None)
+            else:
+                os.environ["STFUSE_CACHE_DIR"] = saved
     base = row["model"]["compile_s"]
     row["added_cold"] = (row["cold"]["compile_s"] - base) / base
     row["added_warm"] = (row["warm"]["compile_s"] - base) / base

@@ -29,6 +29,7 @@ pick. Keys leave the batch out (a new batch size never triggers tuning).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import functools
 import operator
@@ -187,10 +188,11 @@ class _Plan:
         if now == self.addresses:
             return self.device_tables
         if self.uniform:  # a stack moves as a whole: one row of deltas, built in Python, broadcast
-            row = [0] * self.host.shape[1]
+            row = array.array("q", bytes(8 * self.host.shape[1]))
             for col, i in self.cells:
                 row[col] = now[i] - self.addresses[i]
-            host = self.host + torch.tensor(row, dtype=torch.int64)
+            # through a buffer: 1.5 us less than torch.tensor(list) on the 2-core CPU
+            host = self.host + torch.frombuffer(row, dtype=torch.int64)
         else:
             rows, cols, index = self.cells
             delta = torch.tensor(now, dtype=torch.int64) - self._at

@@ -251,33 +251,52 @@ def _run(members, epilogue: str, dtype: torch.dtype, device: torch.device, sizes
     steps = ep.parse(epilogue)
     kernel = codegen.load_kernel(GEMM, epilogue)
     # fp32 follows torch's own switch for matmuls (off by default: exact fp32, no tensor cores)
-    arith = math_of(dtype, torch.backends.cuda.matmul.allow_tf32)
-    consts = dict(DTYPE=TL_DTYPE[dtype], INPUT_PRECISION=dot_precision(dtype, arith == "tf32"))
+    arith, dtypes = _arith(dtype, torch.backends.cuda.matmul.allow_tf32)
     run = launcher(kernel, GEMM, steps, members, _add_member, uniform, floats, device, flags=_flags, SPLIT=0,
-                   **consts)
+                   **dtypes)
 
-    count = uniform or len(members)
+    configs, default, key, splits = _choice(epilogue, arith, device, run.consts["VEC"] > 1, sizes,
+                                            uniform or len(members))
+    if splits is None:  # no config splits K at these sizes: the one-pass launch
+        launch = run.prepare(choose_config(key, configs, run, default))
+    else:
+        def prepare(cfg: triton.Config):
+            n = splits[id(cfg)]
+            if n == 1:
+                return run.prepare(cfg)
+            return _split_launch(members, epilogue, device, uniform, floats, cfg, reduce_config(device_arch(device)),
+                                 n, dtypes)
+        launch = prepare(choose_config(key, configs, types.SimpleNamespace(prepare=prepare), default))
+    launch()
+    return launch
+
+
+@functools.lru_cache(maxsize=None)
+def _arith(dtype: torch.dtype, allow_tf32: bool) -> tuple[str, dict]:
+    """(``math_of``, the dtype constexprs) of a launch in ``dtype``."""
+    arith = math_of(dtype, allow_tf32)
+    return arith, dict(DTYPE=TL_DTYPE[dtype], INPUT_PRECISION=dot_precision(dtype, arith == "tf32"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _choice(epilogue: str, arith: str, device: torch.device, vector: bool, sizes: tuple[int, int, int],
+            count: int) -> tuple[tuple[triton.Config, ...], int, tuple, dict | None]:
+    """(the configs, the heuristic's pick, the tuning key, each config's K slices by id, or None
+    where none splits) of a launch: fixed by its sizes, so worked out once per size (about 1 us
+    of host work per call)."""
     max_m, max_n, max_k = sizes
-    vector = run.consts["VEC"] > 1
-    arch, sms = device_arch(device), sm_count(device)
-    configs = gemm_configs(arith, arch, vector)
-    splittable = split_configs(configs) if vector else ()
+    sms = sm_count(device)
+    configs = gemm_configs(arith, device_arch(device), vector)
 
     def tiles(c: triton.Config) -> int:
         return count * cdiv(max_m, c.kwargs["BLOCK_M"]) * cdiv(max_n, c.kwargs["BLOCK_N"])
 
-    def prepare(cfg: triton.Config):
-        # split-K for aligned members only: the unaligned path is the slow one anyway
-        splits = split_k(tiles(cfg), max_k, cfg.kwargs["BLOCK_K"], sms) if cfg in splittable else 1
-        if splits == 1:
-            return run.prepare(cfg)
-        return _split_launch(members, epilogue, device, uniform, floats, cfg, reduce_config(arch), splits, consts)
-
     default = pick_config(configs, max_m, tiles, sms)
     key = ("gemm", epilogue, arith, vector, max_m <= 64, next_pow2(max_n), next_pow2(max_k), next_pow2(count))
-    launch = prepare(choose_config(key, configs, types.SimpleNamespace(prepare=prepare), default))
-    launch()
-    return launch
+    # split-K for aligned members only (the unaligned path is the slow one anyway)
+    splittable = split_configs(configs) if vector else ()
+    splits = {id(c): split_k(tiles(c), max_k, c.kwargs["BLOCK_K"], sms) if c in splittable else 1 for c in configs}
+    return configs, default, key, splits if any(n > 1 for n in splits.values()) else None
 
 
 # (thread, device, stream) -> its split-K workspace: one address call after call, so the two

@@ -73,7 +73,7 @@ def fusable_sequence(g, tenant) -> list[str]:
     return [k for k in ir.tenant_order(g, tenant) if g.nodes[k]["op_class"] in optable.FUSABLE]
 
 
-def _align(columns, seq, score):
+def align(columns, seq, score):
     """Columns merged with seq by the best-scoring order-preserving alignment."""
     n, m = len(columns), len(seq)
     best = [[0] * (m + 1) for _ in range(n + 1)]
@@ -107,7 +107,7 @@ def propose_groups(g) -> list[list[str]]:
     score = _score_fn(g, [k for s in seqs for k in s])
     columns: list[list[str]] = []
     for seq in seqs:
-        columns = _align(columns, seq, score) if columns else [[k] for k in seq]
+        columns = align(columns, seq, score) if columns else [[k] for k in seq]
     return columns
 
 

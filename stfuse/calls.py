@@ -131,9 +131,11 @@ def input_problem(name: str, inputs, leaves, dim_ranges=None) -> tuple[str | Non
         if x.dim() != len(s.shape) or any(x.shape[d] != n for d, n in enumerate(s.shape) if d not in free):
             return f"{where}: expected shape {s.describe()}, got {describe_value(x)}", None
         if s.batched:
-            if x.shape[0] < 1 or (batch is not None and x.shape[0] != batch):
+            if x.shape[0] < 1:
+                return f"{where}: batch size {x.shape[0]}: an empty batch has nothing to run", None
+            if batch is not None and x.shape[0] != batch:
                 return (f"{where}: batch size {x.shape[0]} differs from the tenant's other inputs "
-                        f"({batch}) or is empty"), None
+                        f"({batch})"), None
             batch = x.shape[0]
         for d, dim in s.dims:
             size = x.shape[d]

@@ -103,8 +103,9 @@ def _device_of(model: torch.nn.Module, args) -> torch.device:
 
 
 class _TrialExports(logging.Filter):
-    """Drops torch's fake-tensor error records on a thread while it tries an export that
-    may fail: the dynamic-batch attempt below. A graph whose views bake the batch into
+    """Drops torch's fake-tensor error records on a thread while it runs fake tensors
+    that may fail: the dynamic-batch attempt below, and the annotate pass's shape
+    probes at batch 3 (passes/annotate.py). A graph whose views bake the batch into
     another dim (``view(x, [32, 256 * B])``, as a Dynamo graph traced at batch 1 has)
     fails there, and torch logs the failing meta kernel at error level before raising,
     though the static export that follows succeeds. Other threads still log."""
@@ -131,6 +132,11 @@ class _TrialExports(logging.Filter):
 
 
 _TRIALS = _TrialExports()
+
+
+def quiet_trials():
+    """Inside: torch's fake-tensor error records on this thread are dropped (_TrialExports)."""
+    return _TRIALS.quiet()
 
 
 def _export(name, model, args, kwargs, batch, leaf_dims):
@@ -339,7 +345,18 @@ def trace_tenant(name: str, model: torch.nn.Module, example, dynamic=None) -> Te
                 raise TraceError(
                     f"tenant {name!r} cannot be traced: torch.export failed with "
                     f"{type(export_err).__name__}: {_first_line(export_err)}; torch.fx.symbolic_trace "
-                    f"failed with {type(fx_err).__name__}: {_first_line(fx_err)}") from export_err
+                    f"failed with {type(fx_err).__name__}: {_first_line(fx_err)}{_hint(model, export_err)}"
+                ) from export_err
+
+
+def _hint(model, err: Exception) -> str:
+    """What a user can do about an export failure stfuse recognises ("" otherwise)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False) and "Cache" in str(err):
+        # transformers decoders return a DynamicCache object by default, which is not a pytree
+        return ("; the model returns a key/value cache object (its config has use_cache=True): "
+                "set model.config.use_cache = False before compiling")
+    return ""
 
 
 def _first_line(err: Exception) -> str:

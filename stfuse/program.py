@@ -107,7 +107,45 @@ class TenantCalls:
             return None
         low, high = spec.batch_range if spec.dynamic else (1, None)
         return ([(s.dtype, s.device, torch.Size(s.shape[1:]), len(s.shape)) for s in spec.inputs],
-                low, high or float("inf"))
+                low, high or float("inf"), spec.dynamic)
+
+    def _fast_flat(self, active: tuple, args) -> tuple[list, bool] | None:
+        """The common call, checked in one pass: every tenant in ``active`` takes plain
+        tensors, gets them (one tensor, or a tuple) with the traced dtype, device and
+        shape after dim 0, at a batch size its graph holds for. Returns (flat inputs,
+        whether the dynamic tenants share one batch size, so the stacked program runs);
+        None sends the call through the general path, which checks and explains. About
+        half the cost of four check_inputs calls (5.6 us for four MLP tenants)."""
+        flat, batch0, stacked = [], None, True
+        fast_in = self._fast_in
+        for name, a in zip(active, args):
+            fast = fast_in.get(name)
+            if fast is None:
+                return None
+            inputs, low, high, dynamic = fast
+            leaves = (a,) if type(a) is torch.Tensor else a if type(a) is tuple else ()
+            if len(leaves) != len(inputs):
+                return None
+            batch = None
+            for x, (dtype, device, rest, ndim) in zip(leaves, inputs):
+                if type(x) is not torch.Tensor:
+                    return None
+                shape = x.shape
+                if not (len(shape) == ndim and x.dtype is dtype and shape[1:] == rest and x.device == device):
+                    return None
+                if batch is None:
+                    batch = shape[0]
+                elif shape[0] != batch:
+                    return None
+            if not low <= batch <= high:
+                return None
+            flat += leaves
+            if dynamic:
+                if batch0 is None:
+                    batch0 = batch
+                elif batch != batch0:
+                    stacked = False
+        return flat, stacked
 
     @property
     def tenants(self) -> list[str]:
@@ -140,6 +178,13 @@ class TenantCalls:
         return dict(zip(active, self._execute(active, [inputs[t] for t in active])))
 
     def _execute(self, active: tuple, args) -> list:
+        fast = self._fast_flat(active, args)
+        if fast is None:
+            return self._execute_checked(active, args)
+        flat, stacked = fast
+        return self._run_program(active, flat, stacked)
+
+    def _execute_checked(self, active: tuple, args) -> list:
         # stacked: every dynamic tenant at one batch size, and tenants sharing a declared
         # dim's name at one size of it; else fused groups run grouped (passes/lower.py).
         flat, batch0, stacked, outside, named = [], None, True, {}, {}
@@ -165,9 +210,17 @@ class TenantCalls:
             done = dict(zip(inside, results))
             done.update({i: self._outside_range(active[i], args[i], leaves) for i, leaves in outside.items()})
             return [done[i] for i in range(len(active))]
+        return self._run_program(active, flat, stacked)
+
+    def _run_program(self, active: tuple, flat: list, stacked: bool) -> list:
         gm, counts = self._programs.get((active, stacked)) or self._program(active, stacked)
-        with torch.no_grad():
+        # no_grad without its context manager object: 0.9 us less per call
+        grad = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
             out = gm.forward(*flat)
+        finally:
+            torch._C._set_grad_enabled(grad)
         if len(out) == len(active) and all(self._single_out[n] for n in active):
             return list(out)  # one tensor per tenant: nothing to unflatten
         results, i = [], 0
@@ -197,7 +250,7 @@ class TenantCalls:
         ts = self._specs[name]
         fast = self._fast_in[name]
         if fast is not None:  # plain tensors: checked without pytree work (a few us per call)
-            inputs, low, high = fast
+            inputs, low, high, _ = fast
             leaves = (args,) if type(args) is torch.Tensor else args if type(args) is tuple else ()
             if len(leaves) == len(inputs) and type(leaves[0]) is torch.Tensor and leaves[0].dim():
                 batch = leaves[0].shape[0]

@@ -395,3 +395,36 @@ def test_keyword_tenant_round_trip(tmp_path):
                   fused.run({"bert": call, "mlp": x}))
     with pytest.raises(InputError, match=r"tenant 'bert': missing keyword argument\(s\) 'attention_mask'"):
         prog.run({"bert": {"input_ids": call["input_ids"]}})
+
+
+@torch.library.custom_op("stfuse_test::triple", mutates_args=())
+def _triple(x: torch.Tensor) -> torch.Tensor:
+    return x * 3
+
+
+@_triple.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class CallsALibraryOp(torch.nn.Module):
+    """A model that calls another library's custom op (as transformers' MoE layers do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return _triple(self.lin(x))
+
+
+def test_save_refuses_a_program_that_load_would_refuse(tmp_path):
+    """Found with Mixtral: its grouped_mm op saved fine and the artifact then failed to
+    load. save() now runs the loader's allow-list check and names the op."""
+    torch.manual_seed(0)
+    models = [CallsALibraryOp().eval() for _ in range(2)]
+    fused = stfuse.compile(models, [(torch.randn(2, 4),)] * 2)
+    with pytest.raises(ArtifactError, match=r"calls torch\.ops\.stfuse_test\.triple\.default: an artifact may "
+                                            r"call only aten and stfuse ops"):
+        fused.save(tmp_path / "m.stfuse")
+    assert not (tmp_path / "m.stfuse").exists()

@@ -173,7 +173,7 @@ def _one_line_error(capsys, argv) -> tuple[int, str]:
     (["compile", "{bad_factory}:make", "-o", "{tmp}/o", "-q"], "the factory raised ValueError: no weights here"),
     (["compile", "{bad_factory}:missing", "-o", "{tmp}/o", "-q"], "cannot load the factory"),
     (["serve", "{art}", "--policy", "nope", "-q"], "--policy 'nope': policies are"),
-    (["serve", "{art}", "--slo-ms", "0", "-q"], "--slo-ms: '0' is not a positive number"),
+    (["serve", "{art}", "--slo-ms", "0", "-q"], "--slo-ms '0': expected \\[NAME=\\]NUMBER, a finite number > 0"),
     (["serve", "{art}", "--slo-ms", "a=5", "10", "-q"], "give one MS for every model, or NAME=MS per model"),
     (["serve", "{art}", "--port", "70000"], "--port: must be between 0 and 65535"),
     (["serve", "{art}", "--replicas", "0"], "--replicas: must be between 1 and"),

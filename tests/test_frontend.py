@@ -3,11 +3,12 @@
 import contextlib
 import logging
 
+import pytest
 import torch
 
 import stfuse
 
-from conftest import check_tenants
+from conftest import assert_close, check_tenants, float64_call_reference
 
 
 class BatchBakedIntoView(torch.nn.Module):
@@ -51,6 +52,29 @@ def test_a_failed_dynamic_trial_export_logs_no_error():
     check_tenants(fused, models, args)
 
 
+class BatchBakedIntoBuffer(torch.nn.Module):
+    """Holds only at its traced batch (a [2, 8] buffer added to [B, 8]): the annotate
+    pass's fake-tensor probe at batch 3 fails on it, as expected."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.register_buffer("z", torch.randn(2, 8))
+
+    def forward(self, x):
+        return self.lin(x) + self.z
+
+
+def test_expected_fake_tensor_failures_in_annotate_log_no_error():
+    torch.manual_seed(0)
+    models = [BatchBakedIntoBuffer().eval() for _ in range(2)]
+    args = [(torch.randn(2, 8),), (torch.randn(2, 8),)]
+    with records("torch._subclasses.fake_tensor") as got:
+        fused = stfuse.compile(models, args)
+    assert not [r.getMessage() for r in got if r.levelno >= logging.ERROR]
+    check_tenants(fused, models, args)
+
+
 def test_the_filter_is_per_thread_and_ends_with_the_trial():
     import threading
 
@@ -65,3 +89,20 @@ def test_the_filter_is_per_thread_and_ends_with_the_trial():
             other.join()
         log.error("after the trial")
     assert [r.getMessage() for r in got] == ["another thread", "after the trial"]
+
+
+def test_a_decoder_returning_its_kv_cache_is_refused_with_what_to_do():
+    T = pytest.importorskip("transformers")
+    cfg = T.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                        intermediate_size=64, vocab_size=100, max_position_embeddings=64)
+    assert cfg.use_cache  # transformers' default
+    torch.manual_seed(0)
+    model = T.LlamaModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    with pytest.raises(stfuse.TraceError, match=r"use_cache=True\): set model.config.use_cache = False"):
+        stfuse.compile([model], [{"input_ids": ids}])
+    model.config.use_cache = False  # what the message says to do
+    fused = stfuse.compile([model], [{"input_ids": ids}])
+    (out,) = fused({"input_ids": ids})
+    assert_close(out.last_hidden_state, float64_call_reference(model, {"input_ids": ids}).last_hidden_state)
+    assert out.past_key_values is None

@@ -269,7 +269,9 @@ def test_cli_place_traces_factories(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--memory-mb", "0.1"], "needs 1.00 MB, more than the memory budget of 0.10 MB"),
     (["--memory-mb", "64", "--rate", "zz=5"], r"rates: unknown tenant\(s\) \['zz'\]"),
-    (["--memory-mb", "64", "--slo-ms", "-3"], "--slo-ms '-3': must be positive"),
+    (["--memory-mb", "64", "--slo-ms", "-3"], r"--slo-ms '-3': expected \[NAME=\]NUMBER, a finite number > 0"),
+    (["--memory-mb", "64", "--rate", "inf"], r"--rate 'inf': expected \[NAME=\]NUMBER, a finite number >= 0"),
+    (["--memory-mb", "64", "--rate", "t0=nan"], r"--rate 't0=nan': expected"),
 ])
 def test_cli_place_errors_are_one_line(tmp_path, capsys, args, message):
     path = tmp_path / "tenants.json"

@@ -60,6 +60,73 @@ def test_plain_positional_tenants_keep_the_fast_path(mixed):
     assert fused._fast_in["bert"] is None and fused._fast_in["vit"] is None
 
 
+def _two_input_mlp():
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 4), torch.nn.Linear(6, 4)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+    return Two().eval()
+
+
+def test_the_one_pass_check_takes_only_what_the_full_check_accepts():
+    """TenantCalls._fast_flat checks the common call in one pass; every call it refuses
+    goes through the full check. Each input here is wrong in one way (or right): the
+    one-pass check must never accept what the full check refuses, and a call must give
+    the same outputs, or the same error, by either path."""
+    torch.manual_seed(0)
+    models = {"mlp": zoo.mlp(8, 16, 4), "two": _two_input_mlp()}
+    fused = stfuse.compile(models, {"mlp": torch.randn(2, 8), "two": (torch.randn(2, 8), torch.randn(2, 6))})
+    names = tuple(models)
+    good = {"mlp": torch.randn(3, 8), "two": (torch.randn(3, 8), torch.randn(3, 6))}
+    bad = [
+        {"mlp": torch.randn(3, 8, dtype=torch.float64)},
+        {"mlp": torch.randn(3, 9)},
+        {"mlp": torch.randn(3, 8, 1)},
+        {"mlp": torch.randn(8)},
+        {"mlp": torch.tensor(1.0)},
+        {"mlp": torch.randn(0, 8)},
+        {"mlp": [torch.randn(3, 8)]},
+        {"mlp": (torch.randn(3, 8), torch.randn(3, 8))},
+        {"two": (torch.randn(3, 8), torch.randn(2, 6))},  # batch sizes differ inside a tenant
+        {"two": (torch.randn(3, 8),)},
+        {"two": torch.randn(3, 8)},
+        {"two": (torch.randn(3, 8), torch.randn(3, 6).to(torch.float16))},
+        {"two": (torch.randn(3, 8), "x")},
+    ]
+    assert fused._fast_flat(names, list(good.values())) is not None
+    for change in bad:
+        call = {**good, **change}
+        assert fused._fast_flat(names, list(call.values())) is None, change
+        with pytest.raises(InputError):
+            fused(*call.values())
+    with pytest.raises(InputError, match=r"tenant 'mlp', argument 0 \(.*\): batch size 0: an empty batch has nothing"):
+        fused(torch.randn(0, 8), good["two"])
+    # tenants at different batch sizes: accepted, not stacked, and right
+    mixed_batch = {"mlp": torch.randn(5, 8), "two": good["two"]}
+    flat, stacked = fused._fast_flat(names, list(mixed_batch.values()))
+    assert not stacked and len(flat) == 3
+    out = fused(*mixed_batch.values())
+    assert_close(out[0], models["mlp"](mixed_batch["mlp"]))
+    assert_close(out[1], models["two"](*mixed_batch["two"]))
+
+
+def test_a_call_leaves_grad_mode_as_it_found_it():
+    model = zoo.mlp(8, 16, 4)
+    fused = stfuse.compile([model], [torch.randn(2, 8)])
+    x = torch.randn(2, 8, requires_grad=True)
+    (y,) = fused(x)
+    assert torch.is_grad_enabled() and not y.requires_grad  # an inference program: no graph kept
+    with torch.no_grad():
+        fused(x)
+        assert not torch.is_grad_enabled()
+    with pytest.raises(InputError):
+        fused(torch.randn(2, 9))
+    assert torch.is_grad_enabled()
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda c: {"input_ids": c["input_ids"]}, r"tenant 'bert': missing keyword argument\(s\) 'attention_mask'"),
     (lambda c: {**c, "token_type_ids": c["input_ids"]},

@@ -981,3 +981,36 @@ def test_keyword_examples_give_a_measured_profile():
         assert rt.submit("kw", {"x": torch.randn(2, 8), "scale": torch.rand(2, 4)}).result(TIMEOUT).shape == (2, 4)
     prof = rt._scheduler.profile
     assert set(prof.fixed) == {"kw", "mlp"} and frozenset({"kw", "mlp"}) in prof.fused_fixed
+
+
+# ------------------------------------------------------------------ the garbage collector
+
+
+def test_the_collector_skips_what_was_alive_while_a_runtime_serves():
+    """collector.py: objects alive when a Runtime starts are frozen (full collections skip
+    them) while it serves, and handed back when the last Runtime stops."""
+    import gc
+
+    from stfuse.runtime import collector
+
+    models = fake_models()
+    assert collector.holders() == 0 and gc.get_freeze_count() == 0
+    keep = [object() for _ in range(10)] + [[] for _ in range(10)]  # tracked containers alive at start
+    with runtime(FakeProgram(models), "batch") as first:
+        frozen = gc.get_freeze_count()
+        assert frozen >= 10
+        with runtime(FakeProgram(models), "space-time") as second:
+            assert collector.holders() == 2
+            sent = hammer(second, list(models))
+            settle([f for _, _, f in sent])
+        assert collector.holders() == 1 and gc.get_freeze_count() >= frozen  # the first still serves
+        sent = hammer(first, list(models))
+        settle([f for _, _, f in sent])
+    assert collector.holders() == 0 and gc.get_freeze_count() == 0
+    for t, args, fut in sent:
+        check(models, t, args, fut.result())
+    with runtime(FakeProgram(models), "batch", freeze_gc=False):
+        assert collector.holders() == 0 and gc.get_freeze_count() == 0
+    with pytest.raises(StfuseError, match="freeze_gc must be True or False"):
+        Runtime(FakeProgram(models), "batch", freeze_gc="yes")
+    del keep

@@ -225,16 +225,22 @@ def test_grouped_linear_empty_reduction_and_empty_output():
 
 @pytest.fixture
 def splits(monkeypatch):
-    """The K splits every GEMM launch in the test chose (1: one pass); ``force`` sets them."""
-    chosen, real = [], triton_gemm.split_k
+    """The K slices of every split-K launch in the test (one-pass launches add nothing);
+    ``splits.force`` overrides the heuristic."""
+    chosen, real_split, real_launch = [], triton_gemm.split_k, triton_gemm._split_launch
 
-    def spy(tiles, K, block_k, sms):
-        n = splits.force or real(tiles, K, block_k, sms)
-        chosen.append(n)
-        return n
+    def split_k(tiles, K, block_k, sms):
+        return splits.force or real_split(tiles, K, block_k, sms)
+
+    def split_launch(*args):
+        chosen.append(args[7])
+        return real_launch(*args)
     splits.force, splits.chosen = None, chosen
-    monkeypatch.setattr(triton_gemm, "split_k", spy)
-    return splits
+    monkeypatch.setattr(triton_gemm, "split_k", split_k)
+    monkeypatch.setattr(triton_gemm, "_split_launch", split_launch)
+    triton_gemm._choice.cache_clear()  # it keeps each size's slices
+    yield splits
+    triton_gemm._choice.cache_clear()
 
 
 def test_split_k_only_where_tiles_leave_sms_idle():

@@ -20,6 +20,7 @@ from torch.utils._sympy.numbers import int_oo
 
 from stfuse.errors import ArtifactError
 
+from . import validate
 from .format import DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, PLAN, WEIGHTS
 
 
@@ -172,6 +173,23 @@ def _program_json(ep) -> bytes:
     return json.dumps(model, separators=(",", ":")).encode()
 
 
+def _loadable(blob: bytes, active: tuple) -> None:
+    """Refuse now, naming the op, a program that load() would refuse: one that calls an op
+    outside the artifact allow-list (validate.target_allowed), such as a library's own
+    custom op (transformers' MoE ``grouped_mm_fallback``). An artifact loads without the
+    original code, so only aten and stfuse ops may run from it."""
+    from stfuse.kernels.ops import OPS
+
+    model = json.loads(blob)
+    refused = sorted({n["target"] for n in model["graph_module"]["graph"]["nodes"]
+                      if not validate.target_allowed(n["target"], OPS)})
+    if refused:
+        raise ArtifactError(f"the program for tenants {list(active)} calls {', '.join(refused[:3])}: "
+                            "an artifact may call only aten and stfuse ops (it loads without the "
+                            "original code); compile such models in the process that serves them")
+    validate.program(blob, "the program", OPS)  # the loader's own check, so save and load agree
+
+
 def _export_program(fused, active: tuple, stacked: bool, tensors: _Tensors, out: Path) -> dict:
     from stfuse.passes.lower import lower_program
 
@@ -194,7 +212,9 @@ def _export_program(fused, active: tuple, stacked: bool, tensors: _Tensors, out:
     if ep.state_dict or ep.constants:
         raise ArtifactError(f"the program for {list(active)} still holds tensors after export")
     ep.example_inputs = None
-    out.write_bytes(_program_json(ep))
+    blob = _program_json(ep)
+    _loadable(blob, active)
+    out.write_bytes(blob)
     return {"tenants": list(active), "stacked": stacked, "counts": list(counts),
             "weights": [tensors.add(w) for w in weights], "kernels": _kernels(gm)}
 

@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import torch
 
 from stfuse.errors import DeadlineExceededError, InputError, QueueFullError, RuntimeClosedError, StfuseError
+from stfuse.runtime import collector
 from stfuse.runtime.batching import (Unsplittable, adopt_intra_op_threads, as_args, as_call, call_specs, concat, hand_over,
                                      measure_profile, normalise_examples, pad, split, synchronize,
                                      wait_for_callers)
@@ -81,6 +82,9 @@ class Runtime:
     rate_limits: {tenant: requests/s or (requests/s, burst)}; submit() refuses beyond.
     shed: fail queued requests that can no longer meet their deadline with
         DeadlineExceededError (None: the policy's default, on for "space-time").
+    freeze_gc: while the Runtime serves, Python's cyclic collector skips the objects
+        alive when it started (collector.py: a full collection over a compiled
+        program stalls every request for 100+ ms); False leaves the collector alone.
     weights, rate_limits and shed go to the policy: give them to a Scheduler
     instance yourself (see shares.py and policies.Scheduler).
     """
@@ -90,7 +94,7 @@ class Runtime:
                  max_queue: int = DEFAULT_MAX_QUEUE, example_inputs=None,
                  profile: LatencyProfile | None = None, profile_reps: int = 5,
                  weights: Mapping[str, float] | None = None, rate_limits: Mapping[str, Any] | None = None,
-                 shed: bool | None = None):
+                 shed: bool | None = None, freeze_gc: bool = True):
         self._fused = fused
         self.tenants = list(fused.tenants)
         for name, value in (("max_queue", max_queue), ("max_batch", max_batch)):
@@ -153,6 +157,11 @@ class Runtime:
         self._pool: ThreadPoolExecutor | None = None
         self._streams: dict[str, Any] = {}
         self._local = threading.local()  # in_pool: set on the threads of concurrent launches
+        if not isinstance(freeze_gc, bool):
+            raise StfuseError(f"Runtime: freeze_gc must be True or False, got {freeze_gc!r}")
+        self._freeze_gc = freeze_gc
+        if freeze_gc:
+            collector.hold()  # released by the worker as it stops
         self._thread = threading.Thread(target=self._loop, name="stfuse-runtime", daemon=True)
         self._thread.start()
 
@@ -370,6 +379,9 @@ class Runtime:
                 if not r.future.done():
                     if r.future.running() or r.future.set_running_or_notify_cancel():
                         r.future.set_exception(StfuseError(f"runtime worker failed: {exc!r}"))
+        finally:
+            if self._freeze_gc:
+                collector.release()
 
     def _shed(self, batch: dict[str, list[Request]]) -> None:
         now = time.perf_counter()

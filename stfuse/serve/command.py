@@ -9,24 +9,33 @@ from stfuse.errors import StfuseError
 from stfuse.runtime import POLICIES
 
 
+def named_numbers(values: list[str], what: str, zero_ok: bool = False) -> list[tuple[str, float]]:
+    """``[NAME=]NUMBER`` options as (name, value) pairs, name "" for a bare number; every
+    value finite and positive (or zero, with ``zero_ok``). Shared by serve and place."""
+    out = []
+    for v in values:
+        name, _, text = v.rpartition("=")
+        try:
+            x = float(text)
+        except ValueError:
+            x = float("nan")
+        if not math.isfinite(x) or x < 0 or (x == 0 and not zero_ok):
+            raise StfuseError(f"{what} {v!r}: expected [NAME=]NUMBER, a finite number "
+                              f"{'>= 0' if zero_ok else '> 0'}")
+        out.append((name, x))
+    return out
+
+
 def slo_option(values: list[str]) -> float | dict | None:
     """--slo-ms: one number for every model, or NAME=MS per model."""
-    def ms(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not math.isfinite(value) or value <= 0:
-            raise StfuseError(f"--slo-ms: {text!r} is not a positive number of milliseconds")
-        return value
-
-    if not values:
+    pairs = named_numbers(values, "--slo-ms")
+    if not pairs:
         return None
-    if len(values) == 1 and "=" not in values[0]:
-        return ms(values[0])
-    if bare := [v for v in values if "=" not in v]:
+    if len(pairs) == 1 and not pairs[0][0]:
+        return pairs[0][1]
+    if bare := [v for v, (name, _) in zip(values, pairs) if not name]:
         raise StfuseError(f"--slo-ms: {bare[0]!r}: give one MS for every model, or NAME=MS per model")
-    return {name: ms(value) for name, _, value in (v.rpartition("=") for v in values)}
+    return dict(pairs)
 
 
 def serve(args, say) -> int:

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from stfuse.errors import StfuseError
+from stfuse.serve.command import named_numbers
 
 
 def add_arguments(sub, count) -> None:
@@ -32,16 +33,9 @@ def add_arguments(sub, count) -> None:
 
 
 def _per_tenant(values: list[str], what: str) -> tuple[float | None, dict[str, float]]:
-    """(default, {name: value}) from ``[NAME=]NUMBER`` options."""
+    """(default, {name: value}) from ``[NAME=]NUMBER`` options (a rate may be 0)."""
     default, named = None, {}
-    for v in values:
-        name, _, number = v.rpartition("=")
-        try:
-            x = float(number)
-        except ValueError:
-            raise StfuseError(f"{what} {v!r}: expected [NAME=]NUMBER") from None
-        if not x > 0 and not (what == "--rate" and x == 0):
-            raise StfuseError(f"{what} {v!r}: must be positive")
+    for name, x in named_numbers(values, what, zero_ok=what == "--rate"):
         if name:
             named[name] = x
         else:

@@ -117,11 +117,10 @@ def simulate_plan(plan: PlacementPlan, fusion: FusionModel, *, scale: float = 1.
                   seed: int = 0, max_batch: int = 32) -> SimOutcome:
     """Every replica of ``plan`` on the fake clock with the tenants' rates times ``scale``.
 
-    Each replica's slice (how long space-time holds a request for fusion partners) is a
-    quarter of its tightest SLO: the runtime's 2 ms default suits SLOs of tens of ms, and
-    a hold that runs to a request's latest start lets partners push it a few us past its
-    deadline (SpaceTimeScheduler.decide compares its estimate to the time left without
-    tolerance, and float rounding makes the head "late" exactly there)."""
+    Each replica's slice (how long space-time holds a request for fusion partners) is the
+    runtime's 2 ms default, or a quarter of its tightest SLO where that is shorter: a
+    replica of sub-10 ms SLOs would otherwise spend most of a request's budget waiting
+    for partners."""
     rng = random.Random(seed)
     sent = on_time = 0
     tails: list[float] = []

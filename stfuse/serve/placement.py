@@ -187,7 +187,7 @@ class FusionModel:
             cols: list = []
             for arch in archs:
                 seq = [(arch, j) for j in range(len(self.ops[arch]))]
-                cols = match._align(cols, seq, score) if cols else [[x] for x in seq]
+                cols = match.align(cols, seq, score) if cols else [[x] for x in seq]
             self._columns[archs] = cols
         return self._columns[archs]
 
