@@ -58,26 +58,25 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def variants(quick: bool = False, arch: str = "sm_90") -> list[Variant]:
+def variants(quick: bool = False, arch: str = "sm_90", kernels=None) -> list[Variant]:
     """Every (kernel, config, flags, dtype, epilogue) the launchers can run on ``arch``.
     ``quick``: the first config of each kernel, dtype and flag set, with the epilogue chain
-    only (a CI-sized subset)."""
+    only (a CI-sized subset). ``kernels``: only these kinds (gemm, conv, ...; None: all)."""
     from . import triton_conv, triton_gemm, triton_group_norm, triton_norm
     from .triton_common import TL_DTYPE, dot_precision
 
-    if _interpreting():
-        raise StfuseError("compiling kernels for a GPU needs TRITON_INTERPRET unset before Triton "
-                          "is imported (run `stfuse kernels` in its own process)")
     out = []
     cap = ARCHS[arch]["capability"]
 
-    def add(kind, template, configs, dtype_name, **constexprs):
+    def add(kind, template, configs, dtype_name, epilogues=EPILOGUES, **constexprs):
+        if kernels is not None and kind not in kernels:
+            return
         flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items()
                          if k not in ("INPUT_PRECISION", "IDX"))
         for cfg in configs[:1] if quick else configs:
             name = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f",w{cfg.num_warps},s{cfg.num_stages}"
             name += f" {flags}" if flags else ""
-            for epi in EPILOGUES[-1:] if quick else EPILOGUES:
+            for epi in epilogues[-1:] if quick else epilogues:
                 consts = {"DTYPE": TL_DTYPE[DTYPES[dtype_name]], **constexprs, **cfg.kwargs}
                 out.append(Variant(kind, name, dtype_name, epi, tuple(consts.items()), cfg.num_warps,
                                    cfg.num_stages))
@@ -86,15 +85,27 @@ def variants(quick: bool = False, arch: str = "sm_90") -> list[Variant]:
         precision = dot_precision(dtype, name == "tf32")
         vec, i32 = 16 // dtype.itemsize, tl_int32()
         # aligned (vector loads); unaligned, K strided, 64-bit offsets (scalar loads)
-        add("gemm", triton_gemm.GEMM, triton_gemm.gemm_configs(name, cap, True), name, K_CONTIGUOUS=True, VEC=vec,
-            IDX=i32, INPUT_PRECISION=precision)
+        vector = triton_gemm.gemm_configs(name, cap, True)
+        add("gemm", triton_gemm.GEMM, vector, name, K_CONTIGUOUS=True, VEC=vec, IDX=i32, INPUT_PRECISION=precision,
+            SPLIT=0)
         scalar = triton_gemm.gemm_configs(name, cap, False)
-        add("gemm", triton_gemm.GEMM, scalar, name, K_CONTIGUOUS=True, VEC=1, IDX=i32, INPUT_PRECISION=precision)
+        add("gemm", triton_gemm.GEMM, scalar, name, K_CONTIGUOUS=True, VEC=1, IDX=i32, INPUT_PRECISION=precision,
+            SPLIT=0)
         add("gemm", triton_gemm.GEMM, scalar, name, K_CONTIGUOUS=False, VEC=1, IDX=tl_int32(64),
-            INPUT_PRECISION=precision)
+            INPUT_PRECISION=precision, SPLIT=0)
+        # split-K (aligned members only): the partial pass with any vector config, never an
+        # epilogue; the reduce pass with its one tile, every epilogue
+        add("gemm", triton_gemm.GEMM, triton_gemm.split_configs(vector), name, ("",), K_CONTIGUOUS=True, VEC=vec, IDX=i32,
+            INPUT_PRECISION=precision, SPLIT=1)
+        add("gemm", triton_gemm.GEMM, (triton_gemm.reduce_config(cap),), name, K_CONTIGUOUS=True, VEC=vec, IDX=i32,
+            INPUT_PRECISION=precision, SPLIT=2)
         # aligned channels_last x and w; channels_last x, 3x3 NCHW w; NCHW x, 1x1 (or channels_last)
-        # w; anything unaligned (the launcher drops the unit flags where VEC is 1)
-        for x_unit, w_unit in ((True, True), (True, False), (False, True), (False, False)):
+        # w; anything unaligned (the launcher drops the unit flags where VEC is 1). fp16/bf16 x goes
+        # channels_last wherever VEC can be 8 (triton_conv.vector_x), so NCHW x with vector w is
+        # fp32/tf32 only: half convs run (1, 1) with weights packed at binding, (1, 0) with weights
+        # the program does not own, (0, 0) where channels per group are not a multiple of 8
+        units = ((True, True), (True, False), (False, False))
+        for x_unit, w_unit in units + (((False, True),) if name in ("fp32", "tf32") else ()):
             add("conv", triton_conv.CONV, triton_conv.conv_configs(name, cap, x_unit), name, X_C_UNIT=x_unit,
                 W_C_UNIT=w_unit, VEC=vec if x_unit or w_unit else 1, IDX=i32, INPUT_PRECISION=precision)
         if name == "tf32":
@@ -212,13 +223,23 @@ def _environ(values: dict):
                 os.environ[k] = v
 
 
-def compile_all(archs=("sm_80", "sm_90"), quick: bool = False, progress=None) -> list[dict]:
-    """Every variant compiled for every arch in ``archs``: one row each (see compile_variant)."""
+KERNELS = ("gemm", "conv", "layer_norm", "group_norm", "pointwise")
+
+
+def compile_all(archs=("sm_80", "sm_90"), quick: bool = False, progress=None, kernels=None) -> list[dict]:
+    """Every variant compiled for every arch in ``archs``: one row each (see compile_variant).
+    ``kernels``: only these kinds (a faster sweep while working on one kernel)."""
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
         raise StfuseError(f"unknown arch {unknown}; known: {', '.join(ARCHS)}")
+    unknown = [k for k in kernels or () if k not in KERNELS]
+    if unknown:
+        raise StfuseError(f"unknown kernel {unknown}; known: {', '.join(KERNELS)}")
+    if _interpreting():
+        raise StfuseError("compiling kernels for a GPU needs TRITON_INTERPRET unset before Triton "
+                          "is imported (run `stfuse kernels` in its own process)")
     rows = []
-    todo = [(v, a) for a in archs for v in variants(quick, a)]
+    todo = [(v, a) for a in archs for v in variants(quick, a, kernels)]
     for i, (v, arch) in enumerate(todo):
         if progress:
             progress(f"compiling {i + 1}/{len(todo)}: {v.kernel} {v.dtype} {v.config} {v.epilogue or '-'} {arch}")
@@ -242,4 +263,4 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ARCHS", "Variant", "variants", "compile_variant", "compile_all", "occupancy", "table"]
+__all__ = ["ARCHS", "KERNELS", "Variant", "variants", "compile_variant", "compile_all", "occupancy", "table"]

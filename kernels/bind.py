@@ -29,6 +29,7 @@ Before/after (CPU)::
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import torch
@@ -64,14 +65,14 @@ def _cpu_target(target):
 
 
 def _view_attr(gm, graph, node: torch.fx.Node, suffix: str, view) -> torch.fx.Node | None:
-    """A get_attr of ``view(gm.<node's attr>)``, registered on gm under a new name
-    (a view: no copy), or None when ``node`` is not a weight of gm."""
+    """A get_attr of ``view(gm.<node's attr>)`` (a view, or a repacked copy), registered on
+    gm under a new name, or None when ``node`` is not a weight of gm."""
     if not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
         return None
-    name = f"{node.target}_{suffix}"
+    name = f"{node.target.replace('.', '_')}_{suffix}"
     while hasattr(gm, name):  # a fresh name: never another tensor's
         name += "_"
-    gm.register_buffer(name, view(getattr(gm, node.target)))
+    gm.register_buffer(name, view(functools.reduce(getattr, node.target.split("."), gm)))
     with graph.inserting_before(node.next):
         return graph.get_attr(name)
 
@@ -80,7 +81,7 @@ def _weight(gm, node) -> torch.Tensor | None:
     """The tensor gm holds for a get_attr node, else None."""
     if not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
         return None
-    t = getattr(gm, node.target, None)
+    t = functools.reduce(lambda obj, part: getattr(obj, part, None), node.target.split("."), gm)
     return t if isinstance(t, torch.Tensor) else None
 
 
@@ -118,6 +119,37 @@ def _bind_stacked_linear(gm, graph, n: torch.fx.Node, gemm: str) -> None:
                              tuple(B) if B is not None else (None,) * W.shape[0])
         least = cpu_gemm.min_numel(W.shape[2], W.shape[1], W.shape[0])
         n.target, n.args = cpu_gemm.stacked_linear, (x, wt, b1, packed, biases, least, *rest)
+
+
+def _pack_conv_weights(gm: torch.fx.GraphModule) -> None:
+    """CUDA: fp16/bf16 conv weights the program owns, repacked channels_last once here, so
+    the Triton conv loads them as 16-byte vectors (W_C_UNIT; kernels/triton_conv.py says
+    why half-precision convs run channels_last). The copy sits beside gm's weight (gm is
+    not changed): those weights take twice their memory on the device.
+
+    Before/after::
+
+        %w0 = get_attr[conv_w0]                      %w0 = get_attr[conv_w0]
+        grouped_conv2d(%x, [%w0], ...)       ->      %w0_cl = get_attr[conv_w0_cl]
+                                                     grouped_conv2d(%x, [%w0_cl], ...)
+    """
+    from .triton_conv import pack_weight
+
+    packed = {}
+
+    def pack(node):
+        if node not in packed:
+            w = _weight(gm, node)
+            packed[node] = None if w is None or pack_weight(w) is w else _view_attr(gm, gm.graph, node, "cl", pack_weight)
+        return packed[node] or node
+
+    ops = {torch.ops.stfuse.grouped_conv2d.default, torch.ops.stfuse.stacked_conv2d.default}
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target in ops:
+            w = n.args[1]
+            n.args = (n.args[0], [pack(v) for v in w] if isinstance(w, (list, tuple)) else pack(w), *n.args[2:])
+    if packed:
+        gm.recompile()
 
 
 def _bind_linear(gm, graph, n: torch.fx.Node, gemm: str) -> None:
@@ -181,6 +213,7 @@ def bind(gm: torch.fx.GraphModule, device: torch.device, codegen: str = "direct"
         from .graphs import GraphedProgram
 
         planned, _ = plan_sites(gm)
+        _pack_conv_weights(planned)
         return GraphedProgram(planned, device) if graphs and cuda_graphs() else planned
     graph = copy.deepcopy(gm.graph)
     bound = torch.fx.GraphModule(gm, graph)

@@ -145,7 +145,8 @@ def conv_configs(arith: str, arch: int | None, vector: bool) -> tuple[triton.Con
     (channels_last) and is aligned, so its tiles load as 16-byte vectors with cp.async and
     pipeline 3 stages; otherwise x is a gather of scalars held in registers until the dot,
     and 2 stages with 8 warps for the larger tiles keep it at 0 spills (4 warps and 3 stages
-    spilled up to 5 KB per thread; ``stfuse kernels``, RESULTS.md).
+    spilled up to 5 KB per thread; ``stfuse kernels``, RESULTS.md). fp16/bf16 take the scalar
+    shapes only where their channels per group are not a multiple of 8 (``vector_x``).
     """
     if arch is None:
         return (triton.Config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), num_warps=1, num_stages=1),)
@@ -219,16 +220,72 @@ def _unit(t: torch.Tensor, dim: int) -> bool:
     return t.shape[dim] <= 1 or t.stride(dim) == 1
 
 
+def _strides(t: torch.Tensor, dims=(0, 2, 3)) -> list[int]:
+    """``t``'s strides over ``dims``, 0 where the dim has one element: its index is always 0
+    there, so its stride (1 in a contiguous 1x1 weight [O, C, 1, 1]) promises nothing."""
+    return [t.stride(d) if t.shape[d] > 1 else 0 for d in dims]
+
+
 def _flags(members: list[_Member]) -> dict:
     """Constexprs from the members' strides (once per plan): which of x and w have unit
     channel stride, and the VEC their other strides and channel counts allow."""
     x_unit = all(_unit(m.x, 1) for m in members)
     w_unit = all(_unit(m.w, 1) for m in members)
     dims = [m.w.shape[1] for m in members]
-    dims += [d for m in members for d in (m.x.stride(0), m.x.stride(2), m.x.stride(3))] if x_unit else []
-    dims += [d for m in members for d in (m.w.stride(0), m.w.stride(2), m.w.stride(3))] if w_unit else []
+    dims += [d for m in members for d in _strides(m.x)] if x_unit else []
+    dims += [d for m in members for d in _strides(m.w)] if w_unit else []
     vec = vec_width(members[0].x.dtype, *dims) if x_unit or w_unit else 1
     return dict(X_C_UNIT=x_unit, W_C_UNIT=w_unit, VEC=vec)
+
+
+# Half-precision x goes channels_last before the launch (``vector_x``). Why: with NCHW x
+# the reduction over channels is a gather of 2-byte scalars, and cp.async copies at least
+# 4 bytes, so an NCHW fp16/bf16 conv gets neither vector loads nor async copies: its x tile
+# sits in registers until the dot (2 stages at most, smaller tiles to stay at 0 spills;
+# conv_configs) and every tensor-core step waits on scalar loads. Channels_last x makes the
+# BLOCK_K channels of a pixel 16 contiguous bytes: cp.async.cg 16-byte copies pipelined 3
+# stages into shared memory, the tiles conv_configs(vector=True) gives. The price is one
+# pass over x on the device (read 2 bytes, write 2 per element); the conv itself reads x
+# KH*KW times per column of output-channel tiles and runs B*Ho*Wo*O*C*KH*KW*2 flops on it,
+# so for the tensor-core convs this path serves (C >= 8 per group) the pass is a small
+# fraction of the conv's own traffic; for a 1x1 conv with few output tiles it is closest
+# to even, and bench_gpu_kernels / gpu_check.sh should time it there first. Not done:
+# - fp32 (and tf32): 4-byte scalars already go through cp.async (``stfuse kernels``), so
+#   the pass would buy vector width only; fp32 x keeps its layout;
+# - channels per group not a multiple of 8 (a 3-channel stem, depthwise convs): no
+#   16-byte vector fits a pixel's channels, so VEC stays 1 and the copy would buy nothing.
+# Weights are repacked once, at binding (``repack_weights``), never per call; weights the
+# program does not own (a loaded artifact's inputs) keep their layout (W_C_UNIT=0 unless 1x1).
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def vector_x(dtype: torch.dtype, channels_per_group) -> bool:
+    """Whether half-precision x is made channels_last for this launch (see above): fp16/bf16
+    and every member's channels per group a multiple of the 16-byte vector."""
+    return dtype in _HALF and all(c % 8 == 0 for c in channels_per_group)
+
+
+def _vectorizable(x: torch.Tensor) -> bool:
+    """Whether ``x`` [..., C, H, W] already has unit channel stride, 16-byte multiple strides
+    and a 16-byte aligned address (its first element: members of a stack share the strides)."""
+    n = x.dim()
+    return (_unit(x, n - 3) and vec_width(x.dtype, *_strides(x, tuple(d for d in range(n) if d != n - 3))) > 1
+            and x.data_ptr() % 16 == 0)
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """A conv weight [O, C/g, kh, kw] (or a stack [R, ...]) as binding keeps it on CUDA: fp16/bf16
+    with a multiple of 8 channels per group, channels_last (``channels_last``); else ``w``."""
+    return channels_last(w) if vector_x(w.dtype, [w.shape[-3]]) else w
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [..., C, H, W] (4-d, or a 5-d stack) in one copy with unit channel stride,
+    every member channels_last; ``t`` itself where it already loads as vectors."""
+    if _vectorizable(t):
+        return t
+    n = t.dim()
+    return t.movedim(n - 3, n - 1).contiguous().movedim(n - 1, n - 3)
 
 
 def _run(members: list[_Member], epilogue: str, uniform: int | None = None, floats=None) -> None:
@@ -267,12 +324,17 @@ def grouped_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, sc
           f"stride, padding and dilation need 2 ints per member, got {len(stride)}, {len(padding)}, {len(dilation)}")
     check_operands(op, epilogue, ext, scalars, n, stacked=False)
     steps = ep.parse(epilogue)
-    members, ys = [], []
+    shapes = []  # per member: conv parameters, output size
     for i, (xi, wi, bi) in enumerate(zip(x, w, b)):
         params = (*stride[2 * i:2 * i + 2], *padding[2 * i:2 * i + 2], *dilation[2 * i:2 * i + 2])
         sh, sw, ph, pw, dh, dw = params
         hw = (_conv_out(xi.shape[2], wi.shape[2], sh, ph, dh), _conv_out(xi.shape[3], wi.shape[3], sw, pw, dw))
         _check_member(op, i, xi, wi, bi, groups[i], hw)
+        shapes.append((params, hw))
+    vector = n > 0 and vector_x(x[0].dtype, [wi.shape[1] for wi in w])
+    members, ys = [], []
+    for i, (xi, wi, bi, (params, hw)) in enumerate(zip(x, w, b, shapes)):
+        xi = channels_last(xi) if vector else xi
         y = xi.new_empty(xi.shape[0], wi.shape[0], *hw)
         tensors, member_scalars = ep.member_operands(steps, ext, scalars, i)
         members.append(_Member(xi, wi, bi, y, params, groups[i],
@@ -300,6 +362,7 @@ def stacked_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, sc
     _check_member(op, "of the stack", x[0], w[0], None if b is None else b[0], groups, hw)
     check(b is None or tuple(b.shape) == (R, O), op, f"bias is not [{R}, {O}]")
     y = x.new_empty(B, R, O, *hw).transpose(0, 1)
+    x = channels_last(x) if vector_x(x.dtype, [w.shape[2]]) else x
     operands = expand_operands(ext, y.shape, y.dtype)
     if R > 0:
         # copy an operand whole rather than per member, to keep member addresses affine in r

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+import types
 
 import torch
 import triton
@@ -31,7 +33,7 @@ from .triton_common import (TL_DTYPE, Launch, RowsMember, as_rows, cdiv, check, 
 GEMM = codegen.KernelTemplate(
     kind="gemm",
     kernel="_grouped_gemm_kernel",
-    columns=("tile0", "M", "N", "K", "x", "sxm", "sxk", "w", "swn", "swk", "b", "sb", "y", "sym", "inner"),
+    columns=("tile0", "M", "N", "K", "x", "sxm", "sxk", "w", "swn", "swk", "b", "sb", "y", "sym", "inner", "splits"),
     source='''
     @triton.jit
     def _grouped_gemm_kernel(
@@ -43,6 +45,9 @@ GEMM = codegen.KernelTemplate(
         K_CONTIGUOUS: tl.constexpr,  # every member's x and w have unit stride along K
         VEC: tl.constexpr,  # 16 bytes in elements where the host found every member aligned, else 1
         INPUT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 ("ieee" or "tf32"), None otherwise
+        SPLIT: tl.constexpr,  # 0: one pass; split-K (triton_gemm.split_k): 1, the fp32 partial sums of one K
+        #   slice into the workspace at the y column, [splits, M, N]; 2, those partials (the x column)
+        #   summed in split order, then bias, epilogue, store
         BLOCK_M: tl.constexpr,  # output rows per tile
         BLOCK_N: tl.constexpr,  # output columns per tile
         BLOCK_K: tl.constexpr,  # reduction step
@@ -59,6 +64,16 @@ GEMM = codegen.KernelTemplate(
         # this program's tile of the member's output, row-major over tiles
         local = (pid - tl.load(prob + $tile0)).to(tl.int32)
         tiles_n = tl.cdiv(N, BLOCK_N)
+        k0 = 0
+        k1 = K
+        if SPLIT == 1:
+            # split-major: programs that start together read one K slice of x and w
+            tiles_mn = tl.cdiv(M, BLOCK_M) * tiles_n
+            part = local // tiles_mn
+            local = local - part * tiles_mn
+            k_len = tl.cdiv(tl.cdiv(K, tl.load(prob + $splits).to(tl.int32)), BLOCK_K) * BLOCK_K
+            k0 = part * k_len
+            k1 = tl.minimum(K, k0 + k_len)  # the last slice is shorter (or empty: its partial is 0)
         offs_m = (local // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = (local % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -77,33 +92,46 @@ GEMM = codegen.KernelTemplate(
         w_ptr = tl.multiple_of(tl.load(prob + $w).to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
         x_offs = offs_m[:, None] * sxm + offs_k[None, :] * sxk
         w_offs = offs_k[:, None] * swk + offs_n[None, :] * swn
+        mask = m_mask[:, None] & n_mask[None, :]
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            k_mask = offs_k < K - k
-            a = tl.load(x_ptr + x_offs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(w_ptr + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-            x_ptr += BLOCK_K * sxk
-            w_ptr += BLOCK_K * swk
+        if SPLIT == 2:
+            # fixed order, no atomics: the same sum whatever order the partial programs ran in
+            ws_ptr = tl.multiple_of(tl.load(prob + $x).to(tl.pointer_type(tl.float32)), 16 if VEC > 1 else 1)
+            ws_offs = offs_m[:, None] * sxm + offs_n[None, :]
+            for part in range(0, tl.load(prob + $splits).to(tl.int32)):
+                acc += tl.load(ws_ptr + part * (M * sxm) + ws_offs, mask=mask, other=0.0)
+        else:
+            x_ptr += k0 * sxk
+            w_ptr += k0 * swk
+            for k in range(k0, k1, BLOCK_K):
+                k_mask = offs_k < k1 - k
+                a = tl.load(x_ptr + x_offs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(w_ptr + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                x_ptr += BLOCK_K * sxk
+                w_ptr += BLOCK_K * swk
 
-        y = acc
-        b_addr = tl.load(prob + $b)
-        if b_addr != 0:
-            bias_ptr = b_addr.to(tl.pointer_type(DTYPE))
-            bias = tl.load(bias_ptr + offs_n * tl.load(prob + $sb).to(IDX), mask=n_mask, other=0.0)
-            y = y + bias.to(tl.float32)[None, :]
-
-        mask = m_mask[:, None] & n_mask[None, :]
-        inner = tl.load(prob + $inner).to(tl.int32)
-        ep_outer = (offs_m // inner)[:, None]
-        ep_inner = (offs_m % inner)[:, None]
-        ep_col = offs_n[None, :]
-        #@epilogue
-
-        y_ptr = tl.multiple_of(tl.load(prob + $y).to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
         sym = tl.multiple_of(tl.load(prob + $sym).to(IDX), VEC)
-        tl.store(y_ptr + offs_m[:, None] * sym + offs_n[None, :], y.to(DTYPE), mask=mask)
+        if SPLIT == 1:
+            ws_ptr = tl.multiple_of(tl.load(prob + $y).to(tl.pointer_type(tl.float32)), 16 if VEC > 1 else 1)
+            tl.store(ws_ptr + part * (M * sym) + offs_m[:, None] * sym + offs_n[None, :], acc, mask=mask)
+        else:
+            y = acc
+            b_addr = tl.load(prob + $b)
+            if b_addr != 0:
+                bias_ptr = b_addr.to(tl.pointer_type(DTYPE))
+                bias = tl.load(bias_ptr + offs_n * tl.load(prob + $sb).to(IDX), mask=n_mask, other=0.0)
+                y = y + bias.to(tl.float32)[None, :]
+
+            inner = tl.load(prob + $inner).to(tl.int32)
+            ep_outer = (offs_m // inner)[:, None]
+            ep_inner = (offs_m % inner)[:, None]
+            ep_col = offs_n[None, :]
+            #@epilogue
+
+            y_ptr = tl.multiple_of(tl.load(prob + $y).to(tl.pointer_type(DTYPE)), 16 if VEC > 1 else 1)
+            tl.store(y_ptr + offs_m[:, None] * sym + offs_n[None, :], y.to(DTYPE), mask=mask)
     ''',
 )
 
@@ -136,12 +164,53 @@ def gemm_configs(arith: str, arch: int | None, vector: bool = True) -> tuple[tri
                  for bm, bn, bk, w, st in shapes)
 
 
+# Split-K (``split_k``): where a launch's tiles fill well under the SMs (R=1 of the paper's
+# GEMM, M=256, N=128, K=1152: 8 tiles of 64x64 for an H100's 132 SMs, one cuBLAS call would
+# fill them), K is cut into slices run by separate programs. Deterministic by construction:
+# each slice's fp32 partial sums go to a workspace (SPLIT=1), and a second launch (SPLIT=2)
+# adds them in slice order and runs bias, epilogue and store; no float atomics.
+MIN_SPLIT_STEPS = 4  # BLOCK_K steps per slice at least: the 3-4 stage cp.async pipeline stays full
+MAX_SPLITS = 16  # the reduce pass reads splits x M x N fp32: past this it costs more than it frees
+SPLIT_FILL = 2  # split only where the tiles fill fewer than 1/SPLIT_FILL of the SMs
+
+
+SPLIT_MAX_TILE = 128 * 64  # BLOCK_M x BLOCK_N: split-K is for few tiles, so never the largest
+# (and fp32's 128x128 partial pass spilled 8 bytes on sm_80; ``stfuse kernels``)
+
+
+def split_configs(configs) -> tuple[triton.Config, ...]:
+    """The configs of ``gemm_configs`` a split-K partial pass may run with."""
+    return tuple(c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= SPLIT_MAX_TILE)
+
+
+def split_k(tiles: int, K: int, block_k: int, sms: int) -> int:
+    """K slices for a launch of ``tiles`` output tiles on ``sms`` SMs (``sm_count``: the
+    device's own on CUDA): 1 unless the tiles fill under half the SMs; then enough slices to
+    fill them, each at least MIN_SPLIT_STEPS BLOCK_K steps, at most MAX_SPLITS."""
+    if tiles == 0 or tiles * SPLIT_FILL > sms:
+        return 1
+    return max(1, min(sms // tiles, K // (MIN_SPLIT_STEPS * block_k), MAX_SPLITS))
+
+
+@functools.lru_cache(maxsize=None)
+def reduce_config(arch: int | None) -> triton.Config:
+    """The tile of the split-K reduce pass (SPLIT=2): no dot, so no stages; BLOCK_K is unused.
+    32x64 fp32 tiles: more programs than 64x64 for the few tiles split-K runs on."""
+    if arch is None:
+        return triton.Config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), num_warps=1, num_stages=1)
+    return triton.Config(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16), num_warps=4, num_stages=1)
+
+
 _Member = RowsMember
 
 
-def _add_member(launch: Launch, m: _Member, cfg: triton.Config) -> None:
-    (M, K), N = m.x2.shape, m.w.shape[0]
-    tiles = cdiv(M, cfg.kwargs["BLOCK_M"]) * cdiv(N, cfg.kwargs["BLOCK_N"])
+def _add_member(launch: Launch, m: _Member, cfg: triton.Config, splits: int = 1, phase: int = 0) -> None:
+    """``phase``: the SPLIT constexpr; split-K members carry the workspace as y (1) or x (2)."""
+    if phase == 2:  # x: the partials [splits * M, N]; w: none
+        (M, N), K = m.y2.shape, 0
+    else:
+        (M, K), N = m.x2.shape, m.w.shape[0]
+    tiles = cdiv(M, cfg.kwargs["BLOCK_M"]) * cdiv(N, cfg.kwargs["BLOCK_N"]) * (splits if phase == 1 else 1)
     if tiles == 0:
         return
     inner, views = rows_layout(m.y_shape, m.operands)
@@ -150,10 +219,11 @@ def _add_member(launch: Launch, m: _Member, cfg: triton.Config) -> None:
         tiles, m.floats,
         M=M, N=N, K=K,
         x=m.x2.data_ptr(), sxm=m.x2.stride(0), sxk=m.x2.stride(1),
-        w=m.w.data_ptr(), swn=m.w.stride(0), swk=m.w.stride(1),
+        w=0 if m.w is None else m.w.data_ptr(), swn=0 if m.w is None else m.w.stride(0),
+        swk=0 if m.w is None else m.w.stride(1),
         b=0 if m.b is None else m.b.data_ptr(), sb=0 if m.b is None else m.b.stride(0),
         y=m.y2.data_ptr(), sym=m.y2.stride(0),
-        inner=inner, **operand_columns(views),
+        inner=inner, splits=splits, **operand_columns(views),
     )
 
 
@@ -166,6 +236,12 @@ def _flags(members: list[_Member]) -> dict:
     return dict(K_CONTIGUOUS=k_contiguous, VEC=vec)
 
 
+def _reduce_flags(members: list[_Member]) -> dict:
+    """The split-K reduce pass's constexprs: it reads the partials and writes y, rows of N."""
+    dims = [d for m in members for d in (m.y2.shape[1], m.x2.stride(0), m.y2.stride(0))]
+    return dict(K_CONTIGUOUS=True, VEC=vec_width(members[0].y2.dtype, *dims))
+
+
 def _run(members, epilogue: str, dtype: torch.dtype, device: torch.device, sizes: tuple[int, int, int],
          uniform: int | None = None, floats=None):
     """Launch the grouped GEMM over ``members`` (a list, or a ``launch.Stack`` with
@@ -176,10 +252,21 @@ def _run(members, epilogue: str, dtype: torch.dtype, device: torch.device, sizes
     kernel = codegen.load_kernel(GEMM, epilogue)
     # fp32 follows torch's own switch for matmuls (off by default: exact fp32, no tensor cores)
     arith, dtypes = _arith(dtype, torch.backends.cuda.matmul.allow_tf32)
-    run = launcher(kernel, GEMM, steps, members, _add_member, uniform, floats, device, flags=_flags, **dtypes)
+    run = launcher(kernel, GEMM, steps, members, _add_member, uniform, floats, device, flags=_flags, SPLIT=0,
+                   **dtypes)
 
-    configs, default, key = _choice(epilogue, arith, device, run.consts["VEC"] > 1, sizes, uniform or len(members))
-    launch = run.prepare(choose_config(key, configs, run, default))
+    configs, default, key, splits = _choice(epilogue, arith, device, run.consts["VEC"] > 1, sizes,
+                                            uniform or len(members))
+    if splits is None:  # no config splits K at these sizes: the one-pass launch
+        launch = run.prepare(choose_config(key, configs, run, default))
+    else:
+        def prepare(cfg: triton.Config):
+            n = splits[id(cfg)]
+            if n == 1:
+                return run.prepare(cfg)
+            return _split_launch(members, epilogue, device, uniform, floats, cfg, reduce_config(device_arch(device)),
+                                 n, dtypes)
+        launch = prepare(choose_config(key, configs, types.SimpleNamespace(prepare=prepare), default))
     launch()
     return launch
 
@@ -193,15 +280,98 @@ def _arith(dtype: torch.dtype, allow_tf32: bool) -> tuple[str, dict]:
 
 @functools.lru_cache(maxsize=4096)
 def _choice(epilogue: str, arith: str, device: torch.device, vector: bool, sizes: tuple[int, int, int],
-            count: int) -> tuple[tuple[triton.Config, ...], int, tuple]:
-    """(the configs, the heuristic's pick, the tuning key) of a launch: fixed by its sizes,
-    so worked out once per size (about 1 us of host work per call)."""
+            count: int) -> tuple[tuple[triton.Config, ...], int, tuple, dict | None]:
+    """(the configs, the heuristic's pick, the tuning key, each config's K slices by id, or None
+    where none splits) of a launch: fixed by its sizes, so worked out once per size (about 1 us
+    of host work per call)."""
     max_m, max_n, max_k = sizes
+    sms = sm_count(device)
     configs = gemm_configs(arith, device_arch(device), vector)
-    default = pick_config(configs, max_m, lambda c: count * cdiv(max_m, c.kwargs["BLOCK_M"])
-                          * cdiv(max_n, c.kwargs["BLOCK_N"]), sm_count(device))
+
+    def tiles(c: triton.Config) -> int:
+        return count * cdiv(max_m, c.kwargs["BLOCK_M"]) * cdiv(max_n, c.kwargs["BLOCK_N"])
+
+    default = pick_config(configs, max_m, tiles, sms)
     key = ("gemm", epilogue, arith, vector, max_m <= 64, next_pow2(max_n), next_pow2(max_k), next_pow2(count))
-    return configs, default, key
+    # split-K for aligned members only (the unaligned path is the slow one anyway)
+    splittable = split_configs(configs) if vector else ()
+    splits = {id(c): split_k(tiles(c), max_k, c.kwargs["BLOCK_K"], sms) if c in splittable else 1 for c in configs}
+    return configs, default, key, splits if any(n > 1 for n in splits.values()) else None
+
+
+# (thread, device, stream) -> its split-K workspace: one address call after call, so the two
+# passes' launch plans find their tables as they are (a fresh workspace per call moved it:
+# stacked R=1 host work 61 against ~30 us, bench_host_overhead.py, launch stubbed, loaded CPU).
+# Per thread and stream: launches queued on one stream run in order, so a call's partial pass
+# never overwrites partials the last call's reduce pass has yet to read.
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
+def _workspace(numel: int, device: torch.device) -> torch.Tensor:
+    """``numel`` fp32 for split-K partials: fresh while a CUDA graph captures (its pool keeps
+    them for the graph), else this thread and stream's cached buffer, grown as needed."""
+    cuda = device.type == "cuda"
+    if cuda and torch.cuda.is_current_stream_capturing():
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    key = (threading.get_ident(), device, torch.cuda.current_stream(device).cuda_stream if cuda else None)
+    ws = _WORKSPACES.get(key)
+    if ws is None or ws.numel() < numel:
+        if len(_WORKSPACES) >= 64:
+            _WORKSPACES.clear()
+        ws = _WORKSPACES[key] = torch.empty(numel, dtype=torch.float32, device=device)
+    return ws[:numel]
+
+
+def _split_launch(members, epilogue: str, device: torch.device, uniform, floats, cfg: triton.Config,
+                  reduce_cfg: triton.Config, splits: int, consts: dict):
+    """The split-K launch of ``members`` (as ``_run`` takes them): a fp32 workspace of
+    ``splits`` partial [M, N] sums per member, the partial launch (SPLIT=1, with ``cfg``,
+    no epilogue) into it and the reduce launch (SPLIT=2, with ``reduce_cfg``) out of it,
+    as one function with the launch attributes kernels/arena.py reads (``reusable``,
+    ``now``, ``moved``); it holds its workspace (``_workspace``)."""
+    if isinstance(members, Stack):  # the stack's tensors: x3 [R, rows, K], w, b, y3 [R, rows, N], operands
+        x3, w, b, y3, *ops = members.tensors
+        R, rows, N = y3.shape
+        ws = _workspace(R * splits * rows * N, device).view(R, splits * rows, N)
+        shape = members.extra[1:]
+        first = Stack((x3, w, None, ws), ("partial", splits), lambda: [
+            _Member(x3[r], w[r], None, ws[r], ws.shape[1:], (), ()) for r in range(min(R, 2))])
+        second = Stack((ws, None, b, y3, *ops), (members.extra, splits), lambda: [
+            _Member(ws[r], None, None if b is None else b[r], y3[r], shape, [o[r] for o in ops], ())
+            for r in range(min(R, 2))])
+    else:
+        # one allocation, each member's partials 16-byte aligned (4 fp32)
+        sizes = [cdiv(splits * m.y2.shape[0] * m.y2.shape[1], 4) * 4 for m in members]
+        ws = _workspace(sum(sizes), device)
+        views, at = [], 0
+        for m, n in zip(members, sizes):
+            views.append(ws[at:at + splits * m.y2.numel()].view(splits * m.y2.shape[0], m.y2.shape[1]))
+            at += n
+        first = [_Member(m.x2, m.w, None, v, v.shape, (), ()) for m, v in zip(members, views)]
+        second = [_Member(v, None, m.b, m.y2, m.y_shape, m.operands, m.floats) for m, v in zip(members, views)]
+    partial = launcher(codegen.load_kernel(GEMM, ""), GEMM, (), first,
+                       functools.partial(_add_member, splits=splits, phase=1), uniform, [] if uniform else None,
+                       device, flags=_flags, SPLIT=1, **consts)
+    reduce = launcher(codegen.load_kernel(GEMM, epilogue), GEMM, ep.parse(epilogue), second,
+                      functools.partial(_add_member, splits=splits, phase=2), uniform, floats, device,
+                      flags=_reduce_flags, SPLIT=2, **consts)
+    return _pair(partial.prepare(cfg), reduce.prepare(reduce_cfg), ws)
+
+
+def _pair(first, second, ws):
+    """``first`` then ``second`` as one launch (``launch._launch_of``'s attributes); a move of
+    the inputs (``moved``) moves the first only: the second reads the workspace."""
+    def launch_now() -> None:
+        first()
+        second()
+
+    def moved(now):
+        again = first.moved(now)
+        return None if again is None else _pair(again, second, ws)
+
+    launch_now.reusable = first.reusable and second.reusable
+    launch_now.now, launch_now.moved, launch_now.workspace = first.now, moved, ws
+    return launch_now
 
 
 def grouped_linear(x, w, b, epilogue, ext, scalars, out=None, plan=None):

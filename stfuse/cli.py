@@ -4,7 +4,7 @@
     stfuse compile [NAME=]MODULE:FACTORY ... -o OUT
     stfuse inspect OUT [--kernels] [--draw plan.png]
     stfuse run OUT [--batch N] [--tenants a,b] [--repeat N]
-    stfuse kernels [--arch sm_80,sm_90] [--json FILE] [--quick]
+    stfuse kernels [--arch sm_80,sm_90] [--json FILE] [--quick] [--kernels gemm,conv]
     stfuse serve OUT [OUT ...] [--host H] [--port P] [--slo-ms [NAME=]MS ...] [--replicas N]
     stfuse place TENANTS... --replicas N --memory-mb MB [--rate [NAME=]RPS] [--slo-ms [NAME=]MS]
 
@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
     kern.add_argument("--quick", action="store_true",
                       help="first config per kernel and dtype, epilogue chain only (the CI tier)")
+    kern.add_argument("--kernels", default=None, metavar="K1,K2",
+                      help="only these kernel kinds: gemm, conv, layer_norm, group_norm, pointwise (default all)")
     kern.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     _serve_arguments(sub)
     place_command.add_arguments(sub, _count)
@@ -362,8 +364,9 @@ def _kernels(args) -> int:
 
     from stfuse.kernels import aot
 
+    kinds = None if args.kernels is None else tuple(k.strip() for k in args.kernels.split(",") if k.strip())
     rows = aot.compile_all(tuple(a.strip() for a in args.arch.split(",") if a.strip()), args.quick,
-                           progress=_Progress(args.quiet))
+                           progress=_Progress(args.quiet), kernels=kinds)
     print(aot.table(rows))
     failed = sum(not r["ok"] for r in rows)
     spilling = sum(bool(r["spill_bytes"]) for r in rows)

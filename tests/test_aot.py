@@ -2,11 +2,12 @@
 real Triton compiler, in a child process (the suite runs Triton's interpreter).
 
 The CI tier is ``stfuse kernels --quick`` (each kernel's first config per dtype and flag
-set, with an epilogue chain: 72 compiles, a minute or two on 2 cores); the full sweep is
+set, with an epilogue chain: 98 compiles, a minute or two on 2 cores); the full sweep is
 ``stfuse kernels`` (every config and epilogue, RESULTS.md). Asserted here: every variant
 compiles with 0 spills; tensor cores where the arithmetic allows; vector loads wherever the
 host promised alignment (VEC > 1) and never where it did not; cp.async for every aligned
-16-bit GEMM and conv variant (fp32 gets 4-byte cp.async even unaligned).
+16-bit GEMM and conv variant (fp32 gets 4-byte cp.async even unaligned), split-K partial
+passes included, and none in split-K's reduce pass (no dot product to overlap).
 """
 
 import json
@@ -61,7 +62,7 @@ def test_dot_products_use_tensor_cores_where_the_dtype_allows(rows):
     """tf32, fp16 and bf16 GEMM/conv tiles run on tensor cores (mma / wgmma); fp32 with
     torch's default "highest" precision must not (ieee fp32 has no tensor-core path)."""
     for r in rows:
-        if r["kernel"] in ("gemm", "conv"):
+        if r["kernel"] in ("gemm", "conv") and flags(r).get("SPLIT") != 2:  # split-K's reduce pass has no dot
             assert r["tensor_cores"] == (r["dtype"] != "fp32"), r
         else:
             assert not r["tensor_cores"], r
@@ -83,5 +84,35 @@ def test_vector_loads_and_async_copies_follow_alignment(rows):
         # group_norm takes no alignment flag (its per-channel index forbids vector loads)
         vector = f.get("VEC", 1) > 1 and (r["kernel"] != "conv" or f["X_C_UNIT"] or f["W_C_UNIT"])
         assert r["vector_loads"] == vector, r
+        # split-K's reduce pass reads each partial once, with no dot to overlap: plain vector loads
         if r["kernel"] in ("gemm", "conv") and (vector or r["dtype"] in ("fp32", "tf32")):
-            assert r["async_copy"], r
+            assert r["async_copy"] == (flags(r).get("SPLIT") != 2), r
+
+
+def test_variants_list_what_the_launchers_run():
+    """The sweep's variant list (built here under the interpreter; compiled in the child
+    above): half-precision NCHW convs go channels_last (kernels/triton_conv.py), so no
+    fp16/bf16 conv reads NCHW x with vector weights; split-K partial passes never carry an
+    epilogue nor the 128x128 tile; ``kernels`` filters by kind."""
+    from stfuse.kernels.aot import variants
+
+    convs = variants(arch="sm_90", kernels=("conv",))
+    assert {v.kernel for v in convs} == {"conv"}
+    units = {(v.dtype, dict(v.constexprs)["X_C_UNIT"], dict(v.constexprs)["W_C_UNIT"]) for v in convs}
+    for dtype in ("fp16", "bf16"):
+        assert {(x, w) for d, x, w in units if d == dtype} == {(True, True), (True, False), (False, False)}
+    assert (("fp32", False, True) in units) and (("tf32", False, True) in units)
+    gemms = variants(arch="sm_80", kernels=("gemm",))
+    split = {s: [v for v in gemms if dict(v.constexprs)["SPLIT"] == s] for s in (1, 2)}
+    assert {v.dtype for v in split[1]} == {v.dtype for v in split[2]} == {"fp32", "tf32", "fp16", "bf16"}
+    assert all(v.epilogue == "" and "BLOCK_M=128,BLOCK_N=128" not in v.config for v in split[1])
+    assert {v.epilogue for v in split[2]} == {"", "add:tensor,gelu"}
+    assert all(dict(v.constexprs)["VEC"] > 1 for v in split[1] + split[2])  # aligned members only
+
+
+def test_unknown_kernel_kind_is_refused():
+    from stfuse.errors import StfuseError
+    from stfuse.kernels.aot import compile_all
+
+    with pytest.raises(StfuseError, match="unknown kernel"):
+        compile_all(("sm_90",), kernels=("gemmm",))

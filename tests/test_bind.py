@@ -69,3 +69,34 @@ def test_bind_on_cuda_keeps_the_custom_ops_under_cuda_graphs(monkeypatch):
     assert not isinstance(bind(fused.canonical_program, torch.device("cuda"), graphs=False), GraphedProgram)
     monkeypatch.setenv("STFUSE_CUDA_GRAPHS", "0")
     assert not isinstance(bind(fused.canonical_program, torch.device("cuda")), GraphedProgram)
+
+
+def test_cuda_binding_packs_half_conv_weights_channels_last():
+    """On CUDA, binding repacks the fp16/bf16 conv weights the program owns once
+    (kernels/triton_conv.py says why): a new buffer, gm's own weight and graph untouched;
+    fp32, 1x1 and 3-channel weights stay as they are. Checked here on CPU tensors."""
+    from stfuse.kernels.bind import _pack_conv_weights
+
+    g = torch.Generator().manual_seed(0)
+    root = torch.nn.Module()
+    weights = {"w_half": torch.randn(4, 8, 3, 3, generator=g).half(), "w_fp32": torch.randn(4, 8, 3, 3, generator=g),
+               "w_1x1": torch.randn(4, 8, 1, 1, generator=g).half(), "w_stem": torch.randn(4, 3, 3, 3, generator=g).half(),
+               "w_stack": torch.randn(2, 4, 8, 3, 3, generator=g).half()}
+    for name, t in weights.items():
+        root.register_buffer(name, t)
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    conv = torch.ops.stfuse.grouped_conv2d.default
+    for name in ("w_half", "w_fp32", "w_1x1", "w_stem"):
+        graph.call_function(conv, (x, [graph.get_attr(name)], [None], [1, 1], [0, 0], [1, 1], [1], "", [], []))
+    graph.call_function(torch.ops.stfuse.stacked_conv2d.default,
+                        (x, graph.get_attr("w_stack"), None, [1, 1], [0, 0], [1, 1], 1, "", [], []))
+    graph.output(x)
+    gm = torch.fx.GraphModule(root, graph)
+    _pack_conv_weights(gm)
+    read = [n.args[1] for n in gm.graph.nodes if n.op == "call_function"]
+    read = [(v[0] if isinstance(v, list) else v).target for v in read]
+    assert read == ["w_half_cl", "w_fp32", "w_1x1", "w_stem", "w_stack_cl"]
+    assert gm.w_half_cl.stride(1) == 1 and torch.equal(gm.w_half_cl, weights["w_half"])
+    assert gm.w_stack_cl[0].stride(1) == 1 and torch.equal(gm.w_stack_cl, weights["w_stack"])
+    assert gm.w_half is weights["w_half"] and gm.w_half.is_contiguous()

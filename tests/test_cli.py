@@ -103,6 +103,7 @@ def test_compile_named_factories_from_a_file_then_run_one(tmp_path, factories, c
     (["compile", "justtext", "-o", "{tmp}/o"], 1, "expected [NAME=]MODULE:FACTORY"),
     (["compile", "{factories}:not_a_pair", "-o", "{tmp}/o"], 1, "a factory returns (model, example_inputs)"),
     (["compile", "{factories}:make", "{factories}:make", "-o", "{tmp}/o"], 1, "tenant name 'make' is used twice"),
+    (["kernels", "--kernels", "gemm,convv", "-q"], 1, "unknown kernel ['convv']"),
 ])
 def test_errors_exit_1_with_a_message(tmp_path, factories, capsys, argv, code, message):
     argv = [a.format(tmp=tmp_path, factories=factories) for a in argv]

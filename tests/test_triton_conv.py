@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stfuse.errors import InputError
-from stfuse.kernels import reference
+from stfuse.kernels import reference, triton_conv
 from stfuse.kernels.triton_ops import IMPLS
 from stfuse.tolerances import assert_close
 
@@ -142,3 +142,75 @@ def test_conv2d_refuses_mismatched_input():
     with pytest.raises(InputError, match="stfuse::stacked_conv2d"):
         IMPLS["stacked_conv2d"](torch.randn(2, 1, 4, 5, 5), torch.randn(2, 6, 2, 3, 3), None,
                                 [1, 1], [0, 0], [1, 1], 1, "", [], [])
+
+
+# --- half-precision layouts: what the launcher runs (kernels/triton_conv.py, vector_x) ----
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The constexprs of every conv launch in the test (the dict the launch used)."""
+    seen = []
+    real = triton_conv.launcher
+
+    def spy(*args, **kwargs):
+        run = real(*args, **kwargs)
+        seen.append(run.consts)
+        return run
+    monkeypatch.setattr(triton_conv, "launcher", spy)
+    return seen
+
+
+def flags_of(consts) -> tuple:
+    return consts["X_C_UNIT"], consts["W_C_UNIT"], consts["VEC"]
+
+
+# (x shape, w shape, groups, dtype, how w is given, the flags launched)
+LAYOUTS = [
+    ((2, 8, 5, 6), (4, 8, 3, 3), 1, torch.float16, "nchw", (True, False, 8)),  # x made channels_last
+    ((2, 8, 5, 6), (4, 8, 3, 3), 1, torch.float16, "packed", (True, True, 8)),  # w packed as at binding
+    ((1, 16, 3, 5), (8, 16, 1, 1), 1, torch.float16, "nchw", (True, True, 8)),  # a 1x1 w: unit channels as it is
+    ((2, 16, 4, 4), (6, 8, 3, 3), 2, torch.float16, "packed", (True, True, 8)),  # 8 channels per group
+    ((2, 3, 6, 6), (8, 3, 3, 3), 1, torch.float16, "packed", (False, False, 1)),  # a 3-channel stem: scalars
+    ((1, 8, 5, 5), (8, 1, 3, 3), 8, torch.float16, "packed", (False, False, 1)),  # depthwise: scalars
+    ((2, 8, 5, 6), (4, 8, 3, 3), 1, torch.float32, "nchw", (False, False, 1)),  # fp32 keeps x's layout
+]
+
+
+@pytest.mark.parametrize("xs, wsh, groups, dtype, w_layout, flags", LAYOUTS)
+def test_half_precision_nchw_runs_channels_last(launched, xs, wsh, groups, dtype, w_layout, flags):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(*xs, generator=g).to(dtype)
+    w = (torch.randn(*wsh, generator=g) / 3).to(dtype)
+    w = triton_conv.pack_weight(w) if w_layout == "packed" else w
+    before = x.clone()
+    params = [[1, 1], [1, 1], [1, 1], [groups]]
+    check_grouped([x], [w], [None], params, "relu", [], [])
+    assert [flags_of(c) for c in launched] == [flags]
+    assert torch.equal(x, before) and x.is_contiguous()  # the caller's x is neither changed nor relaid
+
+
+def test_half_precision_stacked_nchw_runs_channels_last(launched):
+    g = torch.Generator().manual_seed(8)
+    R = 3
+    x = torch.randn(R, 2, 8, 5, 4, generator=g).half()
+    w = (torch.randn(R, 8, 8, 3, 3, generator=g) / 3).half()
+    b = torch.randn(R, 8, generator=g).half()
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    for packed in (False, True):
+        wr = triton_conv.pack_weight(w) if packed else w
+        y = IMPLS["stacked_conv2d"](x, wr, b, *args, "gelu", [], [])
+        ref = reference.stacked_conv2d(x.double(), w.double(), b.double(), *args, "gelu", [], [])
+        assert_close(y, ref)
+    assert [flags_of(c) for c in launched] == [(True, False, 8), (True, True, 8)]
+
+
+def test_pack_weight_only_where_vectors_fit():
+    w = torch.randn(4, 8, 3, 3).half()
+    packed = triton_conv.pack_weight(w)
+    assert packed.stride(1) == 1 and torch.equal(packed, w)
+    assert triton_conv.pack_weight(packed) is packed  # already channels_last: no copy
+    for other in (torch.randn(4, 8, 3, 3), torch.randn(4, 3, 3, 3).half(), torch.randn(4, 8, 1, 1).half()):
+        assert triton_conv.pack_weight(other) is other  # fp32, 3 channels, a 1x1 (unit channels already)
+    stack = torch.randn(2, 4, 16, 3, 3).bfloat16()
+    assert triton_conv.pack_weight(stack)[1].stride(1) == 1 and torch.equal(triton_conv.pack_weight(stack), stack)

@@ -218,3 +218,102 @@ def test_grouped_linear_empty_reduction_and_empty_output():
     b = [torch.randn(6, generator=g), None, None]
     ys = check_grouped(x, w, b, "relu", [], [])
     assert [tuple(y.shape) for y in ys] == [(3, 6), (4, 0), (0, 2)]
+
+
+# --- split-K (triton_gemm.split_k): few tiles, long K ----------------------------------------
+
+
+@pytest.fixture
+def splits(monkeypatch):
+    """The K slices of every split-K launch in the test (one-pass launches add nothing);
+    ``splits.force`` overrides the heuristic."""
+    chosen, real_split, real_launch = [], triton_gemm.split_k, triton_gemm._split_launch
+
+    def split_k(tiles, K, block_k, sms):
+        return splits.force or real_split(tiles, K, block_k, sms)
+
+    def split_launch(*args):
+        chosen.append(args[7])
+        return real_launch(*args)
+    splits.force, splits.chosen = None, chosen
+    monkeypatch.setattr(triton_gemm, "split_k", split_k)
+    monkeypatch.setattr(triton_gemm, "_split_launch", split_launch)
+    triton_gemm._choice.cache_clear()  # it keeps each size's slices
+    yield splits
+    triton_gemm._choice.cache_clear()
+
+
+def test_split_k_only_where_tiles_leave_sms_idle():
+    # the paper's GEMM (M=256, N=128, K=1152) in 64x64 fp32 tiles on an H100's 132 SMs
+    assert triton_gemm.split_k(tiles=8, K=1152, block_k=32, sms=132) == 9  # R=1: K // (4 steps x 32)
+    assert triton_gemm.split_k(tiles=64, K=1152, block_k=32, sms=132) == 2  # R=8: 128 programs
+    assert triton_gemm.split_k(tiles=8 * 118, K=1152, block_k=32, sms=132) == 1  # R=118 fills the GPU
+    assert triton_gemm.split_k(tiles=1, K=100_000, block_k=64, sms=132) == triton_gemm.MAX_SPLITS
+    assert triton_gemm.split_k(tiles=2, K=200, block_k=64, sms=132) == 1  # under 4 steps a slice
+    assert triton_gemm.split_k(tiles=0, K=1152, block_k=32, sms=132) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("force", [None, 7])  # the heuristic's 4 slices; 7, some of them empty
+def test_grouped_linear_split_k(splits, dtype, force):
+    splits.force = force
+    # K=296: 4 slices of 80 (a multiple of BLOCK_K), the last 56; K a multiple of 8, as fp16 VEC needs
+    shapes = [((20, 296), 24), ((3, 40), 16), ((2, 5, 296), 8)]
+    x, w, b = make_linear(shapes, dtype, seed=11)
+    g = torch.Generator().manual_seed(12)
+    ext = [torch.randn(24, generator=g).to(dtype), torch.randn(3, 16, generator=g).to(dtype),
+           torch.randn(2, 5, 8, generator=g).to(dtype)]
+    kept = []
+    ys = IMPLS["grouped_linear"](x, w, b, "add:tensor,gelu,mul:scalar", ext, [0.5, -2.0, 3.0])
+    triton_gemm.grouped_linear(x, w, b, "add:tensor,gelu,mul:scalar", ext, [0.5, -2.0, 3.0], plan=kept)
+    refs = reference.grouped_linear(f64(x), f64(w), f64(b), "add:tensor,gelu,mul:scalar", f64(ext), [0.5, -2.0, 3.0])
+    assert_close(ys, refs, k=296)
+    assert splits.chosen == [force or 4] * 2 and kept[0].workspace.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_stacked_linear_split_k(splits, dtype, bias):
+    g = torch.Generator().manual_seed(13)
+    R = 2
+    x = torch.randn(R, 3, 7, 200, generator=g).to(dtype)
+    w = (torch.randn(R, 24, 200, generator=g) / 4).to(dtype)
+    b = torch.randn(R, 24, generator=g).to(dtype) if bias else None
+    ext = [torch.randn(R, 1, 7, 24, generator=g).to(dtype)]
+    y = IMPLS["stacked_linear"](x, w, b, "add:tensor,relu,mul:scalar", ext, [2.0, -1.0])
+    ref = reference.stacked_linear(x.double(), w.double(), None if b is None else b.double(),
+                                   "add:tensor,relu,mul:scalar", f64(ext), [2.0, -1.0])
+    assert_close(y, ref, k=200)
+    assert splits.chosen == [3]  # 2 members x 2 x 2 tiles of 16x16; 200 // 64
+
+
+def test_split_k_launch_again_and_moved(splits):
+    """A split launch kept by kernels/arena.py: launched again it reads x anew; moved to
+    other inputs of the same shapes it patches only the partial pass's table."""
+    x, w, b = make_linear([((9, 256), 16), ((4, 128), 8)], torch.float32, seed=14)
+    out = [torch.empty(9, 16), torch.empty(4, 8)]
+    kept = []
+    triton_gemm.grouped_linear(x, w, b, "silu", [], [], out=out, plan=kept)
+    assert splits.chosen == [4] and kept[0].reusable
+    for xi in x:
+        xi.mul_(-0.5)  # same tensors, same addresses, new values
+    kept[0]()
+    assert_close(out, reference.grouped_linear(f64(x), f64(w), f64(b), "silu", [], []), k=256)
+    x2 = [torch.randn_like(xi) for xi in x]
+    now = list(kept[0].now)
+    now[::len(now) // len(x2)] = [xi.data_ptr() for xi in x2]  # x leads each member's addresses
+    kept[0].moved(now)()
+    assert_close(out, reference.grouped_linear(f64(x2), f64(w), f64(b), "silu", [], []), k=256)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("R", [1, 4])
+def test_split_k_paper_gemm_cuda(splits, dtype, R):
+    """The paper's GEMM at few members splits K on a real device (sm_count from the GPU)."""
+    torch.set_float32_matmul_precision("highest")
+    x = torch.randn(R, 256, 1152).to(dtype)
+    w = (torch.randn(R, 128, 1152) / 30).to(dtype)
+    y = torch.ops.stfuse.stacked_linear(x.cuda(), w.cuda(), None, "", [], [])
+    assert_close(y.cpu(), reference.stacked_linear(x.double(), w.double(), None, "", [], []), k=1152)
+    assert splits.chosen and splits.chosen[0] > 1
