@@ -53,7 +53,8 @@ step() {  # step NAME LIMIT_S NEEDS_CUDA(1/0) COMMAND...
 }
 
 step gpu 120 1 "$PYTHON" -m pytest -q -m gpu tests
-step kernels 60 0 "$PYTHON" -m stfuse.cli kernels $QUICK -q --arch "$ARCH" --json "$OUT/kernels.json"
+step kernels 60 0 "$PYTHON" -m stfuse.cli kernels $QUICK -q --jobs "$(nproc 2>/dev/null || echo 4)" --arch "$ARCH" \
+  --json "$OUT/kernels.json"
 step gemm 150 1 "$PYTHON" benchmarks/bench_gpu_kernels.py "${RS[@]}" --out "$OUT/gpu_kernels.json"
 if [ "$CUDA" = 1 ]; then HOST_REPEAT=200; else HOST_REPEAT=20; fi
 step host 30 0 "$PYTHON" benchmarks/bench_host_overhead.py --repeat "$HOST_REPEAT" --json "$OUT/host_overhead.json"

@@ -4,7 +4,7 @@
     stfuse compile [NAME=]MODULE:FACTORY ... -o OUT
     stfuse inspect OUT [--kernels] [--draw plan.png]
     stfuse run OUT [--batch N] [--tenants a,b] [--repeat N]
-    stfuse kernels [--arch sm_80,sm_90] [--json FILE] [--quick] [--kernels gemm,conv]
+    stfuse kernels [--arch sm_80,sm_90] [--json FILE] [--quick] [--kernels gemm,conv] [--jobs N]
     stfuse serve OUT [OUT ...] [--host H] [--port P] [--slo-ms [NAME=]MS ...] [--replicas N]
     stfuse place TENANTS... --replicas N --memory-mb MB [--rate [NAME=]RPS] [--slo-ms [NAME=]MS]
 
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="first config per kernel and dtype, epilogue chain only (the CI tier)")
     kern.add_argument("--kernels", default=None, metavar="K1,K2",
                       help="only these kernel kinds: gemm, conv, layer_norm, group_norm, pointwise (default all)")
+    kern.add_argument("--jobs", type=_count(1, 1024), default=1, metavar="N",
+                      help="compile in N processes (default 1; the sweep is one compile per variant)")
     kern.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     _serve_arguments(sub)
     place_command.add_arguments(sub, _count)
@@ -366,7 +368,7 @@ def _kernels(args) -> int:
 
     kinds = None if args.kernels is None else tuple(k.strip() for k in args.kernels.split(",") if k.strip())
     rows = aot.compile_all(tuple(a.strip() for a in args.arch.split(",") if a.strip()), args.quick,
-                           progress=_Progress(args.quiet), kernels=kinds)
+                           progress=_Progress(args.quiet), kernels=kinds, jobs=args.jobs)
     print(aot.table(rows))
     failed = sum(not r["ok"] for r in rows)
     spilling = sum(bool(r["spill_bytes"]) for r in rows)

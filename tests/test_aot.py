@@ -27,12 +27,26 @@ def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "kernels.json"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when unset; 1 is its current default
-    child = subprocess.run([sys.executable, "-m", "stfuse.cli", "kernels", "--quick", "-q", "--json", str(out)],
+    # two compiler processes: the tier takes half the time, and tests the pool (rows in sweep order)
+    child = subprocess.run([sys.executable, "-m", "stfuse.cli", "kernels", "--quick", "--jobs", "2", "-q",
+                            "--json", str(out)],
                            env=env, capture_output=True, text=True, timeout=600, check=False)
     assert child.returncode == 0, (child.stdout[-3000:], child.stderr[-3000:])
     rows = json.loads(out.read_text())
     assert f"{len(rows)} variants: {len(rows)} compiled, 0 failed" in child.stdout
     return rows
+
+
+def test_rows_come_back_in_sweep_order(rows):
+    """Compiled in two processes, the rows still come in the sweep's order (aot.variants,
+    listed in a child without the interpreter, whose configs are the GPU ones)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    code = ("import json; from stfuse.kernels.aot import variants; print(json.dumps("
+            "[[v.kernel, v.config, v.dtype, v.epilogue, a] for a in ('sm_80', 'sm_90') for v in variants(True, a)]))")
+    child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                           check=True)
+    want = json.loads(child.stdout.strip().splitlines()[-1])
+    assert [[r["kernel"], r["config"], r["dtype"], r["epilogue"], r["arch"]] for r in rows] == want
 
 
 def flags(row) -> dict:
