@@ -183,7 +183,6 @@ class Runtime:
             spec = getattr(self._fused, "specs", {}).get(tenant)
         args = as_args(tenant, args, self.max_batch, spec)
         self._input_check(tenant, args)
-        future = RequestFuture(self._on_cancel)
         with self._lock:
             queue = self._queues[tenant]
             limit = None
@@ -204,6 +203,8 @@ class Runtime:
                 with self._stats_lock:
                     self._stats.count(tenant, "rejected")
                 raise QueueFullError(refused)
+            # made once admitted: a refused request (a flood's) costs no Future, its lock and condition
+            future = RequestFuture(self._on_cancel)
             queue.append(Request(tenant, args, args[0].shape[0], now, now + self._slo_s[tenant], future))
             if self._idle:  # the worker waits for work (no notify() while it runs: 3 calls a request)
                 self._work.notify()
