@@ -1014,3 +1014,14 @@ def test_the_collector_skips_what_was_alive_while_a_runtime_serves():
     with pytest.raises(StfuseError, match="freeze_gc must be True or False"):
         Runtime(FakeProgram(models), "batch", freeze_gc="yes")
     del keep
+
+
+def test_a_runtime_that_cannot_start_gives_its_collector_hold_back(monkeypatch):
+    from stfuse.runtime import collector
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        runtime(FakeProgram(fake_models()), "batch")
+    assert collector.holders() == 0

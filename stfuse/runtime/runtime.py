@@ -163,7 +163,12 @@ class Runtime:
         if freeze_gc:
             collector.hold()  # released by the worker as it stops
         self._thread = threading.Thread(target=self._loop, name="stfuse-runtime", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:  # no worker will release it
+            if freeze_gc:
+                collector.release()
+            raise
 
     # ------------------------------------------------------------------ public API
 
