@@ -177,6 +177,7 @@ def _one_line_error(capsys, argv) -> tuple[int, str]:
     (["serve", "{art}", "--slo-ms", "a=5", "10", "-q"], "give one MS for every model, or NAME=MS per model"),
     (["serve", "{art}", "--port", "70000"], "--port: must be between 0 and 65535"),
     (["serve", "{art}", "--replicas", "0"], "--replicas: must be between 1 and"),
+    (["kernels", "--jobs", "0"], "--jobs: must be between 1 and"),
 ])
 def test_user_errors_are_one_line(small_artifact, tmp_path, capsys, argv, pattern):
     """Exit status non-zero, one line on stderr naming what was wrong, no traceback."""
