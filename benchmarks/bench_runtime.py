@@ -43,7 +43,6 @@ import copy
 import functools
 import itertools
 import json
-import os
 import random
 import sys
 import threading
@@ -55,6 +54,7 @@ import torch
 
 import stfuse
 from stfuse import zoo
+from stfuse.kernels.timing import OthersMeter
 from stfuse.runtime import QueueFullError, Runtime, measure_profile
 from stfuse.runtime.simulate import SimRequest, simulate
 from stfuse.runtime.stats import percentile
@@ -117,25 +117,6 @@ def capacity(fused, examples, profile, args) -> float:
     return best
 
 
-def _cpu_sample():
-    """(machine busy seconds, this process's CPU seconds) from /proc/stat; None where there is none."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:
-        return None
-    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    own = os.times()
-    return busy, own.user + own.system
-
-
-def others_load(before, after, wall: float) -> float | None:
-    """Cores' worth of CPU that other processes used meanwhile (what makes a point noisy)."""
-    if before is None or after is None or wall <= 0:
-        return None
-    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / wall
-
-
 def _served(latencies: list, lock, sent: float, fut) -> None:
     """A future's done callback: keep its latency if it was served (not shed, failed or cancelled)."""
     if not fut.cancelled() and fut.exception() is None:
@@ -158,7 +139,7 @@ def serve(fused, examples, shape, profile, policy: str, arrivals, args, watch=No
                  max_queue=args.max_queue, example_inputs=examples, profile=copy.deepcopy(profile),
                  freeze_gc=getattr(args, "gc", "freeze") == "freeze")
     futures = []
-    cpu_before = _cpu_sample()
+    others_meter = OthersMeter()  # CPU other processes use meanwhile (what makes a point noisy)
     start = time.perf_counter()
     for i, (at, t) in enumerate(arrivals):
         delay = start + at - time.perf_counter()
@@ -178,7 +159,7 @@ def serve(fused, examples, shape, profile, policy: str, arrivals, args, watch=No
     submit_span = time.perf_counter() - start
     wait(futures, timeout=args.duration)  # what is still queued after as long again counts as missed
     rt.close(cancel_pending=True)
-    others = others_load(cpu_before, _cpu_sample(), time.perf_counter() - start)
+    others = others_meter.cores()
     return {"latencies": latencies, "rejected": rejected, "stats": rt.stats(), "submit_span": submit_span,
             "others_load": others}
 
