@@ -101,8 +101,8 @@ class TenantCalls:
         """For a tenant that takes plain batched tensors (one, or a tuple): per input
         (dtype, device, shape after dim 0, rank), and the batch range; else None."""
         n = len(spec.inputs)
-        if spec.in_spec != pytree.tree_flatten(((None,) * n, {}))[1]:
-            return None
+        if not n or spec.in_spec != pytree.tree_flatten(((None,) * n, {}))[1]:
+            return None  # no inputs: no batch to read (it crashed the fast paths at call time)
         if not all(s.batched and not s.dims for s in spec.inputs):
             return None
         low, high = spec.batch_range if spec.dynamic else (1, None)

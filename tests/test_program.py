@@ -202,3 +202,22 @@ def test_weights_replaced_keep_the_compiled_ones():
     for got, want in zip(fused(*[a[0] for a in args]), before):
         assert_close(got, want)
     assert fused.weight_rebuilds == 0
+
+
+class NoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.randn(3))
+
+    def forward(self):
+        return self.p * 2
+
+
+def test_tenants_without_inputs_run():
+    """Found in review: the one-pass check read the batch of a tenant with no inputs and
+    raised TypeError at call time (IndexError before it); such tenants take the full check."""
+    models = [NoInputs(), NoInputs()]
+    fused = stfuse.compile(models, [(), ()])
+    for out, m in zip(fused((), ()), models):
+        assert_close(out, m())
+    assert_close(fused.run({"1": ()})["1"], models[1]())
