@@ -6,7 +6,9 @@ LatencyProfile table, so every assertion here is exact and repeatable.
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import random
 from collections import deque
 from types import SimpleNamespace
@@ -68,9 +70,9 @@ def test_profile_linear_model_and_fused_groups():
 
 
 def test_profile_pads_unequal_batches_only_where_that_is_cheaper():
-    prof = profile("ab", fixed=1 * MS, per_row=0.1 * MS, fused_fixed=1.5 * MS)
-    assert prof.pad_to({"a": 2, "b": 8}) is None  # no uneven cost measured: nothing to gain
-    prof.uneven_fixed[frozenset("ab")] = 0.5 * MS
+    even = profile("ab", fixed=1 * MS, per_row=0.1 * MS, fused_fixed=1.5 * MS)
+    assert even.pad_to({"a": 2, "b": 8}) is None  # no uneven cost measured: nothing to gain
+    prof = profile("ab", fixed=1 * MS, per_row=0.1 * MS, fused_fixed=1.5 * MS, uneven_fixed={frozenset("ab"): 0.5 * MS})
     # uneven: 1.5 + 0.5 + 1.0 = 3.0 ms; padded to 8 + 8 rows: 1.5 + 1.6 = 3.1 ms
     assert prof.pad_to({"a": 2, "b": 8}) is None
     assert prof.estimate({"a": 2, "b": 8}) == pytest.approx(3.0 * MS)
@@ -84,8 +86,8 @@ def test_profile_pads_unequal_batches_only_where_that_is_cheaper():
 
 
 def test_profile_scales_unmeasured_groups_from_the_largest_measured_one():
-    prof = profile("abc", fixed=1 * MS, fused_fixed=1.5 * MS)
-    prof.uneven_fixed[frozenset("abc")] = 0.75 * MS  # half the group's fixed cost
+    # unequal sizes cost half the group's fixed cost
+    prof = profile("abc", fixed=1 * MS, fused_fixed=1.5 * MS, uneven_fixed={frozenset("abc"): 0.75 * MS})
     assert prof.uneven_cost(frozenset("ab")) == pytest.approx(prof.group_fixed(frozenset("ab")) / 2)
     assert prof.uneven_cost(frozenset("a")) == 0.0
 
@@ -111,10 +113,22 @@ def test_profile_observe_is_robust_to_outliers_and_recovers_from_large_errors():
 
 
 def test_profile_round_trips_through_json():
-    prof = profile("abc", fixed={"a": 1 * MS, "b": 2 * MS, "c": 3 * MS}, fused_fixed=1.5 * MS)
-    prof.uneven_fixed[frozenset("ab")] = 0.5 * MS
+    prof = profile("abc", fixed={"a": 1 * MS, "b": 2 * MS, "c": 3 * MS}, fused_fixed=1.5 * MS,
+                   uneven_fixed={frozenset("ab"): 0.5 * MS})
     back = LatencyProfile.from_json(json.loads(json.dumps(prof.to_json())))
     assert back == prof and back.estimate({"a": 2, "b": 5}) == prof.estimate({"a": 2, "b": 5})
+
+
+def test_profile_tables_are_read_only_and_copies_keep_them():
+    # a tenant set's costs are worked out once (LatencyProfile._terms): a table changed afterwards
+    # would leave them stale, so the tables refuse changes; copies and pickles carry them
+    prof = profile("ab", fused_fixed=1.5 * MS, uneven_fixed={frozenset("ab"): 0.5 * MS})
+    before = prof.estimate({"a": 2, "b": 5})
+    with pytest.raises(TypeError):
+        prof.uneven_fixed[frozenset("ab")] = 0.0
+    prof.observe({"a": 2, "b": 5}, 2 * before)
+    for other in (copy.deepcopy(prof), pickle.loads(pickle.dumps(prof))):
+        assert other == prof and other.estimate({"a": 2, "b": 5}) == prof.estimate({"a": 2, "b": 5}) > before
 
 
 def test_unknown_policy_is_an_stfuse_error():
@@ -193,20 +207,16 @@ def test_space_time_keeps_a_head_held_to_its_latest_start_on_time():
 
 
 def test_space_time_asks_for_padding_when_unequal_batches_cost_more():
-    prof = profile("ab", fused_fixed=1.2 * MS)
-    prof.uneven_fixed[frozenset("ab")] = 1 * MS
-    s = scheduler("space-time", "ab", prof)
     qs = queues("ab", a=[req("a", 0.0, 50 * MS)] * 5, b=[req("b", 0.0, 50 * MS)] * 2)
-    assert s.decide(qs, 0.0) == Dispatch({"a": 5, "b": 2}, pad_to=5)
-    prof.uneven_fixed[frozenset("ab")] = 0.0
-    assert s.decide(qs, 0.0) == Dispatch({"a": 5, "b": 2})
+    for uneven, pad_to in ((1 * MS, 5), (0.0, None)):
+        s = scheduler("space-time", "ab", profile("ab", fused_fixed=1.2 * MS, uneven_fixed={frozenset("ab"): uneven}))
+        assert s.decide(qs, 0.0) == Dispatch({"a": 5, "b": 2}, pad_to=pad_to)
 
 
 def test_space_time_weighs_fusion_at_the_batch_it_would_take():
     # unequal sizes cost 5 ms more (padding 31 rows costs 3.1 ms): a lone request of b is not worth
     # fusing with 32 rows of a, but 32 rows of b are (1.2 + 6.4 = 7.6 ms against 4.2 + 4.2 ms)
-    prof = profile("ab", fixed=1 * MS, per_row=0.1 * MS, fused_fixed=1.2 * MS)
-    prof.uneven_fixed[frozenset("ab")] = 5 * MS
+    prof = profile("ab", fixed=1 * MS, per_row=0.1 * MS, fused_fixed=1.2 * MS, uneven_fixed={frozenset("ab"): 5 * MS})
     s = scheduler("space-time", "ab", prof)
     full = queues("ab", a=[req("a", 0.0, 90 * MS)] * 40, b=[req("b", 0.0, 90 * MS)] * 40)
     assert s.decide(full, 0.0) == Dispatch({"a": 32, "b": 32})

@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from concurrent.futures import wait
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -401,8 +402,8 @@ def test_space_time_fuses_and_batches_what_is_queued():
 def test_space_time_pads_unequal_batches_when_the_profile_says_it_pays():
     models = fake_models()
     prog = FakeProgram(models)
-    prof = cheap_fusion(prog.tenants)
-    prof.uneven_fixed[frozenset(prog.tenants)] = 1e-3  # unequal sizes cost as much as 100 padding rows
+    # unequal sizes cost as much as 100 padding rows
+    prof = replace(cheap_fusion(prog.tenants), uneven_fixed={frozenset(prog.tenants): 1e-3})
     with runtime(prog, profile=prof) as rt:
         first = busy(rt, prog)
         sent = [(t, make_args(t, rows)) for t, rows in zip(models, [1, 2, 3, 1]) for _ in range(2)]

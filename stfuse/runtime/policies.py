@@ -337,8 +337,11 @@ class SpaceTimeScheduler(Scheduler):
             limit = min(slack, budget, own) + _EPS
             if take and first > limit:
                 continue
-            # the largest batch within the limit; the head runs at least one request, whatever it costs
+            # the largest batch within the limit; the head runs at least one request, whatever it costs.
+            # Everything queued first: it fits in most decisions, and then one estimate does
             lo, hi = 1, len(pre)
+            if hi > 1 and prof.estimate({**rows, t: pre[-1]}) <= limit:
+                lo = hi
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 if prof.estimate({**rows, t: pre[mid - 1]}) <= limit:

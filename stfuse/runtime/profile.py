@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Mapping
 
 _ANY = frozenset()  # LatencyProfile.correction key for tenant sets not launched yet
-_MAX_STEP = math.log(4.0)  # an observation moves a correction by at most 4 ** weight
+_MAX_STEP = math.log(4.0)
+_TABLES = ("fixed", "per_row", "fused_fixed", "uneven_fixed")  # the measurement: read-only  # an observation moves a correction by at most 4 ** weight
 
 
 def _groups(table: Mapping[frozenset, float]) -> list:
@@ -43,6 +45,13 @@ class LatencyProfile:
     dozen launches, while one 50 ms hiccup moves it by at most 32%.
     `concurrent_ratio` only matters to `simulate`: a concurrent (space) launch
     takes `concurrent_ratio * sum(solo costs)`, 1.0 meaning no overlap at all.
+
+    The four tables are the measurement and are read-only once the profile is
+    made (build a new profile to change them): a tenant set's fixed and uneven
+    costs are worked out once and kept (`_terms`). A space-time decision asks
+    for some 25-45 estimates; worked out on every call they took 150 us of the
+    runtime worker's CPU per launch at 2x load, more than the launch's own
+    Python (bench_runtime's 4 x mlp-small).
     """
 
     fixed: dict[str, float]
@@ -53,6 +62,15 @@ class LatencyProfile:
     default_fixed: float = 1e-3
     default_per_row: float = 1e-4
     correction: dict[frozenset, float] = field(default_factory=dict)
+    _terms: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        for name in _TABLES:
+            setattr(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    def __reduce__(self):  # copy and pickle as plain dicts (a mappingproxy does neither)
+        return type(self), (*(dict(getattr(self, n)) for n in _TABLES), self.concurrent_ratio,
+                            self.default_fixed, self.default_per_row, dict(self.correction))
 
     def to_json(self) -> dict:
         """The model as plain JSON (groups as sorted name lists); corrections are not kept."""
@@ -125,14 +143,20 @@ class LatencyProfile:
         if len(rows) == 1:  # a tenant alone, most of a decision's estimates: no group work
             (t, b), = rows.items()
             return self._fixed(t) + self._per_row(t) * b, None
-        fixed = self.group_fixed(key)
-        work = sum([self._per_row(t) * b for t, b in rows.items()])
-        most = max(rows.values())
-        if len(rows) < 2 or min(rows.values()) == most:
+        terms = self._terms.get(key)
+        if terms is None:
+            terms = self._terms[key] = (self.group_fixed(key), self.uneven_cost(key))
+        fixed, uneven = terms
+        work = 0.0
+        most = least = None
+        for t, b in rows.items():
+            work += self._per_row(t) * b
+            most = b if most is None or b > most else most
+            least = b if least is None or b < least else least
+        if least == most:
             return fixed + work, None
         padded = fixed + sum([self._per_row(t) for t in rows]) * most
-        uneven = fixed + self.uneven_cost(key) + work
-        return (padded, most) if padded < uneven else (uneven, None)
+        return (padded, most) if padded < fixed + uneven + work else (fixed + uneven + work, None)
 
     @staticmethod
     def _reference(table: Mapping[frozenset, float]) -> frozenset | None:
