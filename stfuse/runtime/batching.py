@@ -4,6 +4,7 @@ and the start-up latency profile measured on example inputs."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -177,30 +178,45 @@ def normalise_examples(tenants: Sequence[str], example_inputs, specs=None) -> di
 
 def measure_profile(fused, example_inputs, max_batch: int = 32, reps: int = 5,
                     warmup: int = 3) -> LatencyProfile:
-    """Time fused.run on example-size inputs: each tenant alone at 1 and at max_batch rows, then all
+    """Time launches on example-size inputs: each tenant alone at 1 and at max_batch rows, then all
     tenants fused at 1 row each and at unequal sizes (1, 2, ..., n rows).
 
-    The fastest of `reps` timed calls after `warmup` untimed ones per setting,
-    so (warmup + reps) * (2n + 2) calls for n tenants. The warm-up matters: on
-    CPU the first few calls after start-up or after a new tenant subset is
-    lowered take 10-60 ms against 0.05 ms later (4 small MLPs, 2 cores). The
-    fastest rather than the median, because on a shared machine whole runs of
-    calls can be preempted; what launches really take under load is learnt
-    by LatencyProfile.observe. The fit is the linear model of LatencyProfile.
+    A launch is timed as the runtime's worker makes it from one-row requests:
+    concatenated, one fused.run, the outputs split and each request's Future
+    resolved. That per-request work is most of a small model's per-row cost
+    (4 x mlp-small on the 2-core CPU: fused.run costs 2 us a row, a launch 6-9
+    us a request), and planning with fused.run alone left the profile 2-6x
+    short, by a factor that differed between tenant sets with the batch sizes
+    each happened to launch: the corrections (LatencyProfile.observe) then
+    steered the space-time policy away from fusing.
+
+    The fastest of `reps` timed launches after `warmup` untimed ones per
+    setting, so (warmup + reps) * (2n + 2) launches for n tenants. The warm-up
+    matters: on CPU the first few calls after start-up or after a new tenant
+    subset is lowered take 10-60 ms against 0.05 ms later (4 small MLPs, 2
+    cores). The fastest rather than the median, because on a shared machine
+    whole runs of calls can be preempted; what launches really take under load
+    is learnt by LatencyProfile.observe. The fit is the linear model of
+    LatencyProfile.
     """
     tenants = list(fused.tenants)
     specs = call_specs(fused)
     ex = normalise_examples(tenants, example_inputs, specs)
 
-    def rows(t, b):
-        return as_call(tuple(a[:1].repeat(b, *([1] * (a.dim() - 1))) for a in ex[t]), specs.get(t))
+    def rows(t, b):  # b one-row requests
+        return [tuple(a[:1].clone() for a in ex[t]) for _ in range(b)]
 
-    def timed(inputs):
+    def timed(requests):
         times = []
         for i in range(warmup + reps):
+            futures = {t: [Future() for _ in reqs] for t, reqs in requests.items()}
             start = time.perf_counter()
-            fused.run(inputs)
+            inputs = {t: concat(reqs) for t, reqs in requests.items()}
+            outs = fused.run({t: as_call(a, specs.get(t)) for t, a in inputs.items()})
             synchronize(inputs)
+            for t, futs in futures.items():
+                for f, out in zip(futs, split(outs[t], [1] * len(futs)) if len(futs) > 1 else [outs[t]]):
+                    f.set_result(out)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
         return min(times)

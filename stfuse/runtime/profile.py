@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-_ANY = frozenset()  # LatencyProfile.correction key for tenant sets not launched yet
-_MAX_STEP = math.log(4.0)
-_TABLES = ("fixed", "per_row", "fused_fixed", "uneven_fixed")  # the measurement: read-only  # an observation moves a correction by at most 4 ** weight
+_ANY = frozenset()  # LatencyProfile.correction key of the scale common to every tenant set
+_MAX_STEP = math.log(4.0)  # an observation moves a correction by at most 4 ** weight
+_TABLES = ("fixed", "per_row", "fused_fixed", "uneven_fixed")  # the measurement: read-only
 
 
 def _groups(table: Mapping[frozenset, float]) -> list:
@@ -39,10 +39,17 @@ class LatencyProfile:
     The estimate never falls when a member's rows grow, which lets the
     space-time scheduler size batches by bisection.
 
-    `observe` keeps a multiplicative correction per tenant set (and one for
-    sets never launched yet), moved toward each measured launch in log space
-    with a clipped step: a profile that is off by 1000x converges within a few
-    dozen launches, while one 50 ms hiccup moves it by at most 32%.
+    `observe` corrects the model by what launches really take, in two
+    multiplicative parts: a scale common to every tenant set (``correction[
+    frozenset()]``), which follows each launch quickly (weight 0.2), and a
+    residual per tenant set, which moves slowly (weight / RESIDUAL_SLOWER),
+    for what the model gets wrong about that set. Both move in log space with
+    a clipped step: a profile that is off by 1000x converges within a few
+    dozen launches, while one 50 ms hiccup moves it by at most 32%. Why two
+    parts: a machine that gets busier slows every set alike, and one
+    correction per set, each following its own last few launches, had set
+    costs disagreeing by 3x on a loaded 2-core CPU (1.45-4.48x over the model
+    across the subsets of 4 MLP tenants), which decided what got fused.
     `concurrent_ratio` only matters to `simulate`: a concurrent (space) launch
     takes `concurrent_ratio * sum(solo costs)`, 1.0 meaning no overlap at all.
 
@@ -63,6 +70,7 @@ class LatencyProfile:
     default_per_row: float = 1e-4
     correction: dict[frozenset, float] = field(default_factory=dict)
     _terms: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    RESIDUAL_SLOWER = 8  # a set's residual moves this many times more slowly than the common scale
 
     def __post_init__(self):
         for name in _TABLES:
@@ -92,7 +100,7 @@ class LatencyProfile:
         if not rows:
             return 0.0
         key = frozenset(rows)
-        return self._model(rows, key)[0] * self.correction.get(key, self.correction.get(_ANY, 1.0))
+        return self._model(rows, key)[0] * self.correction.get(_ANY, 1.0) * self.correction.get(key, 1.0)
 
     def pad_to(self, rows: Mapping[str, int]) -> int | None:
         """The batch size to pad every member to, where that beats running unequal sizes; else None."""
@@ -126,17 +134,17 @@ class LatencyProfile:
         return self.group_fixed(tenants) * self.uneven_fixed[ref] / max(self.group_fixed(ref), 1e-12)
 
     def observe(self, rows: Mapping[str, int], seconds: float, weight: float = 0.2) -> None:
-        """Fold one measured launch into the correction of its tenant set and the shared one."""
+        """Fold one measured launch into the common scale and, more slowly, its set's residual."""
         if not rows or seconds <= 0:
             return
         key = frozenset(rows)
         model = self._model(rows, key)[0]
         if model <= 0:
             return
-        shared = self.correction.get(_ANY, 1.0)
-        for k, old in ((key, self.correction.get(key, shared)), (_ANY, shared)):
-            step = max(-_MAX_STEP, min(_MAX_STEP, math.log(seconds / (model * old))))
-            self.correction[k] = old * math.exp(weight * step)
+        shared, own = self.correction.get(_ANY, 1.0), self.correction.get(key, 1.0)
+        step = max(-_MAX_STEP, min(_MAX_STEP, math.log(seconds / (model * shared * own))))
+        self.correction[_ANY] = shared * math.exp(weight * step)
+        self.correction[key] = own * math.exp(weight / self.RESIDUAL_SLOWER * step)
 
     def _model(self, rows: Mapping[str, int], key: frozenset) -> tuple[float, int | None]:
         """Uncorrected seconds and pad_to: unequal sizes padded or not, whichever is cheaper."""
