@@ -1,14 +1,45 @@
-"""Requests on their way into the runtime: what one is, the input check of submit(),
-and which tenants' requests may share a launch along dim 0.
+"""Requests on their way into the runtime: the Runtime's settings checked, what a request is,
+the input check of submit(), and which tenants' requests may share a launch along dim 0.
 """
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import Future
+from typing import Mapping
 
 from stfuse.calls import input_problem
 from stfuse.errors import InputError, StfuseError
 from stfuse.runtime.batching import as_call, caller_stream, inputs_seen
+
+
+DEFAULT_SLO_MS = 100.0  # for tenants that slo_ms does not name
+
+
+def settings(tenants: list[str], slo_ms, slice_ms, **sizes: int) -> dict[str, float]:
+    """The Runtime's settings checked (each size an integer >= 1, times finite milliseconds):
+    every tenant's SLO in seconds, from one number for all, or {tenant: ms} (others
+    DEFAULT_SLO_MS), or None (all DEFAULT_SLO_MS)."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise StfuseError(f"Runtime: {name} must be an integer >= 1, got {value!r}")
+    _ms("slice_ms", slice_ms, zero_ok=True)
+    if isinstance(slo_ms, Mapping):
+        unknown = set(slo_ms) - set(tenants)
+        if unknown:
+            raise StfuseError(f"Runtime: slo_ms names unknown tenant(s) {sorted(unknown)}; tenants are {tenants}")
+        return {t: _ms(f"slo_ms[{t!r}]", slo_ms.get(t, DEFAULT_SLO_MS)) / 1e3 for t in tenants}
+    ms = _ms("slo_ms", DEFAULT_SLO_MS if slo_ms is None else slo_ms)
+    return {t: ms / 1e3 for t in tenants}
+
+
+def _ms(name: str, value, zero_ok: bool = False) -> float:
+    """A time in milliseconds: a finite number > 0 (>= 0 with ``zero_ok``), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not zero_ok):
+        raise StfuseError(f"Runtime: {name} must be a finite number of milliseconds "
+                          f"{'>= 0' if zero_ok else '> 0'}, got {value!r}")
+    return float(value)
 
 
 class RequestFuture(Future):

@@ -22,7 +22,6 @@ DeadlineExceededError, outside the lock like every other result.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
@@ -39,22 +38,13 @@ from stfuse.runtime.batching import (Unsplittable, adopt_intra_op_threads, as_ar
 from stfuse.runtime.stats import StatsRecorder
 from stfuse.runtime.policies import Dispatch, Scheduler, Wait, make_scheduler
 from stfuse.runtime.profile import LatencyProfile
-from stfuse.runtime.requests import InputCheck, Request, RequestFuture, rows_independent, same_shape
+from stfuse.runtime.requests import (DEFAULT_SLO_MS, InputCheck, Request, RequestFuture, rows_independent,
+                                     same_shape, settings)
 
 __all__ = ["Runtime", "QueueFullError", "RuntimeClosedError", "DeadlineExceededError", "measure_profile",
            "DEFAULT_SLO_MS", "DEFAULT_MAX_QUEUE"]
 
-DEFAULT_SLO_MS = 100.0  # for tenants that slo_ms does not name
 DEFAULT_MAX_QUEUE = 1024  # requests per tenant before submit() pushes back
-
-
-def _ms(name: str, value, zero_ok: bool = False) -> float:
-    """A time in milliseconds: a finite number > 0 (>= 0 with ``zero_ok``), not a bool."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (value == 0 and not zero_ok):
-        raise StfuseError(f"Runtime: {name} must be a finite number of milliseconds "
-                          f"{'>= 0' if zero_ok else '> 0'}, got {value!r}")
-    return float(value)
 
 
 def _plain(args) -> bool:
@@ -97,20 +87,7 @@ class Runtime:
                  shed: bool | None = None, freeze_gc: bool = True):
         self._fused = fused
         self.tenants = list(fused.tenants)
-        for name, value in (("max_queue", max_queue), ("max_batch", max_batch)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise StfuseError(f"Runtime: {name} must be an integer >= 1, got {value!r}")
-        _ms("slice_ms", slice_ms, zero_ok=True)
-        if isinstance(slo_ms, Mapping):
-            unknown = set(slo_ms) - set(self.tenants)
-            if unknown:
-                raise StfuseError(f"Runtime: slo_ms names unknown tenant(s) {sorted(unknown)}; "
-                                  f"tenants are {self.tenants}")
-            slo = {t: _ms(f"slo_ms[{t!r}]", slo_ms.get(t, DEFAULT_SLO_MS)) for t in self.tenants}
-        else:
-            slo = {t: _ms("slo_ms", DEFAULT_SLO_MS if slo_ms is None else slo_ms)
-                   for t in self.tenants}
-        self._slo_s = {t: ms / 1e3 for t, ms in slo.items()}
+        self._slo_s = settings(self.tenants, slo_ms, slice_ms, max_queue=max_queue, max_batch=max_batch)
         self.max_batch = max_batch
         self.max_queue = max_queue
         # Tenants called with keywords (or nested args): requests hold their flat tensors.
