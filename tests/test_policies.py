@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from stfuse.errors import StfuseError
-from stfuse.runtime.policies import POLICIES, Dispatch, Wait, make_scheduler
+from stfuse.runtime.policies import POLICIES, Dispatch, Scheduler, Wait, make_scheduler
 from stfuse.runtime.profile import LatencyProfile
 from stfuse.runtime.simulate import SimRequest, simulate
 from stfuse.runtime.stats import StatsRecorder, percentile
@@ -258,7 +258,7 @@ def test_on_time_tenant_goes_before_a_late_backlog():
 def test_space_time_holds_a_lone_request_one_slice_for_partners():
     s = scheduler("space-time", "abc")
     qs = queues("abc", a=[req("a", 0.0, 50 * MS)])
-    assert s.decide(qs, 0.5 * MS) == Wait(2 * MS)
+    assert s.decide(qs, 0.5 * MS) == Wait(2 * MS, frozenset("abc"))  # woken by a partner or more of a
     assert s.decide(qs, 2 * MS) == Dispatch({"a": 1})
     assert s.decide(qs, 0.5 * MS, flush=True) == Dispatch({"a": 1})  # closing: never hold
 
@@ -276,7 +276,7 @@ def test_space_time_does_not_hold_when_it_would_cost_the_deadline_or_nothing_can
 def test_batch_policy_waits_one_slice_unless_a_batch_is_full():
     s = scheduler("batch", "ab", max_batch=4)
     qs = queues("ab", a=[req("a", 1 * MS, 50 * MS)] * 2, b=[req("b", 1.5 * MS, 50 * MS)])
-    assert s.decide(qs, 1.5 * MS) == Wait(3 * MS)
+    assert s.decide(qs, 1.5 * MS) == Wait(3 * MS, frozenset())  # woken only by a full batch
     assert s.decide(qs, 3 * MS) == Dispatch({"a": 2})
     qs["b"].extend([req("b", 1.6 * MS, 50 * MS)] * 3)  # b now fills max_batch
     assert s.decide(qs, 1.7 * MS) == Dispatch({"b": 4})
@@ -421,6 +421,27 @@ def test_simulate_rejects_a_decision_that_takes_more_than_is_queued():
 
     with pytest.raises(StfuseError, match="takes 5 of 1"):
         simulate(Greedy(["a"]), [req("a", 0.0, 1.0)], profile("a"))
+
+
+def test_simulate_catches_a_wait_that_sleeps_through_an_arrival_that_changes_it():
+    # the runtime's worker sleeps through arrivals outside Wait.wake, so a policy whose decision such
+    # an arrival changes would launch late there: the simulator says so instead of hiding it
+    class Impatient(Scheduler):
+        name = "impatient"
+
+        def decide(self, queues, now, flush=False):
+            busy = self._busy(queues)
+            if len(busy) == 2:
+                return Dispatch({t: 1 for t in busy})
+            return Wait(queues[busy[0]][0].arrival + self.slice_s, frozenset()) if busy else None
+
+    reqs = [req("a", 0.0, 50 * MS), req("b", 0.5 * MS, 50 * MS)]
+    with pytest.raises(StfuseError, match="does not wake for"):
+        simulate(Impatient("ab", profile=profile("ab")), reqs, profile("ab"))
+    fixed = Impatient("ab", profile=profile("ab"))
+    fixed.decide = lambda q, now, flush=False: (lambda d: Wait(d.until) if isinstance(d, Wait) else d)(
+        Impatient.decide(fixed, q, now, flush))  # woken by every arrival: launches at b's
+    assert simulate(fixed, reqs, profile("ab")).launches[0][0] == pytest.approx(0.5 * MS)
 
 
 def test_slice_policy_waits_one_slice_for_live_tenants_only():

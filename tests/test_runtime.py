@@ -430,6 +430,23 @@ def test_batch_policy_batches_each_tenant_alone():
     assert sorted(n for c in later for n in c.values()) == [2, 2, 2, 2, 4, 4, 4, 4]
 
 
+def test_a_waiting_worker_wakes_only_for_arrivals_that_can_change_its_decision():
+    # "batch" holds a tenant's requests one slice (here far longer than the test) unless a batch
+    # fills: arrivals before that cannot change its Wait (policies.Wait.wake), and must not cost a
+    # decision each (4 a launch at 1x in bench_runtime); the one that fills the batch must wake it
+    prog = FakeProgram(fake_models())
+    with runtime(prog, "batch", max_batch=8, slice_ms=60_000) as rt:
+        decisions = []
+        decide = rt._scheduler.decide
+        rt._scheduler.decide = lambda *a, **k: decisions.append(decide(*a, **k)) or decisions[-1]
+        futs = [rt.submit("mlp", make_args("mlp", 1)) for _ in range(7)]
+        time.sleep(0.2)
+        assert not any(f.done() for f in futs) and len(decisions) <= 2  # the first arrival's, maybe a second
+        futs.append(rt.submit("mlp", make_args("mlp", 1)))  # the 8th row: a whole batch
+        settle(futs)
+    assert prog.calls == [{"mlp": 8}]
+
+
 def test_time_policy_runs_one_request_per_slice_round_robin():
     models = fake_models()
     prog = FakeProgram(models)

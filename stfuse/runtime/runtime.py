@@ -127,6 +127,7 @@ class Runtime:
         self._shapes_vary = set(self.tenants) - pinned
         self._closed = False
         self._idle = False  # the worker waits on self._work (submit() notifies it only then)
+        self._wake: frozenset | None = None  # whose arrivals wake it then (policies.Wait.wake; None: all)
         self.error: BaseException | None = None  # what stopped the worker, if anything did
         self._cancelled_some = False
         self._inflight: list[Request] = []  # the synchronous launch in flight
@@ -188,7 +189,10 @@ class Runtime:
             # made once admitted: a refused request (a flood's) costs no Future, its lock and condition
             future = RequestFuture(self._on_cancel)
             queue.append(Request(tenant, args, args[0].shape[0], now, now + self._slo_s[tenant], future))
-            if self._idle:  # the worker waits for work (no notify() while it runs: 3 calls a request)
+            # only while the worker waits (no notify() while it runs: 3 calls a request), and only for
+            # an arrival its policy waits for (policies.Wait.wake) or one that fills a batch
+            if self._idle and (self._wake is None or tenant in self._wake or len(queue) >= self.max_batch
+                               or sum([r.rows for r in queue]) >= self.max_batch):
                 self._work.notify()
         return future
 
@@ -243,9 +247,10 @@ class Runtime:
     def _on_cancel(self) -> None:
         self._cancelled_some = True  # read by the worker, which then drops cancelled requests
 
-    def _wait(self, timeout: float | None = None) -> None:
-        """The worker waits for work (under self._lock); submit() notifies only while it does."""
-        self._idle = True
+    def _wait(self, timeout: float | None = None, wake: frozenset | None = None) -> None:
+        """The worker waits for work (under self._lock); submit() notifies only while it does,
+        and only for arrivals of the tenants in `wake` (None: all) or that fill a batch."""
+        self._idle, self._wake = True, wake
         try:
             self._work.wait(timeout)
         finally:
@@ -300,7 +305,7 @@ class Runtime:
                     return None, shed
                 decision = self._scheduler.decide(view, now, flush=self._closed)
                 if isinstance(decision, Wait):
-                    self._wait(max(0.0, decision.until - now))
+                    self._wait(max(0.0, decision.until - now), decision.wake)
                     continue
                 if decision is None:
                     raise StfuseError(f"policy {self.policy!r} launched nothing with requests queued")

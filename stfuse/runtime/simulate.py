@@ -68,7 +68,9 @@ def simulate(scheduler: Scheduler, requests: Iterable[SimRequest], device: Laten
     heapq.heapify(arrivals)
     launches: list[tuple[float, float, dict, str]] = []
     now = 0.0
+    waiting: Wait | None = None  # the Wait decided last, while nothing has launched since
     while True:
+        asleep = waiting is not None  # whether the runtime's worker would still be waiting now
         while arrivals and arrivals[0][0] <= now:
             r = heapq.heappop(arrivals)[2]
             if (max_queue is not None and len(queues[r.tenant]) >= max_queue) \
@@ -77,12 +79,19 @@ def simulate(scheduler: Scheduler, requests: Iterable[SimRequest], device: Laten
                 stats.count(r.tenant, "rejected")
             else:
                 queues[r.tenant].append(r)
+                asleep = asleep and not _wakes(waiting, queues[r.tenant], r.tenant, scheduler.max_batch)
+        asleep = asleep and now < waiting.until
         for t, k in scheduler.expired(queues, now).items():
+            asleep = False  # the runtime sheds only when its worker wakes: decisions may differ
             for _ in range(k):
                 r = queues[t].popleft()
                 r.shed, r.shed_at = True, now
             stats.count(t, "shed", k)
         decision = scheduler.decide(queues, now)
+        if asleep and decision != waiting:
+            raise StfuseError(f"{scheduler.name}: at {now} decides {decision} after arrivals that {waiting} "
+                              f"does not wake for (the runtime's worker would still wait)")
+        waiting = decision if isinstance(decision, Wait) else None
         if decision is None:
             if not arrivals:
                 break
@@ -116,3 +125,9 @@ def simulate(scheduler: Scheduler, requests: Iterable[SimRequest], device: Laten
                 stats.request(r.tenant, r.arrival, end)
         now = end
     return SimResult(reqs, launches, stats.snapshot())
+
+
+def _wakes(wait: Wait, queue, tenant: str, max_batch: int) -> bool:
+    """Whether an arrival of `tenant` (now last in `queue`) wakes the runtime's worker from `wait`
+    (Runtime.submit's rule)."""
+    return wait.wake is None or tenant in wait.wake or sum(r.rows for r in queue) >= max_batch
