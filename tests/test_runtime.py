@@ -296,10 +296,11 @@ def test_measure_profile_times_each_tenant_and_the_fused_group():
     # (the values come from wall-clock timings: the next tests check them on a fake clock)
     assert set(prof.fixed) == set(prog.tenants) == set(prof.per_row)
     assert set(prof.fused_fixed) == set(prof.uneven_fixed) == {frozenset(prog.tenants)}
-    # (1 warm-up + 2 timed) per setting: each tenant at 1 and 4 rows, all fused at 1 row and at 1, 2, 3, 4 rows
+    # (1 warm-up + 2 timed) per setting: each tenant at 2 and 4 rows, all fused at 2 rows and at
+    # unequal sizes 2, 3, 4, 4 (max_batch caps them)
     assert len(prog.calls) == 3 * (2 * 4 + 2)
-    assert {1, 4} == {c["mlp"] for c in prog.calls if list(c) == ["mlp"]}
-    assert {"mlp": 1, "cnn": 2, "pair": 3, "twin": 4} in prog.calls
+    assert {2, 4} == {c["mlp"] for c in prog.calls if list(c) == ["mlp"]}
+    assert {"mlp": 2, "cnn": 3, "pair": 4, "twin": 4} in prog.calls
 
 
 class ClockProgram:
@@ -343,15 +344,15 @@ def test_measure_profile_recovers_the_launch_cost_model(monkeypatch):
 
 
 def test_measure_profile_reads_a_faster_big_batch_as_no_per_row_cost(monkeypatch):
-    """Noise can make max_batch rows time faster than one row: per-row cost 0, and the fixed
-    cost is then the one-row time, not one-row time minus a negative slope."""
+    """Noise can make max_batch rows time faster than two: per-row cost 0, and the fixed
+    cost is then the two-row time, not that time minus a negative slope."""
     from stfuse.runtime import batching
 
     prog = ClockProgram(per_row={"a": -1e-4})
     monkeypatch.setattr(batching, "time", prog)
     prof = measure_profile(prog, {"a": (torch.randn(2, 3),)}, max_batch=8, reps=2, warmup=1)
     assert prof.per_row == {"a": 0.0}
-    assert prof.fixed == pytest.approx({"a": ClockProgram.FIXED["a"] - 1e-4})
+    assert prof.fixed == pytest.approx({"a": ClockProgram.FIXED["a"] - 2e-4})
 
 
 def test_stats_of_a_launch_match_its_requests_one_by_one():
@@ -366,6 +367,19 @@ def test_stats_of_a_launch_match_its_requests_one_by_one():
     batched.served("b", [], finish)
     assert batched.snapshot() == one.snapshot()
     assert one.snapshot()["tenants"]["a"]["slo_misses"] == 2
+
+
+@pytest.mark.parametrize("sizes,rows", [([1], None), ([2, 1], None), ([2, 1], 3), ([2, 1], 5), ([1], 4), ([3], 2)])
+def test_concat_pads_with_the_last_row_in_one_cat(sizes, rows):
+    from stfuse.runtime.batching import concat
+
+    reqs = [(torch.randn(n, 3), torch.randn(n, 2, 2)) for n in sizes]
+    out = concat(reqs, rows)
+    for i, got in enumerate(out):
+        want = torch.cat([r[i] for r in reqs])
+        if rows is not None and rows > want.shape[0]:
+            want = torch.cat([want] + [want[-1:]] * (rows - want.shape[0]))
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("sizes", [[1], [2, 1, 3], [1, 1]])

@@ -73,19 +73,18 @@ def as_args(tenant: str, args: Any, max_batch: int | None, spec=None) -> tuple:
     return args
 
 
-def concat(requests: Sequence[tuple]) -> tuple:
-    """Several requests' argument tuples as one, concatenated along dim 0."""
-    if len(requests) == 1:
-        return requests[0]
-    return tuple(torch.cat([args[i] for args in requests]) for i in range(len(requests[0])))
-
-
-def pad(args: tuple, rows: int) -> tuple:
-    """Repeat the last row of every argument up to `rows` rows (a valid input by construction)."""
-    have = args[0].shape[0]
-    if have >= rows:
-        return args
-    return tuple(torch.cat([a, a[-1:].expand(rows - have, *a.shape[1:])]) for a in args)
+def concat(requests: Sequence[tuple], rows: int | None = None) -> tuple:
+    """Several requests' argument tuples as one, concatenated along dim 0; with `rows`, padded
+    to that many rows by repeating the last one (a valid input by construction), in the same
+    torch.cat (a second one per tenant cost 10-20 us a launch on the 2-core CPU)."""
+    have = sum(args[0].shape[0] for args in requests) if rows is not None else 0
+    if have >= (rows or 0):
+        if len(requests) == 1:
+            return requests[0]
+        return tuple(torch.cat([args[i] for args in requests]) for i in range(len(requests[0])))
+    last = requests[-1]
+    return tuple(torch.cat([args[i] for args in requests]
+                           + [last[i][-1:].expand(rows - have, *last[i].shape[1:])]) for i in range(len(last)))
 
 
 def split(output: Any, sizes: list[int]) -> list:
@@ -178,8 +177,8 @@ def normalise_examples(tenants: Sequence[str], example_inputs, specs=None) -> di
 
 def measure_profile(fused, example_inputs, max_batch: int = 32, reps: int = 5,
                     warmup: int = 3) -> LatencyProfile:
-    """Time launches on example-size inputs: each tenant alone at 1 and at max_batch rows, then all
-    tenants fused at 1 row each and at unequal sizes (1, 2, ..., n rows).
+    """Time launches on example-size inputs: each tenant alone at 2 and at max_batch rows, then all
+    tenants fused at 2 rows each and at unequal sizes (2, 3, ..., n + 1 rows).
 
     A launch is timed as the runtime's worker makes it from one-row requests:
     concatenated, one fused.run, the outputs split and each request's Future
@@ -188,7 +187,11 @@ def measure_profile(fused, example_inputs, max_batch: int = 32, reps: int = 5,
     us a request), and planning with fused.run alone left the profile 2-6x
     short, by a factor that differed between tenant sets with the batch sizes
     each happened to launch: the corrections (LatencyProfile.observe) then
-    steered the space-time policy away from fusing.
+    steered the space-time policy away from fusing. Two requests, not one,
+    at the small end: a member with several requests pays a concatenation
+    and a split (about 20 us a tenant there), which a one-row launch skips;
+    measured at one row each, a 4-tenant launch was priced at 14 us more
+    than one tenant's, and took 100 us more.
 
     The fastest of `reps` timed launches after `warmup` untimed ones per
     setting, so (warmup + reps) * (2n + 2) launches for n tenants. The warm-up
@@ -222,21 +225,24 @@ def measure_profile(fused, example_inputs, max_batch: int = 32, reps: int = 5,
         return min(times)
 
     fixed, per_row = {}, {}
+    low, big = {}, {}
     for t in ex:
-        one = timed({t: rows(t, 1)})
         # A tenant traced for a bounded batch range (a loaded artifact refuses more) is
         # timed at the top of its range.
         spec = getattr(fused, "specs", {}).get(t)
         high = spec.batch_range[1] if spec is not None and spec.dynamic else None
-        big = max_batch if high is None else max(1, min(max_batch, high))
-        per_row[t] = max(0.0, (timed({t: rows(t, big)}) - one) / (big - 1)) if big > 1 else 0.0
-        fixed[t] = max(one - per_row[t], 1e-6)
+        big[t] = max_batch if high is None else max(1, min(max_batch, high))
+        low[t] = min(2, big[t])
+        small = timed({t: rows(t, low[t])})
+        per_row[t] = max(0.0, (timed({t: rows(t, big[t])}) - small) / (big[t] - low[t])) if big[t] > low[t] else 0.0
+        fixed[t] = max(small - per_row[t] * low[t], 1e-6)
     fused_fixed, uneven_fixed = {}, {}
     if len(ex) > 1:
         group = frozenset(ex)
-        together = timed({t: rows(t, 1) for t in ex})
-        fused_fixed[group] = max(together - sum(per_row.values()), 1e-6)
-        uneven = timed({t: rows(t, i + 1) for i, t in enumerate(ex)})
-        work = sum(per_row[t] * (i + 1) for i, t in enumerate(ex))
+        together = timed({t: rows(t, low[t]) for t in ex})
+        fused_fixed[group] = max(together - sum(per_row[t] * low[t] for t in ex), 1e-6)
+        sizes = {t: min(big[t], low[t] + i) for i, t in enumerate(ex)}
+        uneven = timed({t: rows(t, b) for t, b in sizes.items()})
+        work = sum(per_row[t] * b for t, b in sizes.items())
         uneven_fixed[group] = max(uneven - fused_fixed[group] - work, 0.0)
     return LatencyProfile(fixed, per_row, fused_fixed, uneven_fixed)

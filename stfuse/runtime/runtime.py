@@ -33,7 +33,7 @@ import torch
 from stfuse.errors import DeadlineExceededError, InputError, QueueFullError, RuntimeClosedError, StfuseError
 from stfuse.runtime import collector
 from stfuse.runtime.batching import (Unsplittable, adopt_intra_op_threads, as_args, as_call, call_specs, concat, hand_over,
-                                     measure_profile, normalise_examples, pad, split, synchronize,
+                                     measure_profile, normalise_examples, split, synchronize,
                                      wait_for_callers)
 from stfuse.runtime.stats import StatsRecorder
 from stfuse.runtime.policies import Dispatch, Scheduler, Wait, make_scheduler
@@ -408,9 +408,7 @@ class Runtime:
         try:
             for reqs in batch.values():
                 wait_for_callers(reqs)
-            inputs = {t: concat([r.args for r in reqs]) for t, reqs in batch.items()}
-            if pad_to is not None:
-                inputs = {t: pad(args, pad_to) for t, args in inputs.items()}
+            inputs = {t: concat([r.args for r in reqs], pad_to) for t, reqs in batch.items()}
             outs = self._fused.run({t: as_call(a, self._calls.get(t)) for t, a in inputs.items()})
             if type(outs) is not dict and not isinstance(outs, Mapping) or set(outs) != set(batch):
                 raise StfuseError(f"fused.run returned {type(outs).__name__} "
