@@ -199,6 +199,22 @@ def _bind_conv(gm, graph, n: torch.fx.Node, gemm: str) -> None:
                                        cpu_conv.min_numel(w, conv[0], conv[3]))
 
 
+def _bind_stacked_conv(gm, graph, n: torch.fx.Node, gemm: str) -> None:
+    """stacked_conv2d on the program's float32 weights -> cpu_conv.stacked_conv2d, which
+    holds them packed for oneDNN as one grouped conv's weight (``gemm`` "onednn")."""
+    if OPS["stacked_conv2d"].reference is not reference.stacked_conv2d or gemm != "onednn":
+        return
+    x, w, b, stride, padding, dilation, groups, *rest = n.args
+    W, B = _weight(gm, w), _weight(gm, b)
+    if W is None or W.dim() != 5 or not cpu_conv.packable(W[0]) or (b is not None and B is None):
+        return
+    W4 = W.reshape(-1, *W.shape[2:])
+    packed = _const_attr(gm, graph, n, f"{w.target}_onednn",
+                         cpu_conv.pack(W4, list(stride), list(padding), list(dilation), groups * W.shape[0]))
+    bias = None if B is None else _const_attr(gm, graph, n, f"{b.target}_onednn", B.reshape(-1))
+    n.target, n.args = cpu_conv.stacked_conv2d, (*n.args, packed, bias)
+
+
 def _fold_conv_relu(graph) -> None:
     """cpu_conv.conv whose one reader is ``relu`` -> conv(..., "relu"): oneDNN's post-op.
 
@@ -229,8 +245,10 @@ def _contiguous_where_needed(graph) -> None:
     maybe_cl, made = set(), {}
     for n in list(graph.nodes):
         reads = [a for a in n.all_input_nodes if a in maybe_cl]
+        if n.op == "call_function" and n.target is unbind_contiguous:
+            continue  # its members are contiguous
         if n.op == "call_function" and n.target in cpu_conv.CL_SAFE:
-            if n.target is cpu_conv.conv or reads:
+            if n.target in (cpu_conv.conv, cpu_conv.stacked_conv2d) or reads:
                 maybe_cl.add(n)
             continue
         for a in reads:
@@ -243,7 +261,7 @@ def _contiguous_where_needed(graph) -> None:
 # CPU specialisations of a bound op, by stfuse op name or aten overload: each rewrites
 # the node in place, given what CPU linears and convs run on (cpu_gemm.mode).
 _CPU_SPECIALISE = {"stacked_linear": _bind_stacked_linear, aten.linear.default: _bind_linear,
-                   aten.conv2d.default: _bind_conv}
+                   aten.conv2d.default: _bind_conv, "stacked_conv2d": _bind_stacked_conv}
 
 
 def bind(gm: torch.fx.GraphModule, device: torch.device, codegen: str = "direct", dynamic=(),

@@ -39,12 +39,11 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from . import cpu_gemm
+from . import cpu_gemm, reference
 
 aten = torch.ops.aten
 CL = torch.channels_last
 _conv = torch.ops.mkldnn._convolution_pointwise.default
-_conv_binary = torch.ops.mkldnn._convolution_pointwise.binary
 
 
 def params(n_args: tuple) -> tuple | None:
@@ -105,11 +104,29 @@ def conv(x, w, b, stride, padding, dilation, groups, packed, least: int, attr: s
     return torch.relu(y) if attr == "relu" else y
 
 
+def stacked_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, scalars, packed, bias):
+    """``reference.stacked_conv2d`` (one conv, members side by side in the channel dim)
+    through oneDNN on ``packed``, the members' weights as one [R*O, C/g, kh, kw] weight of
+    R*g groups packed once (``bias``: [R*O]), a "relu" epilogue as its post-op. aten's
+    grouped conv runs oneDNN too, reordering the weight every call: 4 members, batch 1,
+    ResNet-50/8's [16, 16, 3, 3] at 8x8 34 against 24 us, [64, 64, 3, 3] stride 2 at 4x4
+    61 against 26."""
+    if x.dtype is not torch.float32:
+        return reference.stacked_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, scalars)
+    R, B, C, H, W = x.shape
+    xb = x.permute(1, 3, 4, 0, 2).reshape(B, H, W, R * C).permute(0, 3, 1, 2)  # channels-last, one copy at most
+    attr = "relu" if epilogue == "relu" else "none"
+    y = _conv(xb, packed, bias, padding, stride, dilation, groups * R, attr, [], "")
+    y = y.view(B, R, w.shape[1], *y.shape[2:]).transpose(0, 1)
+    return reference._stacked_epilogue(y, "" if attr == "relu" else epilogue, ext, scalars)
+
+
 # Readers that compute the same values from a channels-last input as from a contiguous
 # one, and take it without a copy: a bound conv's output goes to them as it is. Every
 # other reader gets it made contiguous (bind).
 CL_SAFE = frozenset({
-    conv, aten.conv2d.default, torch.stack, operator.getitem,
+    conv, stacked_conv2d, reference.stacked_conv2d, reference.stacked_pointwise, aten.conv2d.default,
+    torch.stack, operator.getitem,
     aten.relu.default, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
     aten.hardtanh.default, aten.clamp.default, aten.sigmoid.default, aten.silu.default, aten.gelu.default,
     aten.tanh.default, aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,

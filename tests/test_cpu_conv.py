@@ -192,3 +192,46 @@ def test_a_weight_changed_in_place_is_packed_again(monkeypatch):
     got = fused(x)[0]
     assert fused.weight_rebuilds == 1 and cpu_conv.conv in _targets(fused.program)
     assert_close(got, float64_reference(model, (x,)))
+
+
+@needs_onednn
+@pytest.mark.parametrize("c,o,k,stride,padding,dilation,groups", CONVS)
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("epilogue", ["", "relu", "add:tensor,relu"])
+def test_stacked_conv2d_matches_float64(c, o, k, stride, padding, dilation, groups, batch, epilogue):
+    """R = 3 members as one grouped oneDNN conv on their packed weights, the input
+    stacked contiguous, the weights channels-last (as passes/lower.py packs them)."""
+    torch.manual_seed(0)
+    R = 3
+    x = torch.randn(R, batch, c, 11, 13)
+    w = torch.randn(R, o, c // groups, *k)
+    b = torch.randn(R, o)
+    conv = (_pair(stride), _pair(padding), _pair(dilation), groups)
+    want = torch.stack([_f64_conv(x[i], w[i], b[i], *conv) for i in range(R)])
+    ext = [torch.randn(want.shape)] if "add" in epilogue else []
+    if ext:
+        want = want + ext[0].double()
+    if "relu" in epilogue:
+        want = torch.relu(want)
+    w_cl = torch.stack([wi.contiguous(memory_format=CL) for wi in w])
+    packed = cpu_conv.pack(w.reshape(-1, *w.shape[2:]), conv[0], conv[1], conv[2], groups * R)
+    got = cpu_conv.stacked_conv2d(x, w_cl, b, *conv, epilogue, ext, [], packed, b.reshape(-1))
+    assert got.shape == want.shape
+    assert_close(got, want)
+
+
+@needs_onednn
+@pytest.mark.parametrize("batch", [1, 8])
+def test_bind_runs_fused_convs_on_onednn(monkeypatch, batch):
+    """Four zoo CNNs fused (tune="off"): the stacked convs bind to
+    cpu_conv.stacked_conv2d and the program computes what float64 eager does."""
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "onednn")
+    torch.manual_seed(0)
+    models = [zoo.cnn(16).eval() for _ in range(4)]
+    xs = [torch.randn(batch, 3, 32, 32) for _ in models]
+    fused = stfuse.compile(models, [(x,) for x in xs], tune="off")
+    assert cpu_conv.stacked_conv2d in _targets(fused.program)
+    for got, m, x in zip(fused(*xs), models, xs):
+        assert_close(got, float64_reference(m, (x,)))
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "mkl")
+    assert cpu_conv.stacked_conv2d not in _targets(bind(fused.canonical_program, CPU))
