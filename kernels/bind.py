@@ -11,7 +11,10 @@ turns it into the program that runs, for compiled and loaded programs alike:
   program's weights, fused (stacked_linear) or a tenant's own (aten.linear),
   run oneDNN's GEMM on weights reordered here, once, where kernels/cpu_gemm.py
   says it is faster (2.2x on the project's AMD EPYC at transformer sizes); a
-  gelu after such a linear becomes oneDNN's post-op.
+  gelu after such a linear becomes oneDNN's post-op. Convs likewise, fused
+  (stacked_conv2d) or a tenant's own (aten.conv2d), run oneDNN's conv on weights
+  reordered here, channels-last, relu as post-op (kernels/cpu_conv.py), their
+  outputs made contiguous where a reader or the caller could see the layout.
 - CUDA: the custom ops dispatch to their Triton kernels, grouped GEMMs over the
   program's weights run as planned sites (kernels/arena.py), and the whole program
   replays as a CUDA graph per input signature (kernels/graphs.py).
