@@ -11,7 +11,10 @@ turns it into the program that runs, for compiled and loaded programs alike:
   program's weights, fused (stacked_linear) or a tenant's own (aten.linear),
   run oneDNN's GEMM on weights reordered here, once, where kernels/cpu_gemm.py
   says it is faster (2.2x on the project's AMD EPYC at transformer sizes); a
-  gelu after such a linear becomes oneDNN's post-op.
+  gelu after such a linear becomes oneDNN's post-op. Convs likewise, fused
+  (stacked_conv2d) or a tenant's own (aten.conv2d), run oneDNN's conv on weights
+  reordered here, channels-last, relu as post-op (kernels/cpu_conv.py), their
+  outputs made contiguous where a reader or the caller could see the layout.
 - CUDA: the custom ops dispatch to their Triton kernels, grouped GEMMs over the
   program's weights run as planned sites (kernels/arena.py), and the whole program
   replays as a CUDA graph per input signature (kernels/graphs.py).
@@ -34,7 +37,7 @@ import warnings
 
 import torch
 
-from . import cpu_gemm, reference
+from . import cpu_conv, cpu_gemm, reference
 from .ops import OPS
 
 aten = torch.ops.aten
@@ -187,9 +190,81 @@ def _fold_gelu(graph) -> None:
         graph.erase_node(u)
 
 
+def _bind_conv(gm, graph, n: torch.fx.Node, gemm: str) -> None:
+    """aten.conv2d on one of the program's 4-D float32 weights -> cpu_conv.conv, which
+    holds the weight packed for oneDNN's conv (``gemm`` "onednn"; else left as it is)."""
+    w = _weight(gm, n.args[1]) if len(n.args) >= 2 else None
+    conv = cpu_conv.params(n.args[3:]) if not n.kwargs else None
+    if gemm != "onednn" or w is None or conv is None or not cpu_conv.packable(w):
+        return
+    packed = _const_attr(gm, graph, n, f"{n.args[1].target}_onednn", cpu_conv.pack(w, *conv))
+    n.target, n.args = cpu_conv.conv, (n.args[0], n.args[1], n.args[2] if len(n.args) > 2 else None, *conv, packed,
+                                       cpu_conv.min_numel(w, conv[0], conv[3]))
+
+
+def _bind_stacked_conv(gm, graph, n: torch.fx.Node, gemm: str) -> None:
+    """stacked_conv2d on the program's float32 weights -> cpu_conv.stacked_conv2d, which
+    holds them packed for oneDNN as one grouped conv's weight (``gemm`` "onednn")."""
+    if OPS["stacked_conv2d"].reference is not reference.stacked_conv2d or gemm != "onednn":
+        return
+    x, w, b, stride, padding, dilation, groups, *rest = n.args
+    W, B = _weight(gm, w), _weight(gm, b)
+    if W is None or W.dim() != 5 or not cpu_conv.packable(W[0]) or (b is not None and B is None):
+        return
+    W4 = W.reshape(-1, *W.shape[2:])
+    packed = _const_attr(gm, graph, n, f"{w.target}_onednn",
+                         cpu_conv.pack(W4, list(stride), list(padding), list(dilation), groups * W.shape[0]))
+    bias = None if B is None else _const_attr(gm, graph, n, f"{b.target}_onednn", B.reshape(-1))
+    n.target, n.args = cpu_conv.stacked_conv2d, (*n.args, packed, bias)
+
+
+def _fold_conv_relu(graph) -> None:
+    """cpu_conv.conv whose one reader is ``relu`` -> conv(..., "relu"): oneDNN's post-op.
+
+    Before/after::
+
+        %c = cpu_conv.conv(%x, ...)          ->     %c = cpu_conv.conv(%x, ..., "relu")
+        %r = aten.relu.default(%c)
+    """
+    for n in list(graph.nodes):
+        u = next(iter(n.users)) if n.target is cpu_conv.conv and len(n.users) == 1 else None
+        if u is not None and u.op == "call_function" and u.target is aten.relu.default and not u.kwargs:
+            n.args = (*n.args, "relu")
+            u.replace_all_uses_with(n)
+            graph.erase_node(u)
+
+
+def _contiguous_where_needed(graph) -> None:
+    """A bound conv's channels-last output (and what CL_SAFE ops compute from it) made
+    contiguous, once, before each reader outside cpu_conv.CL_SAFE and before the output:
+    what a tenant's ``view`` and the caller see is eager's layout (kernels/cpu_conv.py).
+
+    Before/after::
+
+        %c = cpu_conv.conv(%x, ...)                  %c = cpu_conv.conv(%x, ...)
+        %v = aten.view.default(%c, [1, -1])   ->     %k = %c.contiguous()
+                                                     %v = aten.view.default(%k, [1, -1])
+    """
+    maybe_cl, made = set(), {}
+    for n in list(graph.nodes):
+        reads = [a for a in n.all_input_nodes if a in maybe_cl]
+        if n.op == "call_function" and n.target is unbind_contiguous:
+            continue  # its members are contiguous
+        if n.op == "call_function" and n.target in cpu_conv.CL_SAFE:
+            if n.target in (cpu_conv.conv, cpu_conv.stacked_conv2d) or reads:
+                maybe_cl.add(n)
+            continue
+        for a in reads:
+            if a not in made:
+                with graph.inserting_after(a):
+                    made[a] = graph.call_method("contiguous", (a,))
+            n.replace_input_with(a, made[a])
+
+
 # CPU specialisations of a bound op, by stfuse op name or aten overload: each rewrites
-# the node in place, given what CPU linears run on (cpu_gemm.mode).
-_CPU_SPECIALISE = {"stacked_linear": _bind_stacked_linear, aten.linear.default: _bind_linear}
+# the node in place, given what CPU linears and convs run on (cpu_gemm.mode).
+_CPU_SPECIALISE = {"stacked_linear": _bind_stacked_linear, aten.linear.default: _bind_linear,
+                   aten.conv2d.default: _bind_conv, "stacked_conv2d": _bind_stacked_conv}
 
 
 def bind(gm: torch.fx.GraphModule, device: torch.device, codegen: str = "direct", dynamic=(),
@@ -227,6 +302,8 @@ def bind(gm: torch.fx.GraphModule, device: torch.device, codegen: str = "direct"
         if rule is not None:
             rule(bound, graph, n, gemm)
     _fold_gelu(graph)
+    _fold_conv_relu(graph)
+    _contiguous_where_needed(graph)
     graph.eliminate_dead_code()
     bound.recompile()
     _plain_attributes(bound)

@@ -79,18 +79,20 @@ def packable(w) -> bool:
 
 # Packed weights by source tensor, so that every program bound on the same weights
 # (each subset fused.run lowers, the self-check's, a rebind) reads one packed copy: per
-# id of the weight's base tensor, (a weak reference to it, {(offset, shape, strides):
+# id of the weight's base tensor, (a weak reference to it, {(offset, shape, strides, reorder, params):
 # (version, weak reference to the packed weight)}). Weak both ways: an entry goes with
 # its weight, a packed weight with the last program that reads it.
 _PACKS: dict[int, tuple] = {}
 _LOCK = threading.RLock()  # re-entered where a weight dies while a pack is made
 
 
-def pack(w: torch.Tensor) -> torch.Tensor:
-    """w [N, K] reordered into oneDNN's blocked layout: a copy, made once per weight
-    (and version) while a bound program holds it."""
+def pack(w: torch.Tensor, reorder=None, *params) -> torch.Tensor:
+    """w [N, K] reordered into oneDNN's blocked layout (or ``reorder(w, *params)``: a conv
+    weight's, kernels/cpu_conv.py): a copy, made once per weight, version and params while
+    a bound program holds it."""
     base = w if w._base is None else w._base
-    where = (w.storage_offset(), tuple(w.shape), tuple(w.stride()))
+    reorder = reorder or torch.ops.mkldnn._reorder_linear_weight
+    where = (w.storage_offset(), tuple(w.shape), tuple(w.stride()), reorder, repr(params))
     with _LOCK:
         entry = _PACKS.get(id(base))
         if entry is None or entry[0]() is not base:
@@ -99,7 +101,7 @@ def pack(w: torch.Tensor) -> torch.Tensor:
         version, ref = entry[1].get(where, (None, None))
         packed = ref() if ref is not None and version == w._version else None
         if packed is None:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
+            packed = reorder(w.contiguous(), *params)
             entry[1][where] = (w._version, weakref.ref(packed))
     return packed
 

@@ -134,6 +134,9 @@ def device_identity(device: torch.device) -> dict:
                 "threads": torch.get_num_threads()}
     if device.type == "cpu":
         identity["cpu_gemm"] = config.cpu_gemm_mode()
+        # convs bound to oneDNN's as well (kernels/cpu_conv.py): timings taken before ran
+        # aten's conv, so they are not reused
+        identity["cpu_conv"] = "onednn"
     return identity
 
 
