@@ -57,10 +57,20 @@ def params(n_args: tuple) -> tuple | None:
     return (*pair, groups) if isinstance(groups, int) else None
 
 
+# Kernels up to this size (both dims) are bound; larger ones stay on aten. The prepacked
+# conv lost to aten on the patchify stems of vision transformers and ConvNeXt/Swin
+# (kernel = stride): 3 -> 96, 4x4 s4 at 64x64 148 against 51 us at batch 1, 199 against
+# 98 at batch 8; grouped (4 tenants' 3 -> 768, 16x16 s16 fused) 57 ms against aten's
+# 0.3 ms. A 7x7 stem ties (91 against 92 us). 3x3 and 1x1 convs are where it wins.
+MAX_KERNEL = 3
+
+
 def packable(w) -> bool:
-    """A weight oneDNN's conv takes: a 4-D float32 CPU tensor (2-D convs, not transposed)."""
+    """A weight oneDNN's conv takes, and is faster with: a 4-D float32 CPU tensor (2-D
+    convs, not transposed) of a kernel up to MAX_KERNEL x MAX_KERNEL."""
     return (isinstance(w, torch.Tensor) and w.dim() == 4 and w.dtype == torch.float32
-            and w.device.type == "cpu" and not w.requires_grad)
+            and w.device.type == "cpu" and not w.requires_grad
+            and w.shape[2] <= MAX_KERNEL and w.shape[3] <= MAX_KERNEL)
 
 
 def pack(w: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:

@@ -76,7 +76,8 @@ def test_params_and_packable_refuse_what_is_not_plain():
     assert cpu_conv.params(([2, 1], [1, 0], [1, 1], 1)) == ([2, 1], [1, 0], [1, 1], 1)
     assert cpu_conv.params(()) == ([1, 1], [0, 0], [1, 1], 1)
     assert cpu_conv.params((1, "same")) is None
-    assert cpu_conv.packable(torch.randn(4, 3, 3, 3))
+    assert cpu_conv.packable(torch.randn(4, 3, 3, 3)) and cpu_conv.packable(torch.randn(4, 3, 1, 1))
+    assert not cpu_conv.packable(torch.randn(4, 3, 4, 4)) and not cpu_conv.packable(torch.randn(4, 3, 7, 7))
     assert not cpu_conv.packable(torch.randn(4, 3, 3, 3, dtype=torch.float64))
     assert not cpu_conv.packable(torch.randn(4, 3, 3))  # conv1d
     assert not cpu_conv.packable(torch.randn(4, 3, 3, 3, requires_grad=True))
@@ -156,6 +157,33 @@ def test_unusual_convs_stay_on_aten(monkeypatch):
     fused = stfuse.compile([model], [args])
     assert cpu_conv.conv not in _targets(fused.program)
     assert_close(fused(args)[0], float64_reference(model, args))
+
+
+class _Patchify(nn.Module):
+    """A vision transformer's or ConvNeXt's stem: kernel = stride, few input channels."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, k, stride=k)
+
+    def forward(self, x):
+        return self.stem(x).flatten(2)
+
+
+@needs_onednn
+@pytest.mark.parametrize("k", [4, 16])
+def test_patchify_stems_fused_or_not_stay_on_aten(monkeypatch, k):
+    # the prepacked conv lost to aten on these (cpu_conv.MAX_KERNEL): fused across 4 tenants
+    # with tune="off", ViT's 16x16 stem took 57 ms against aten's 0.3 ms
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "onednn")
+    torch.manual_seed(0)
+    models = [_Patchify(k).eval() for _ in range(2)]
+    xs = [torch.randn(1, 3, 32, 32) for _ in models]
+    for tune in ("off", "measure"):
+        fused = stfuse.compile(models, [(x,) for x in xs], tune=tune)
+        assert not {cpu_conv.conv, cpu_conv.stacked_conv2d} & _targets(fused.program)
+        for m, x, got in zip(models, xs, fused(*xs)):
+            assert_close(got, float64_reference(m, (x,)))
 
 
 @needs_onednn
