@@ -224,7 +224,7 @@ def tuning_record(g, pricer: Pricer) -> dict:
 
 def drop_unprofitable(g):
     """Keep, split or drop each group as its prices say; returns a new graph."""
-    g = g.copy()
+    matched, g = g, g.copy()
     pricer = Pricer(g)
     tuning = tuning_record(g, pricer)
     kept = {}
@@ -239,6 +239,9 @@ def drop_unprofitable(g):
             for k in members:
                 g.nodes[k]["group"] = sub
     pricer.close(tuning)
+    if tuning.get("mode") == "measure" and kept.keys() != g.graph["groups"].keys():
+        # every group as matched, for check_program to time as a whole (tune.py)
+        g.graph["matched"] = matched
     g.graph["groups"] = kept
     g.graph["tuning"] = tuning
     return g

@@ -31,6 +31,7 @@ def ungroup(tenants):
                 if k not in members or len(members) < 2:
                     g.nodes[k]["group"] = None
         g.graph["groups"] = kept
+        g.graph.pop("matched", None)  # check_program must not offer those tenants' groups again
         return g
 
     return ungroup_tenants

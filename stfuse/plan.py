@@ -152,10 +152,13 @@ def tuning_lines(t: dict | None) -> list[str]:
         lines.append(f"  timed while busy ({t['unsaved']}): not cached, the next compile times again")
     p = t.get("program")
     if p:
-        verdict = (f"fused kept ({p['apart_us'] / p['fused_us']:.2f}x)" if p["decision"] == "fused" else
-                   "fused is not faster: every tenant runs apart (no groups kept)")
-        lines.append(f"whole program{' (cached)' if p.get('source') == 'cached' else ''}: "
-                     f"fused {p['fused_us']:.0f} us, apart {p['apart_us']:.0f} us: {verdict}")
+        times = ", ".join(f"{name} {p[k]:.0f} us" for name, k in (("fused", "fused_us"), ("apart", "apart_us"),
+                                                                    ("every group as matched", "matched_us"))
+                          if k in p)
+        verdict = {"fused": "fused kept" + (f" ({p['apart_us'] / p['fused_us']:.2f}x)" if "apart_us" in p else ""),
+                   "apart": "fused is not faster: every tenant runs apart (no groups kept)",
+                   "matched": "every group as matched kept (the groups that lost alone pay together)"}[p["decision"]]
+        lines.append(f"whole program{' (cached)' if p.get('source') == 'cached' else ''}: {times}: {verdict}")
     return lines
 
 

@@ -39,6 +39,8 @@ def quiet(monkeypatch):
 def _conv_loses(what):
     if what == "program":
         return 100.0, 200.0  # the whole fused program wins
+    if what == "program-matched":
+        return 200.0, 100.0  # and beats every group as matched (the conv groups too)
     return (80.0, 50.0) if what.startswith("conv2d") else (30.0, 50.0)
 
 
@@ -142,19 +144,61 @@ def test_a_corrupt_cache_file_is_ignored(timer, garbage):
 
 def test_whole_program_fallback_runs_the_tenants_apart(monkeypatch, tmp_path):
     monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
-    fake = FakeTimer(lambda what: (300.0, 200.0) if what == "program" else (30.0, 50.0))
+    fake = FakeTimer(lambda what: (300.0, 200.0) if what.startswith("program") else (30.0, 50.0))
     monkeypatch.setattr(timing, "time_pair", fake)
     models, args = _tenants()
     fused = _compile(models, args)
     assert fused.plan.stats["fused_groups"] == 0 and not fused.plan.groups
     assert "stfuse" not in fused.canonical_program.code  # only the tenants' own ops
-    assert fused.plan.stats["tuning"]["program"] == {"fused_us": 300.0, "apart_us": 200.0,
+    assert fused.plan.stats["tuning"]["program"] == {"fused_us": 300.0, "apart_us": 200.0, "matched_us": 300.0,
                                                      "decision": "apart", "source": "measured"}
     check_tenants(fused, models, args)
     outs = fused.run({"2": args[2][0]})  # subsets lower from the unfused plan too
     assert outs["2"].shape == (2, 10)
     text = fused.plan.summary()
-    assert "whole program: fused 300 us, apart 200 us: fused is not faster: every tenant runs apart" in text
+    assert ("whole program: fused 300 us, apart 200 us, every group as matched 300 us: fused is not faster: "
+            "every tenant runs apart") in text
+
+
+@pytest.mark.parametrize("plan_us", [(100.0, 200.0), (300.0, 200.0)])
+def test_every_group_as_matched_wins_where_the_dropped_groups_paid_together(monkeypatch, tmp_path, plan_us):
+    # the conv groups lose their own timings, and the program without them is then slower than
+    # every group as matched (chains of groups lose less apart than together): check_program
+    # keeps the matched plan, whether the measured one kept its linear groups or ran apart
+    monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
+
+    def prices(what):
+        if what == "program":
+            return plan_us
+        if what == "program-matched":
+            return 80.0, min(plan_us)  # against the winner of the first pair, by more than the margin
+        return (80.0, 50.0) if what.startswith("conv2d") else (30.0, 50.0)
+
+    fake = FakeTimer(prices)
+    monkeypatch.setattr(timing, "time_pair", fake)
+    models, args = _tenants()
+    fused = _compile(models, args)
+    assert "program-matched" in fake.calls
+    assert {grp.op_class for grp in fused.plan.groups.values()} >= {"linear", "conv2d"}
+    program = fused.plan.stats["tuning"]["program"]
+    assert program["decision"] == "matched" and program["matched_us"] == 80.0
+    assert "every group as matched" in fused.plan.summary()
+    check_tenants(fused, models, args)
+    fake.calls.clear()
+    again = _compile(models, args)  # cached: nothing timed, the same plan
+    assert not fake.calls and again.plan.stats["tuning"]["program"]["decision"] == "matched"
+
+
+def test_the_self_checks_ungrouped_tenants_are_not_offered_again():
+    # selfcheck's fallback takes failing tenants out of every group (passes/ungroup.py): the
+    # matched groups check_program could otherwise bring back go with them
+    import networkx as nx
+
+    from stfuse.passes.ungroup import ungroup
+
+    g = nx.DiGraph()
+    g.graph.update(groups={}, matched=nx.DiGraph())
+    assert "matched" not in ungroup({"a"})(g).graph and "matched" in g.graph
 
 
 @pytest.mark.parametrize("program_wins", [True, False])
@@ -164,7 +208,7 @@ def test_every_pass_output_verifies_in_measure_mode(monkeypatch, tmp_path, progr
 
     monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
     prices = (100.0, 200.0) if program_wins else (300.0, 200.0)
-    monkeypatch.setattr(timing, "time_pair", FakeTimer(lambda what: prices if what == "program" else (30.0, 50.0)))
+    monkeypatch.setattr(timing, "time_pair", FakeTimer(lambda what: prices if what.startswith("program") else (30.0, 50.0)))
     models, args = _tenants()
     fused = compile_tenants({str(i): trace_tenant(str(i), m, a) for i, (m, a) in enumerate(zip(models, args))},
                             verify=True, tune="measure")
@@ -182,7 +226,7 @@ def test_summary_says_what_was_timed_and_decided(timer):
     assert "0 from cache" in tune_line and "0 by the cost model" in tune_line
     assert f"saves over {MARGIN:.0%}" in tune_line and "run apart" in tune_line
     assert any(ln.startswith("  run apart (us fused/apart):") and "80/50" in ln for ln in lines)
-    assert "whole program: fused 100 us, apart 200 us: fused kept (2.00x)" in text
+    assert "whole program: fused 100 us, apart 200 us, every group as matched 200 us: fused kept (2.00x)" in text
     again = _compile(models, args).plan.summary()
     assert "whole program (cached)" in again and "0 timed" in again
 
@@ -275,7 +319,7 @@ def test_a_candidate_that_cannot_be_built_is_priced_by_the_model(monkeypatch, ti
     monkeypatch.setattr(tune, "candidate_programs", lambda g, members, packed=False: None)
     models, args = _tenants()
     fused = _compile(models, args)
-    assert [w for w in timer.calls if w != "program"] == []
+    assert [w for w in timer.calls if not w.startswith("program")] == []
     assert {r["source"] for r in fused.plan.stats["tuning"]["groups"].values()} == {"model"}
     check_tenants(fused, models, args)
 
