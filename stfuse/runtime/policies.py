@@ -93,6 +93,12 @@ class Wait:
     wake: frozenset | None = None
 
 
+def woken(wake: frozenset | None, tenant: str, queue: Sequence[Pending], max_batch: int) -> bool:
+    """Whether an arrival of `tenant` (now last in `queue`) ends a Wait whose `wake` this is:
+    what Runtime.submit notifies the worker for, and what simulate checks against."""
+    return wake is None or tenant in wake or _holds_rows(queue, 0, max_batch)
+
+
 # --------------------------------------------------------------------------- policies
 
 

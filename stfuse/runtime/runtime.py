@@ -36,7 +36,7 @@ from stfuse.runtime.batching import (Unsplittable, adopt_intra_op_threads, as_ar
                                      measure_profile, normalise_examples, split, synchronize,
                                      wait_for_callers)
 from stfuse.runtime.stats import StatsRecorder
-from stfuse.runtime.policies import Dispatch, Scheduler, Wait, make_scheduler
+from stfuse.runtime.policies import Dispatch, Scheduler, Wait, make_scheduler, woken
 from stfuse.runtime.profile import LatencyProfile
 from stfuse.runtime.requests import (DEFAULT_SLO_MS, InputCheck, Request, RequestFuture, rows_independent,
                                      same_shape, settings)
@@ -191,8 +191,7 @@ class Runtime:
             queue.append(Request(tenant, args, args[0].shape[0], now, now + self._slo_s[tenant], future))
             # only while the worker waits (no notify() while it runs: 3 calls a request), and only for
             # an arrival its policy waits for (policies.Wait.wake) or one that fills a batch
-            if self._idle and (self._wake is None or tenant in self._wake or len(queue) >= self.max_batch
-                               or sum([r.rows for r in queue]) >= self.max_batch):
+            if self._idle and woken(self._wake, tenant, queue, self.max_batch):
                 self._work.notify()
         return future
 

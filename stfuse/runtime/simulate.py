@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 
 from stfuse.errors import StfuseError
 from stfuse.runtime.stats import StatsRecorder
-from stfuse.runtime.policies import Scheduler, Wait
+from stfuse.runtime.policies import Scheduler, Wait, woken
 from stfuse.runtime.profile import LatencyProfile
 
 
@@ -79,7 +79,7 @@ def simulate(scheduler: Scheduler, requests: Iterable[SimRequest], device: Laten
                 stats.count(r.tenant, "rejected")
             else:
                 queues[r.tenant].append(r)
-                asleep = asleep and not _wakes(waiting, queues[r.tenant], r.tenant, scheduler.max_batch)
+                asleep = asleep and not woken(waiting.wake, r.tenant, queues[r.tenant], scheduler.max_batch)
         asleep = asleep and now < waiting.until
         for t, k in scheduler.expired(queues, now).items():
             asleep = False  # the runtime sheds only when its worker wakes: decisions may differ
@@ -126,8 +126,3 @@ def simulate(scheduler: Scheduler, requests: Iterable[SimRequest], device: Laten
         now = end
     return SimResult(reqs, launches, stats.snapshot())
 
-
-def _wakes(wait: Wait, queue, tenant: str, max_batch: int) -> bool:
-    """Whether an arrival of `tenant` (now last in `queue`) wakes the runtime's worker from `wait`
-    (Runtime.submit's rule)."""
-    return wait.wake is None or tenant in wait.wake or sum(r.rows for r in queue) >= max_batch
