@@ -143,6 +143,16 @@ def test_profile_tables_are_read_only_and_copies_keep_them():
         assert other == prof and other.estimate({"a": 2, "b": 5}) == prof.estimate({"a": 2, "b": 5}) > before
 
 
+@pytest.mark.parametrize("bad", [dict(fixed={"a": -1e-3}), dict(per_row={"a": float("nan")}),
+                                 dict(fixed={"a": True}), dict(fused_fixed={("a", "b"): 1e-3}),
+                                 dict(uneven_fixed={frozenset("ab"): "1 ms"}), dict(fixed=[1e-3]),
+                                 dict(fixed={1: 1e-3}), dict(concurrent_ratio=float("inf"))])
+def test_a_profile_with_bad_tables_is_an_stfuse_error(bad):
+    kwargs = {"fixed": {"a": 1e-3}, "per_row": {"a": 1e-4}, **bad}
+    with pytest.raises(StfuseError, match="LatencyProfile: "):
+        LatencyProfile(**kwargs)
+
+
 def test_unknown_policy_is_an_stfuse_error():
     with pytest.raises(StfuseError, match="unknown policy 'fastest'"):
         make_scheduler("fastest", ["a"])

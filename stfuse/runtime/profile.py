@@ -9,9 +9,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
+from stfuse.errors import StfuseError
+
 _ANY = frozenset()  # LatencyProfile.correction key of the scale common to every tenant set
 _MAX_STEP = math.log(4.0)  # an observation moves a correction by at most 4 ** weight
 _TABLES = ("fixed", "per_row", "fused_fixed", "uneven_fixed")  # the measurement: read-only
+
+
+def _seconds(what: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise StfuseError(f"LatencyProfile: {what} must be a finite number >= 0, got {value!r}")
 
 
 def _groups(table: Mapping[frozenset, float]) -> list:
@@ -74,7 +81,18 @@ class LatencyProfile:
 
     def __post_init__(self):
         for name in _TABLES:
-            setattr(self, name, MappingProxyType(dict(getattr(self, name))))
+            table = getattr(self, name)
+            if not isinstance(table, Mapping):
+                raise StfuseError(f"LatencyProfile: {name} must be a mapping, got {type(table).__name__}")
+            for key, value in table.items():
+                groups = name in ("fused_fixed", "uneven_fixed")
+                if (groups and not isinstance(key, frozenset)) or (not groups and not isinstance(key, str)):
+                    raise StfuseError(f"LatencyProfile: {name} keys are {'frozensets of ' if groups else ''}"
+                                      f"tenant names, got {key!r}")
+                _seconds(f"{name}[{key!r}]", value)
+            setattr(self, name, MappingProxyType(dict(table)))
+        for name in ("concurrent_ratio", "default_fixed", "default_per_row"):
+            _seconds(name, getattr(self, name))
 
     def __reduce__(self):  # copy and pickle as plain dicts (a mappingproxy does neither)
         return type(self), (*(dict(getattr(self, n)) for n in _TABLES), self.concurrent_ratio,
