@@ -37,9 +37,9 @@ import logging
 import operator
 
 import torch
-import torch.utils._pytree as pytree
 
 from stfuse import config, ir
+from stfuse.calls import call_problem
 from stfuse.frontend import example_args
 from stfuse.ir import FusedOp
 from stfuse.kernels import timing
@@ -290,7 +290,9 @@ def _unfused(g, clone_packed: bool = False):
 
 
 def _flat_examples(g) -> list:
-    return [x for tg in g.graph["tenants"].values() for x in pytree.tree_leaves(example_args(tg))]
+    """The tenants' example tensors, flat, in program input order."""
+    return [x for tg in g.graph["tenants"].values()
+            for x in call_problem(tg.name, tg.in_spec, tg.inputs, example_args(tg), tg.constants)[0]]
 
 
 def check_program(g):

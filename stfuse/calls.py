@@ -7,10 +7,15 @@ arguments, and a pair ``(tuple, dict)`` is ``(args, kwargs)``. A model whose
 positional arguments are one tuple and one dict takes them as
 ``((the_tuple, the_dict), {})``. ``call_problem`` and ``input_problem`` check a
 call against a tenant's flat ``InputSpec``s; every entry point uses them.
+
+A keyword whose value is a bool, int, float or str (``return_dict=False``,
+``use_cache=False``) is a constant of the program (``split_constants``): the
+model is traced with it bound, and every call must pass the same value.
 """
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from dataclasses import dataclass
 from typing import Mapping
@@ -66,6 +71,35 @@ def call_parts(value) -> tuple[tuple, dict]:
     return (value,), {}
 
 
+CONSTANT_TYPES = (bool, int, float, str)
+
+
+def split_constants(name: str, kwargs: dict) -> tuple[dict, dict]:
+    """(the keyword arguments that hold tensors, the constant ones): a keyword whose value
+    is a bool, int, float or str is a constant the program is traced and compiled for.
+    Raises ValueError for a float that is not finite (no call could match it, and an
+    artifact's JSON cannot hold it)."""
+    constants = {k: v for k, v in kwargs.items() if type(v) in CONSTANT_TYPES}
+    for k, v in constants.items():
+        if type(v) is float and not math.isfinite(v):
+            raise ValueError(f"tenant {name!r}: keyword argument {k!r} is {v!r}; a constant keyword "
+                             "must be a finite number, a bool or a string")
+    return {k: v for k, v in kwargs.items() if k not in constants}, constants
+
+
+def same_constant(value, constant) -> bool:
+    """Whether a call's keyword value is the program's constant: same type and value
+    (True is not 1, and 1 is not 1.0: the model may branch on either)."""
+    return type(value) is type(constant) and value == constant
+
+
+def call_of(leaves, in_spec, constants: Mapping | None = None) -> tuple[tuple, dict]:
+    """The call ``(args, kwargs)`` a tenant takes, from its flat tensors: the inverse of
+    ``call_problem`` (the constant keywords put back)."""
+    args, kwargs = pytree.tree_unflatten(list(leaves), in_spec)
+    return (args, {**kwargs, **constants}) if constants else (args, kwargs)
+
+
 def input_keywords(in_spec) -> list[str | None]:
     """Per flat input of a call spec (the pytree spec of ``(args, kwargs)``), the keyword
     argument it is passed as (``"input_ids"``, ``"past['k']"``), or None for positional."""
@@ -74,30 +108,40 @@ def input_keywords(in_spec) -> list[str | None]:
             for path, _ in paths]
 
 
-def describe_call(inputs, in_spec) -> str:
+def describe_call(inputs, in_spec, constants: Mapping | None = None) -> str:
     """The call a tenant takes, as error messages show it: ``(Tensor[B, 8] ...)``,
-    ``input_ids=Tensor[B, S] ...``."""
+    ``input_ids=Tensor[B, S] ..., return_dict=False``."""
     args, kwargs = pytree.tree_unflatten([s.describe() for s in inputs], in_spec)
     parts = [pytree.tree_map(str, a) for a in args] + [f"{k}={v}" for k, v in kwargs.items()]
+    parts += [f"{k}={v!r}" for k, v in (constants or {}).items()]
     return f"({', '.join(map(str, parts))})"
 
 
-def call_problem(name: str, in_spec, inputs, value) -> tuple[list | None, str | None]:
+def call_problem(name: str, in_spec, inputs, value,
+                 constants: Mapping | None = None) -> tuple[list | None, str | None]:
     """The flat inputs of one tenant's call ``value`` in call-spec order (kwargs in
     the order the tenant was traced with), or why its structure does not fit:
     (leaves, None) or (None, problem). A bare Tensor fills a one-input tenant
-    whatever its structure. Values are checked afterwards by ``input_problem``."""
-    if isinstance(value, torch.Tensor) and in_spec.num_leaves == 1:
+    whatever its structure, unless it has ``constants`` (keyword: value, which every
+    call must pass: ``split_constants``). Values are checked afterwards by
+    ``input_problem``."""
+    if isinstance(value, torch.Tensor) and in_spec.num_leaves == 1 and not constants:
         return [value], None
     args, kwargs = call_parts(value)
+    constants = constants or {}
     want_args, want_kwargs = pytree.tree_unflatten([None] * in_spec.num_leaves, in_spec)
-    want = f"expected {describe_call(inputs, in_spec)}"
+    want = f"expected {describe_call(inputs, in_spec, constants)}"
     part = []
-    if missing := [k for k in want_kwargs if k not in kwargs]:
+    if missing := [k for k in (*want_kwargs, *constants) if k not in kwargs]:
         part.append(f"missing keyword argument(s) {', '.join(map(repr, missing))}")
-    if unknown := [k for k in kwargs if k not in want_kwargs]:
+    if unknown := [k for k in kwargs if k not in want_kwargs and k not in constants]:
         part.append(f"unknown keyword argument(s) {', '.join(map(repr, unknown))} (the program "
                     "was traced without them: add them to its example inputs)")
+    if other := [f"{k}={kwargs[k]!r}" for k, c in constants.items()
+                 if k in kwargs and not same_constant(kwargs[k], c)]:
+        part.append(f"keyword argument(s) {', '.join(other)}, where the program was compiled for "
+                    f"{', '.join(f'{k}={c!r}' for k, c in constants.items())} (a keyword that is not "
+                    "a tensor is a constant of the program: compile again for another value)")
     if len(args) != len(want_args):
         part.append(f"{len(args)} positional argument(s) where it takes {len(want_args)}")
     if part:

@@ -22,7 +22,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim, ShapesCollection
 
 from . import dims
-from .calls import InputSpec, call_parts, call_problem, input_keywords
+from .calls import InputSpec, call_of, call_parts, call_problem, input_keywords, split_constants
 from .errors import TraceError
 
 
@@ -47,6 +47,9 @@ class TenantGraph:
     model: Any = None  # the module traced (eval mode on call), for calls outside batch_range
     # Declared dynamic dims (stfuse/dims.py): name -> (low, high or None), checked per call.
     dim_ranges: dict = field(default_factory=dict)
+    # Keyword arguments that are not tensors (return_dict=False): bound when traced, and
+    # every call must pass the same values (calls.split_constants)
+    constants: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -93,7 +96,7 @@ def example_args(tg: TenantGraph) -> tuple:
     gen = torch.Generator().manual_seed(0)
     leaves = [torch.randn(s.shape, generator=gen).to(s.dtype).to(s.device) if s.dtype.is_floating_point
               else torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in tg.inputs]
-    return pytree.tree_unflatten(leaves, tg.in_spec)
+    return call_of(leaves, tg.in_spec, tg.constants)
 
 
 def _device_of(model: torch.nn.Module, args) -> torch.device:
@@ -139,7 +142,24 @@ def quiet_trials():
     return _TRIALS.quiet()
 
 
-def _export(name, model, args, kwargs, batch, leaf_dims):
+class _Bound(torch.nn.Module):
+    """``model`` called with its flat tensor inputs (``in_spec``: the call's pytree spec)
+    and the constant keywords bound. torch.export cannot match dynamic shapes to the
+    non-tensor keywords of a ``**kwargs`` forward (transformers' models: "Must provide a
+    tree_name"); this forward takes tensors alone, in the order stfuse flattens calls."""
+
+    def __init__(self, model: torch.nn.Module, in_spec, constants: dict):
+        super().__init__()
+        self.model = model
+        self.in_spec = in_spec
+        self.constants = constants
+
+    def forward(self, *leaves):
+        args, kwargs = call_of(leaves, self.in_spec, self.constants)
+        return self.model(*args, **kwargs)
+
+
+def _export(name, model, args, kwargs, batch, leaf_dims, constants=None):
     """Export with dim 0 of batched inputs dynamic, and the declared dims (``leaf_dims``,
     per flat input: stfuse/dims.py); returns (ExportedProgram, batch is dynamic). Where
     the dynamic batch fails, the batch is fixed; where the declared dims fail, TraceError
@@ -153,8 +173,12 @@ def _export(name, model, args, kwargs, batch, leaf_dims):
         for a, batched, spec in zip(pytree.tree_leaves(call), _batched_mask(call, trace_batch), declared):
             if (batched and batch_dims) or spec:
                 shapes[a] = {**({0: Dim.AUTO} if batched and batch_dims else {}), **spec}
-        return torch.export.export(model, *call, strict=False,
-                                   dynamic_shapes=shapes.dynamic_shapes(model, *call))
+        root = model
+        if constants:
+            leaves, in_spec = pytree.tree_flatten(call)
+            root, call = _Bound(model, in_spec, constants), (tuple(leaves), {})
+        return torch.export.export(root, *call, strict=False,
+                                   dynamic_shapes=shapes.dynamic_shapes(root, *call))
 
     try:
         call = with_batch((args, kwargs), trace_batch, batch) if trace_batch != batch else (args, kwargs)
@@ -210,9 +234,9 @@ def batch_range(ep, traced: int) -> tuple[int, int | None]:
     return low, high
 
 
-def _from_export(name, model, args, kwargs, batch, device, dynamic_dims=None) -> TenantGraph:
+def _from_export(name, model, args, kwargs, batch, device, dynamic_dims=None, constants=None) -> TenantGraph:
     leaf_dims = dims.declared(name, args, kwargs, dynamic_dims)
-    ep, dynamic = _export(name, model, args, kwargs, batch, leaf_dims)
+    ep, dynamic = _export(name, model, args, kwargs, batch, leaf_dims, constants)
     sig = ep.graph_signature
     if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
         raise TraceError(f"tenant {name!r}: the model mutates buffers or inputs during forward, "
@@ -236,11 +260,13 @@ def _from_export(name, model, args, kwargs, batch, device, dynamic_dims=None) ->
         inputs.append(InputSpec(ph, tuple(a.shape), a.dtype, a.device, batched and dynamic, kw, ds))
     gm = ep.graph_module
     tg = TenantGraph(name, gm, "export", tensors, inputs, in_spec, ep.call_spec.out_spec,
-                     batch, dynamic, device, model=model, dim_ranges=dims.ranges(name, ep, leaf_dims))
-    dims.check_holds(tg, model, (args, kwargs), graph_matches)
+                     batch, dynamic, device, model=model, dim_ranges=dims.ranges(name, ep, leaf_dims),
+                     constants=dict(constants or {}))
+    call = (args, {**kwargs, **tg.constants})  # the model's own call
+    dims.check_holds(tg, model, call, graph_matches)
     if dynamic:
         low, high = batch_range(ep, max(batch, 2))
-        if low == 1 and not _holds_at_one(tg, model, (args, kwargs), batch):
+        if low == 1 and not _holds_at_one(tg, model, call, batch):
             low = 2  # batch 1 takes another path (0/1 specialisation hid it): calls at 1 run apart
         tg.batch_range = (low, high)
     else:
@@ -250,7 +276,7 @@ def _from_export(name, model, args, kwargs, batch, device, dynamic_dims=None) ->
 
 def run_graph(tg: TenantGraph, call) -> list:
     """The tenant's traced graph run eagerly on ``call`` (any call form): its flat outputs."""
-    leaves, problem = call_problem(tg.name, tg.in_spec, tg.inputs, call)
+    leaves, problem = call_problem(tg.name, tg.in_spec, tg.inputs, call, tg.constants)
     if problem is not None:
         raise TraceError(problem)
     user = dict(zip((s.name for s in tg.inputs), leaves))
@@ -287,7 +313,7 @@ def _from_fx(name, model, args, kwargs, batch, device) -> TenantGraph:
     """Fallback: one opaque node that calls the fx-traced module."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    if kwargs:  # symbolic_trace binds positional placeholders only
+    if kwargs:  # symbolic_trace binds positional placeholders only (constants included)
         raise TraceError("torch.fx.symbolic_trace takes positional inputs only")
     traced = torch.fx.symbolic_trace(model)
     flat_args, in_spec = pytree.tree_flatten((args, {}))
@@ -321,16 +347,20 @@ def trace_tenant(name: str, model: torch.nn.Module, example, dynamic=None) -> Te
     dims ``dynamic`` declares ({input: {dim: name}}, stfuse/dims.py) symbolic."""
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"tenant {name!r}: expected a torch.nn.Module, got {type(model).__name__}")
-    args, kwargs = call_parts(example)
-    for k in kwargs:
+    args, every_kwarg = call_parts(example)
+    for k in every_kwarg:
         if not isinstance(k, str):
             raise TraceError(f"tenant {name!r}: keyword argument names are strings, got {k!r}")
+    try:
+        kwargs, constants = split_constants(name, every_kwarg)
+    except ValueError as err:
+        raise TraceError(str(err)) from None
     device = _device_of(model, (args, kwargs))
     batch = example_batch((args, kwargs))
     with eval_mode(model), torch.no_grad():
         try:
-            tg = _from_export(name, model, args, kwargs, batch, device, dynamic)
-            tg.meta["example"] = (args, kwargs)  # for the compile-time self-check (stfuse/selfcheck.py)
+            tg = _from_export(name, model, args, kwargs, batch, device, dynamic, constants)
+            tg.meta["example"] = (args, every_kwarg)  # for the compile-time self-check (stfuse/selfcheck.py)
             tg.meta["dynamic"] = dynamic  # as declared: a tenant traced again keeps its dims
             return tg
         except TraceError:
@@ -340,7 +370,7 @@ def trace_tenant(name: str, model: torch.nn.Module, example, dynamic=None) -> Te
                 raise TraceError(f"tenant {name!r}: torch.export failed ({type(export_err).__name__}: "
                                  f"{_first_line(export_err)}), and its dynamic dims need it") from export_err
             try:
-                return _from_fx(name, model, args, kwargs, batch, device)
+                return _from_fx(name, model, args, every_kwarg, batch, device)
             except Exception as fx_err:  # noqa: BLE001
                 raise TraceError(
                     f"tenant {name!r} cannot be traced: torch.export failed with "

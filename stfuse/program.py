@@ -25,7 +25,7 @@ import torch.utils._pytree as pytree
 
 from . import config, dims
 from .errors import InputError, StfuseError
-from .calls import InputSpec, call_problem, input_problem
+from .calls import InputSpec, call_of, call_problem, input_problem
 from .frontend import TenantGraph
 from .kernels.bind import bind
 from .plan import Plan
@@ -52,11 +52,13 @@ class TenantSpec:
     batch_range: tuple = (1, None)  # (low, high or None): batch sizes the traced graph holds for
     # Declared dynamic dims (stfuse/dims.py): name -> (low, high or None), checked per call
     dim_ranges: dict = field(default_factory=dict)
+    # Keywords that are not tensors, which every call passes with these values (calls.split_constants)
+    constants: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, tg: TenantGraph) -> TenantSpec:
         return cls(tg.name, tuple(tg.inputs), tg.in_spec, tg.out_spec, tg.batch, tg.dynamic,
-                   tuple(tg.batch_range), dict(tg.dim_ranges))
+                   tuple(tg.batch_range), dict(tg.dim_ranges), dict(tg.constants))
 
     def in_range(self, batch: int) -> bool:
         low, high = self.batch_range
@@ -123,7 +125,7 @@ class TenantCalls:
         """For a tenant that takes plain batched tensors (one, or a tuple): per input
         (dtype, device, shape after dim 0, rank), and the batch range; else None."""
         n = len(spec.inputs)
-        if not n or spec.in_spec != pytree.tree_flatten(((None,) * n, {}))[1]:
+        if not n or spec.constants or spec.in_spec != pytree.tree_flatten(((None,) * n, {}))[1]:
             return None
         if not all(s.batched and not s.dims for s in spec.inputs):
             return None  # no inputs: no batch to read (it crashed the fast paths at call time)
@@ -260,7 +262,7 @@ class TenantCalls:
             checked = _plain_leaves(fast, args)
             if checked is not None:
                 return list(checked[0]), checked[1]
-        leaves, problem = call_problem(name, ts.in_spec, ts.inputs, args)
+        leaves, problem = call_problem(name, ts.in_spec, ts.inputs, args, ts.constants)
         if problem is not None:
             raise InputError(problem)
         problem, batch = input_problem(name, ts.inputs, leaves, ts.dim_ranges)
@@ -386,7 +388,7 @@ class FusedProgram(TenantCalls):
         self.outside_range_calls[name] = self.outside_range_calls.get(name, 0) + 1
         batch = next(x.shape[0] for x, s in zip(leaves, self._specs[name].inputs) if s.batched)
         model = self._tenants[name].model
-        call = pytree.tree_unflatten(leaves, self._specs[name].in_spec)  # (args, kwargs)
+        call = call_of(leaves, self._specs[name].in_spec, self._specs[name].constants)  # (args, kwargs)
         with self._lowering:
             progs = self.respecialised.setdefault(name, [])
             prog = next((p for p in progs if p.specs[name].in_range(batch)), None)

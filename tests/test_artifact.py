@@ -397,6 +397,42 @@ def test_keyword_tenant_round_trip(tmp_path):
         prog.run({"bert": {"input_ids": call["input_ids"]}})
 
 
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x, scale=1.0, act="relu"):
+        y = self.lin(x) * scale
+        return torch.relu(y) if act == "relu" else torch.tanh(y)
+
+
+def test_constant_keywords_round_trip(tmp_path):
+    """A tenant compiled with constant keywords (calls.split_constants): the manifest records
+    them, and the loaded program checks every call against them as the compiled one does."""
+    torch.manual_seed(0)
+    models = {"a": _Scaled().eval(), "b": _Scaled().eval()}
+    calls = {"a": {"x": torch.randn(2, 8), "scale": 0.5, "act": "tanh"}, "b": {"x": torch.randn(2, 8), "scale": 3}}
+    fused = stfuse.compile(models, calls, tune="off")
+    fused.save(tmp_path / "c")
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert [t["constants"] for t in m["tenants"]] == [{"scale": 0.5, "act": "tanh"}, {"scale": 3}]
+    prog = stfuse.load(tmp_path / "c")
+    assert prog.specs["b"].constants == {"scale": 3}
+    assert _equal(prog.run(calls), fused.run(calls))
+    with pytest.raises(InputError, match=r"tenant 'b': keyword argument\(s\) scale=3.0, where the program was "
+                                         r"compiled for scale=3"):
+        prog.run({"b": {"x": torch.randn(2, 8), "scale": 3.0}})
+    with pytest.raises(InputError, match=r"tenant 'a': missing keyword argument\(s\) 'act'"):
+        prog.run({"a": {"x": torch.randn(2, 8), "scale": 0.5}})
+    for bad, match in ((["x"], r"tenants\[1\].constants\['scale'\]: expected a boolean, number or string"),
+                       ({"x": 1}, r"tenant 'b': keyword\(s\) \['x'\] are both inputs and constants")):
+        _edit_manifest(tmp_path / "c", lambda m: m["tenants"][1].update(
+            constants={"scale": bad} if isinstance(bad, list) else bad))
+        with pytest.raises(ArtifactError, match=match):
+            stfuse.load(tmp_path / "c")
+
+
 @torch.library.custom_op("stfuse_test::triple", mutates_args=())
 def _triple(x: torch.Tensor) -> torch.Tensor:
     return x * 3

@@ -221,3 +221,82 @@ def test_tenants_without_inputs_run():
     for out, m in zip(fused((), ()), models):
         assert_close(out, m())
     assert_close(fused.run({"1": ()})["1"], models[1]())
+
+
+# ---------------------------------------------------------------------------- constant keywords
+
+
+class _Knobs(torch.nn.Module):
+    """A model with keywords that are not tensors: what a call's constants select."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x, scale=1.0, act="relu", twice=False, repeat=1):
+        y = self.lin(x) * scale
+        y = torch.relu(y) if act == "relu" else torch.tanh(y)
+        for _ in range(repeat):
+            y = y * 2 if twice else y
+        return y
+
+
+@pytest.fixture(scope="module")
+def knobs():
+    """Two tenants of one model class with other constants each, and a BERT tenant with
+    return_dict=False and output_hidden_states=True (transformers' usual non-tensor keywords)."""
+    torch.manual_seed(0)
+    models = {"a": _Knobs().eval(), "b": _Knobs().eval(), "bert": zoo.hf_model("bert", 0)[0]}
+    calls = {"a": {"x": torch.randn(2, 8), "scale": 0.5, "act": "tanh"},
+             "b": ((torch.randn(2, 8),), {"scale": 2.0, "twice": True, "repeat": 2}),
+             "bert": {**bert_call(2, 8), "return_dict": False, "output_hidden_states": True}}
+    return models, calls, stfuse.compile(models, calls, tune="off")
+
+
+def _with(call, **kw):
+    args, kwargs = call_parts(call)
+    return args, {**kwargs, **kw}
+
+
+def test_constant_keywords_are_bound_per_tenant(knobs):
+    """Each tenant runs with its own constants (the two _Knobs tenants' linears fused in
+    one group all the same), and BERT returns the tuple return_dict=False asks for."""
+    models, calls, fused = knobs
+    assert fused.plan.stats["fused_groups"] >= 1
+    assert fused.specs["b"].constants == {"scale": 2.0, "twice": True, "repeat": 2}
+    outs = fused.run(calls)
+    for name in fused.tenants:
+        assert_close(outs[name], float64_call_reference(models[name], calls[name]), msg=f"tenant {name}")
+    assert type(outs["bert"]) is tuple and len(outs["bert"][2]) == 3  # hidden states: embeddings + 2 layers
+    batch3 = _with(({"x": torch.randn(3, 8)}), scale=0.5, act="tanh")  # another batch size
+    assert_close(fused.run({"a": batch3})["a"], float64_call_reference(models["a"], batch3))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda c: {"x": c["x"]}, r"tenant 'a': missing keyword argument\(s\) 'scale', 'act'; expected "
+                              r"\(x=Tensor\[B, 8\] float32 on cpu, scale=0.5, act='tanh'\)"),
+    (lambda c: c["x"], r"tenant 'a': missing keyword argument\(s\) 'x', 'scale', 'act'; 1 positional"),
+    (lambda c: {**c, "act": "relu"}, r"tenant 'a': keyword argument\(s\) act='relu', where the program was "
+                                     r"compiled for scale=0.5, act='tanh' \(a keyword that is not a tensor is a "
+                                     r"constant of the program: compile again for another value\)"),
+    (lambda c: {**c, "scale": 1}, r"keyword argument\(s\) scale=1, where"),  # 1 is not 0.5; nor is an int a float
+    (lambda c: {**c, "twice": True}, r"unknown keyword argument\(s\) 'twice'"),
+])
+def test_calls_must_pass_the_constants_compiled_for(knobs, call, match):
+    _, calls, fused = knobs
+    with pytest.raises(InputError, match=match):
+        fused.run({"a": call(calls["a"])})
+
+
+def test_a_constant_is_the_same_type_and_value():
+    from stfuse.calls import same_constant
+
+    assert same_constant(True, True) and same_constant(2, 2) and same_constant("a", "a")
+    assert not same_constant(1, True) and not same_constant(True, 1) and not same_constant(2.0, 2)
+
+
+def test_a_constant_that_is_not_finite_is_a_trace_error():
+    from stfuse.errors import TraceError
+
+    with pytest.raises(TraceError, match=r"tenant '0': keyword argument 'scale' is nan; a constant keyword"):
+        stfuse.compile([_Knobs().eval()], [{"x": torch.randn(2, 8), "scale": float("nan")}])

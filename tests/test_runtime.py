@@ -29,7 +29,7 @@ from stfuse.runtime.policies import POLICIES, Scheduler
 from stfuse.runtime.profile import LatencyProfile
 from stfuse.tolerances import assert_close
 
-from conftest import BranchOnBatch, Center, float64_reference
+from conftest import BranchOnBatch, Center, float64_call_reference, float64_reference
 
 TIMEOUT = 60  # seconds; only a guard against hangs
 
@@ -935,7 +935,7 @@ def test_keyword_requests_are_merged_and_fused_like_positional_ones():
     """submit takes every call form of fused.run: a BERT tenant's requests as keyword dicts
     (examples too) are merged along the batch and fused with a positional tenant."""
     pytest.importorskip("transformers")
-    from conftest import bert_call, float64_call_reference
+    from conftest import bert_call
 
     models = {"bert": zoo.hf_model("bert", 0)[0], "mlp": zoo.mlp(8, 16, 4)}
     fused = stfuse.compile(models, {"bert": bert_call(2, 8), "mlp": torch.randn(2, 8)})
@@ -951,6 +951,33 @@ def test_keyword_requests_are_merged_and_fused_like_positional_ones():
             rt.submit("bert", {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
     assert gate.calls[1] == {"bert": 6, "mlp": 2}  # three requests merged, fused with the MLP
     for (t, call), f in zip(sent, futs):
+        assert_close(f.result(), float64_call_reference(models[t], call), msg=f"tenant {t}")
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, scale=1.0):
+        return self.lin(x) * scale
+
+
+def test_requests_pass_the_constant_keywords_compiled_for():
+    """A tenant compiled with a constant keyword (scale=0.5): its requests pass it, are
+    merged and run with it; a request without it, or with another value, is refused at submit."""
+    torch.manual_seed(0)
+    models = {"a": _Scaled().eval(), "b": _Scaled().eval()}
+    fused = stfuse.compile(models, {"a": {"x": torch.randn(2, 8), "scale": 0.5}, "b": torch.randn(2, 8)})
+    sent = [("a", {"x": torch.randn(1, 8), "scale": 0.5}) for _ in range(3)] + [("b", torch.randn(2, 8))]
+    with Runtime(fused, policy="batch", slice_ms=20, slo_ms=10_000) as rt:
+        futures = [rt.submit(t, call) for t, call in sent]
+        for bad in ({"x": torch.randn(1, 8)}, {"x": torch.randn(1, 8), "scale": 2.0}, torch.randn(1, 8)):
+            with pytest.raises(InputError, match=r"tenant 'a': (missing keyword argument\(s\) ('x', )?'scale'|"
+                                                 r"keyword argument\(s\) scale=2.0, where)"):
+                rt.submit("a", bad)
+        wait(futures, timeout=60)
+    for (t, call), f in zip(sent, futures):
         assert_close(f.result(), float64_call_reference(models[t], call), msg=f"tenant {t}")
 
 

@@ -2,6 +2,7 @@
 data, refused values, how request inputs fill a tenant's call, output names, metadata."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -93,6 +94,17 @@ def test_keyword_inputs_go_by_name_and_build_the_call():
         proto.decode(_body(("z", z, "FP32")))
     with pytest.raises(ProtocolError, match="inputs: names repeat"):
         proto.decode(_body(("z", z, "FP32"), ("z", z, "FP32"), ("ids", ids, "INT64")))
+
+
+def test_a_tenants_constant_keywords_are_put_back_into_the_call():
+    """A keyword that is not a tensor (return_dict=False) cannot travel as an input: the
+    call is rebuilt with the program's constants, which Runtime.submit requires."""
+    spec = replace(_spec("c", [_input("x", (2, 3))], ((T,), {}), T), constants={"return_dict": False})
+    proto = TenantProtocol(spec, [])
+    x = torch.randn(2, 3)
+    args, kwargs = proto.decode(_body(("x", x, "FP32")))[0]
+    assert torch.equal(args[0], x) and kwargs == {"return_dict": False}
+    assert [i["name"] for i in proto.metadata()["inputs"]] == ["x"]
 
 
 def test_metadata_has_minus_one_for_the_batch_and_declared_dims():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.utils._pytree as pytree
 
+from stfuse.calls import call_of
 from stfuse.errors import StfuseError
 
 
@@ -46,5 +46,5 @@ def random_inputs(prog, names: list[str], batch: int | None, seed: int, max_mb: 
                 lo, hi = rng if rng else (0, 0)
                 x = torch.randint(lo, hi + 1, shape, generator=gen).to(s.dtype)
             leaves.append(x.to(s.device))
-        inputs[name] = pytree.tree_unflatten(leaves, spec.in_spec)
+        inputs[name] = call_of(leaves, spec.in_spec, spec.constants)
     return inputs

@@ -178,9 +178,12 @@ def _tenant_specs(manifest, device) -> dict[str, TenantSpec]:
         inputs = tuple(InputSpec(i["name"], tuple(i["shape"]), DTYPES[i["dtype"]], device, i["batched"], kw,
                                  tuple((d, n) for d, n in i.get("dims") or ()))
                        for i, kw in zip(t["inputs"], input_keywords(in_spec)))
+        constants = t.get("constants") or {}
+        if both := sorted(set(constants) & set(pytree.tree_unflatten([None] * in_spec.num_leaves, in_spec)[1])):
+            raise ArtifactError(f"tenant {name!r}: keyword(s) {both} are both inputs and constants")
         specs[name] = TenantSpec(name, inputs, in_spec, _treespec(t["out_spec"], name),
                                  t["batch"], t["dynamic"], tuple(t["batch_range"]),
-                                 {n: tuple(r) for n, r in (t.get("dim_ranges") or {}).items()})
+                                 {n: tuple(r) for n, r in (t.get("dim_ranges") or {}).items()}, constants)
     return specs
 
 

@@ -38,7 +38,8 @@ def _versions() -> dict:
 def _spec_record(spec, examples) -> dict:
     from stfuse.calls import call_problem
 
-    leaves = call_problem(spec.name, spec.in_spec, spec.inputs, examples)[0] if examples is not None else None
+    leaves = call_problem(spec.name, spec.in_spec, spec.inputs, examples, spec.constants)[0] \
+        if examples is not None else None
     ranges = [[int(x.min()), int(x.max())] if isinstance(x, torch.Tensor) and x.numel()
               and not x.is_floating_point() and not x.is_complex() else None for x in leaves or ()]
     ranges = ranges if len(ranges) == len(spec.inputs) else [None] * len(spec.inputs)
@@ -56,6 +57,7 @@ def _spec_record(spec, examples) -> dict:
                         "dims": [[d, n] for d, n in s.dims]}  # declared dynamic dims (stfuse/dims.py)
                        for s, r in zip(spec.inputs, ranges)],
             "dim_ranges": {n: list(r) for n, r in spec.dim_ranges.items()},  # checked on every call
+            "constants": dict(spec.constants),  # keywords every call passes with these values
             "in_spec": in_spec, "out_spec": out_spec}
 
 

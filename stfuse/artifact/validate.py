@@ -42,7 +42,9 @@ class Opt:
 
 
 NUM = "number"  # int or float, finite, not bool
-_NAMES = {int: "an integer", str: "a string", bool: "a boolean", NUM: "a number"}
+SCALAR = "scalar"  # a bool, an integer, a finite number or a string (a constant keyword's value)
+_NAMES = {int: "an integer", str: "a string", bool: "a boolean", NUM: "a number",
+          SCALAR: "a boolean, number or string"}
 
 
 def conform(value, schema, where: str) -> None:
@@ -81,6 +83,8 @@ def conform(value, schema, where: str) -> None:
     else:
         ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
               if schema == NUM else
+              isinstance(value, (bool, str)) or (isinstance(value, (int, float)) and math.isfinite(value))
+              if schema == SCALAR else
               isinstance(value, int) and not isinstance(value, bool) if schema is int else
               isinstance(value, schema))
         if not ok:
@@ -98,7 +102,8 @@ _INPUT = {"name": str, "shape": [int], "batched": bool, "dtype": str, "value_ran
           "dims": Opt([(int, str)])}  # declared dynamic dims, (dim, name); absent before format 3
 _TENANT = {"name": str, "batch": int, "dynamic": bool, "device": str, "inputs": [_INPUT],
            "in_spec": str, "out_spec": str, "batch_range": (int, Opt(int)),
-           "dim_ranges": Opt({"*": (int, Opt(int))})}
+           "dim_ranges": Opt({"*": (int, Opt(int))}),
+           "constants": Opt({"*": SCALAR})}  # constant keywords (calls.split_constants); absent before
 _PROGRAM = {"file": str, "tenants": [str], "stacked": bool, "counts": [int], "weights": [str],
             "kernels": [(str, str)]}
 _VIEW = {"storage": str, "offset": int, "shape": [int], "stride": [int], "dtype": str}

@@ -11,7 +11,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from stfuse.errors import InputError, StfuseError
-from stfuse.calls import InputSpec, call_problem
+from stfuse.calls import InputSpec, call_of, call_problem
 from stfuse.runtime.profile import LatencyProfile
 
 
@@ -30,12 +30,12 @@ def call_specs(fused) -> dict:
     (keyword inputs, nested args): their requests travel as flat tuples of tensors
     (``as_args``) and are rebuilt into calls for each launch (``as_call``)."""
     return {t: s for t, s in getattr(fused, "specs", {}).items()
-            if s.in_spec != pytree.tree_structure(((None,) * len(s.inputs), {}))}
+            if s.constants or s.in_spec != pytree.tree_structure(((None,) * len(s.inputs), {}))}
 
 
 def as_call(args: tuple, spec) -> Any:
     """A request's flat tensors as the call its tenant takes (``spec``: see call_specs)."""
-    return args if spec is None else pytree.tree_unflatten(list(args), spec.in_spec)
+    return args if spec is None else call_of(args, spec.in_spec, spec.constants)
 
 
 def as_args(tenant: str, args: Any, max_batch: int | None, spec=None) -> tuple:
@@ -45,7 +45,7 @@ def as_args(tenant: str, args: Any, max_batch: int | None, spec=None) -> tuple:
             and 1 <= args.shape[0] <= (max_batch or args.shape[0]):
         return (args,)  # one plain tensor, the common request: none of the checks below can fail
     if spec is not None:
-        leaves, problem = call_problem(tenant, spec.in_spec, spec.inputs, args)
+        leaves, problem = call_problem(tenant, spec.in_spec, spec.inputs, args, spec.constants)
         if problem is not None:
             raise InputError(problem)
         args = tuple(leaves)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from stfuse.calls import call_of
 from stfuse.errors import StfuseError
 
 # Protocol datatype -> torch dtype: one row per type the protocol carries (BYTES, strings, has none here).
@@ -123,7 +124,7 @@ class TenantProtocol:
         self.outputs = outputs
         # a tenant of plain positional tensors takes them as a tuple: the runtime's fast path
         n = len(spec.inputs)
-        self._plain = spec.in_spec == pytree.tree_structure(((None,) * n, {}))
+        self._plain = not spec.constants and spec.in_spec == pytree.tree_structure(((None,) * n, {}))
 
     def metadata(self) -> dict:
         """GET /v2/models/{name}: -1 for the batch (where it varies) and declared dynamic dims."""
@@ -155,8 +156,9 @@ class TenantProtocol:
         slots = self._slots(entries)
         leaves = [tensor_from_json(entries[i], f"inputs[{i}] ({entries[i]['name']})", s.dtype)
                   for i, s in zip(slots, self.spec.inputs)]
+        # a keyword that is not a tensor (return_dict=False) is the program's constant: put back
         call = (tuple(leaves) if len(leaves) > 1 else leaves[0]) if self._plain else \
-            pytree.tree_unflatten(leaves, self.spec.in_spec)
+            call_of(leaves, self.spec.in_spec, self.spec.constants)
         return call, req.get("id"), self._wanted(req.get("outputs"))
 
     def _slots(self, entries: list[dict]) -> list[int]:
