@@ -238,14 +238,15 @@ def drop_unprofitable(g):
             kept[sub] = FusedOp(sub, grp.op_class, members)
             for k in members:
                 g.nodes[k]["group"] = sub
-    pricer.close(tuning)
-    if tuning.get("mode") == "measure" and kept.keys() != g.graph["groups"].keys() and \
-            2 * sum(len(grp.members) for grp in kept.values()) >= sum(len(grp.members) for grp in g.graph["groups"].values()):
+    offer = tuning.get("mode") == "measure" and kept.keys() != g.graph["groups"].keys() and \
+        2 * sum(len(grp.members) for grp in kept.values()) >= sum(len(grp.members) for grp in g.graph["groups"].values())
+    g.graph["groups"] = kept
+    g.graph["tuning"] = tuning
+    if offer:
         # every group as matched, for check_program to time as a whole (tune.py): where at least
         # half of the matched members stay fused. Where most groups lost their own timings (the
         # transformer sets under oneDNN's GEMMs keep 0-2 of 35), fusing them all did not win
         # either, and timing it cost a cold compile up to 2.6 s (GPT-2 x4 quick)
-        g.graph["matched"] = matched
-    g.graph["groups"] = kept
-    g.graph["tuning"] = tuning
+        g = tune.chosen_before(g, matched, pricer.cache)
+    pricer.close(tuning)
     return g

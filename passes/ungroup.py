@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from stfuse.ir import FusedOp
 
+from .tune import MATCHED_ATTRS
+
 
 def ungroup(tenants):
     """The pass that takes ``tenants``' members out of every group."""
@@ -31,7 +33,8 @@ def ungroup(tenants):
                 if k not in members or len(members) < 2:
                     g.nodes[k]["group"] = None
         g.graph["groups"] = kept
-        g.graph.pop("matched", None)  # check_program must not offer those tenants' groups again
+        for a in MATCHED_ATTRS:  # check_program must not offer those tenants' groups again: it decides anew
+            g.graph.pop(a, None)
         return g
 
     return ungroup_tenants

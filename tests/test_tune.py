@@ -1,6 +1,7 @@
 """passes/tune.py: compile(tune="measure") with a fake timer (deterministic, fast), the
 candidate programs it times, the cache, the whole-program check and what summary() says."""
 
+import functools
 import json
 
 import pytest
@@ -185,8 +186,27 @@ def test_every_group_as_matched_wins_where_the_dropped_groups_paid_together(monk
     assert "every group as matched" in fused.plan.summary()
     check_tenants(fused, models, args)
     fake.calls.clear()
-    again = _compile(models, args)  # cached: nothing timed, the same plan
+    lowered = []
+    monkeypatch.setattr(pipeline, "PASSES", [_counting(p, lowered) if p is tune.lower else p for p in pipeline.PASSES])
+    monkeypatch.setattr(tune, "lower", _counting(tune.lower, lowered))
+    again = _compile(models, args)  # cached: nothing timed, the same plan, lowered once (tune.chosen_before)
     assert not fake.calls and again.plan.stats["tuning"]["program"]["decision"] == "matched"
+    assert again.plan.stats["tuning"]["program"]["source"] == "cached"
+    assert len(lowered) == 1
+    assert _group_members(again) == _group_members(fused)
+    check_tenants(again, models, args)
+
+
+def _counting(fn, calls: list):
+    @functools.wraps(fn)
+    def counted(*a, **kw):
+        calls.append(fn.__name__)
+        return fn(*a, **kw)
+    return counted
+
+
+def _group_members(fused) -> list:
+    return sorted(tuple(grp.members) for grp in fused.plan.groups.values())
 
 
 def test_the_self_checks_ungrouped_tenants_are_not_offered_again():
@@ -197,8 +217,9 @@ def test_the_self_checks_ungrouped_tenants_are_not_offered_again():
     from stfuse.passes.ungroup import ungroup
 
     g = nx.DiGraph()
-    g.graph.update(groups={}, matched=nx.DiGraph())
-    assert "matched" not in ungroup({"a"})(g).graph and "matched" in g.graph
+    g.graph.update(groups={}, matched=nx.DiGraph(), matched_key="k", matched_chosen=True)
+    out = ungroup({"a"})(g).graph
+    assert not {"matched", "matched_key", "matched_chosen"} & out.keys() and "matched" in g.graph
 
 
 @pytest.mark.parametrize("program_wins", [True, False])
