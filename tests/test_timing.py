@@ -45,6 +45,20 @@ def test_time_pair_caps_the_turns():
     assert 2 * timing.WARM_UP_MIN <= warm <= 2 * timing.WARM_UP_MAX
 
 
+def test_time_pair_stops_early_where_one_side_is_plainly_faster():
+    import time
+
+    seq = []
+
+    def slow():
+        seq.append("a")
+        time.sleep(2e-3)  # 2 ms against a list append: apart by far more than SEPARATION
+
+    timing.time_pair(lambda: seq.append("f"), slow, CPU, budget_ms=1e6)  # the budget allows MAX_REPEATS
+    turns = [name for name, _ in _runs(seq)].count("a") - timing.WARM_UP_MIN
+    assert timing.SETTLED_TURNS <= turns < timing.MAX_REPEATS
+
+
 @pytest.fixture
 def cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
