@@ -240,6 +240,7 @@ def drop_unprofitable(g):
                 g.nodes[k]["group"] = sub
     offer = tuning.get("mode") == "measure" and kept.keys() != g.graph["groups"].keys() and \
         2 * sum(len(grp.members) for grp in kept.values()) >= sum(len(grp.members) for grp in g.graph["groups"].values())
+    pricer.close(tuning)
     g.graph["groups"] = kept
     g.graph["tuning"] = tuning
     if offer:
@@ -248,5 +249,4 @@ def drop_unprofitable(g):
         # transformer sets under oneDNN's GEMMs keep 0-2 of 35), fusing them all did not win
         # either, and timing it cost a cold compile up to 2.6 s (GPT-2 x4 quick)
         g = tune.chosen_before(g, matched, pricer.cache)
-    pricer.close(tuning)
     return g
