@@ -272,8 +272,9 @@ def _inspect(args) -> int:
     print(f"files     {len(manifest['files'])}, sha256 verified")
     print(f"tenants   {len(manifest['tenants'])}")
     for t in manifest["tenants"]:
-        ins = ", ".join(InputSpec(i["name"], tuple(i["shape"]), i["dtype"], t["device"], i["batched"])
-                        .describe() for i in t["inputs"])
+        ins = ", ".join([InputSpec(i["name"], tuple(i["shape"]), i["dtype"], t["device"], i["batched"])
+                         .describe() for i in t["inputs"]]
+                        + [f"{k}={v!r}" for k, v in (t.get("constants") or {}).items()])
         out_type = json.loads(t["out_spec"])[1].get("type") or "Tensor"
         print(f"  {t['name']:<12} in: {ins}   out: {out_type.rpartition('.')[2]}")
     print("programs  " + ", ".join(f"{n} [{', '.join(p['tenants'])}]" for n, p in manifest["programs"].items()))

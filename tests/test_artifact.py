@@ -407,7 +407,7 @@ class _Scaled(torch.nn.Module):
         return torch.relu(y) if act == "relu" else torch.tanh(y)
 
 
-def test_constant_keywords_round_trip(tmp_path):
+def test_constant_keywords_round_trip(tmp_path, capsys):
     """A tenant compiled with constant keywords (calls.split_constants): the manifest records
     them, and the loaded program checks every call against them as the compiled one does."""
     torch.manual_seed(0)
@@ -419,6 +419,10 @@ def test_constant_keywords_round_trip(tmp_path):
     assert [t["constants"] for t in m["tenants"]] == [{"scale": 0.5, "act": "tanh"}, {"scale": 3}]
     prog = stfuse.load(tmp_path / "c")
     assert prog.specs["b"].constants == {"scale": 3}
+    from stfuse.cli import main
+
+    assert main(["inspect", str(tmp_path / "c")]) == 0
+    assert "in: Tensor[B, 8] float32 on cpu, scale=0.5, act='tanh'" in capsys.readouterr().out
     assert _equal(prog.run(calls), fused.run(calls))
     with pytest.raises(InputError, match=r"tenant 'b': keyword argument\(s\) scale=3.0, where the program was "
                                          r"compiled for scale=3"):
