@@ -24,8 +24,11 @@ machine, the cores with whatever else runs there. So torch runs one intra-op
 thread (--threads), the GIL switch interval is 0.5 ms (--switch-interval-ms),
 the Runtime freezes the collector's view of the program (--gc, collector.py),
 each point reports the CPU other processes used meanwhile ("others' CPU", in
-cores), and without --quick every point runs 3 times, interleaved across the
-policies, keeping the least disturbed run.
+cores), and without --quick every point runs 3 times (--repeat), interleaved
+across the policies: the table shows the run with the median p99 and, in "p99
+range", the lowest and highest p99 of the runs (the spread a single run hides: at
+2x load one policy's p99 was 8.3 ms in one quick run and 16.8 in the next).
+--policies runs a subset (e.g. batch,space-time).
 
 --simulate runs the same arrivals on a fake clock (stfuse.runtime.simulate),
 with the measured latency profile, or the one --profile names (a JSON file
@@ -238,15 +241,31 @@ def device_profile(args, model: str, n: int):
 
 
 def table(rows: list[dict], markdown: bool) -> str:
-    head = ["load", "policy", "offered/s", "throughput/s", "p50 ms", "p99 ms", "SLO miss", "tenants/launch",
-            "rows/launch", "others' CPU"]
+    spread = any("p99_range" in r for r in rows)
+    head = ["load", "policy", "offered/s", "throughput/s", "p50 ms", "p99 ms"] + (["p99 range"] if spread else []) + [
+        "SLO miss", "tenants/launch", "rows/launch", "others' CPU"]
     body = [[f"{r['load']:.2f}x", r["policy"], f"{r['offered_rps']:.0f}", f"{r['throughput_rps']:.0f}",
              f"{r['p50_ms']:.2f}" if r["p50_ms"] is not None else "-",
-             f"{r['p99_ms']:.2f}" if r["p99_ms"] is not None else "-",
-             f"{r['slo_miss_rate']:.1%}", f"{r['tenants_per_launch']:.2f}", f"{r['mean_batch']:.2f}",
-             f"{r['others_load']:.2f}" if r.get("others_load") is not None else "-"]
+             f"{r['p99_ms']:.2f}" if r["p99_ms"] is not None else "-"]
+            + ([_range(r.get("p99_range"))] if spread else [])
+            + [f"{r['slo_miss_rate']:.1%}", f"{r['tenants_per_launch']:.2f}", f"{r['mean_batch']:.2f}",
+               f"{r['others_load']:.2f}" if r.get("others_load") is not None else "-"]
             for r in rows]
     return render(head, body, markdown)
+
+
+def _range(span) -> str:
+    return "-" if not span or None in span else f"{span[0]:.2f}-{span[1]:.2f}"
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median p99 (the upper one of an even count), with every run's lowest and
+    highest p99 as "p99_range"."""
+    p99 = [r["p99_ms"] for r in runs]
+    if len(runs) == 1 or None in p99:
+        return runs[0]
+    ranked = sorted(runs, key=lambda r: r["p99_ms"])
+    return {**ranked[len(ranked) // 2], "p99_range": (min(p99), max(p99))}
 
 
 def render(head: list[str], body: list[list[str]], markdown: bool) -> str:
@@ -261,7 +280,7 @@ def render(head: list[str], body: list[list[str]], markdown: bool) -> str:
 def best_within_target(rows: list[dict], target: float) -> dict[str, float]:
     """Per policy: the highest throughput among loads where at most `target` of requests missed."""
     return {p: max((r["throughput_rps"] for r in rows if r["policy"] == p and r["slo_miss_rate"] <= target),
-                   default=0.0) for p in POLICIES}
+                   default=0.0) for p in dict.fromkeys(r["policy"] for r in rows)}
 
 
 def pyplot(path: str):
@@ -304,7 +323,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     if (plt := pyplot(path)) is None:
         return
     fig, (lat_ax, thr_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for p in POLICIES:
+    for p in dict.fromkeys(r["policy"] for r in rows):
         mine = [r for r in rows if r["policy"] == p]
         lat_ax.plot([r["offered_rps"] for r in mine], [r["p99_ms"] for r in mine], marker="o", label=p)
         thr_ax.plot([r["offered_rps"] for r in mine], [r["throughput_rps"] for r in mine], marker="o", label=p)
@@ -326,8 +345,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-queue", type=int, default=256)
     ap.add_argument("--miss-target", type=float, default=0.01)
     ap.add_argument("--repeat", type=int, default=None,
-                    help="runs per policy and load, keeping the one least disturbed by other processes "
+                    help="runs per policy and load, showing the one with the median p99 and the range "
                          "(default 1 with --quick, else 3)")
+    ap.add_argument("--policies", default=",".join(POLICIES),
+                    help=f"comma-separated policies to run (default: all of {', '.join(POLICIES)})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (1 leaves the second of 2 cores to the submitting thread)")
@@ -345,6 +366,9 @@ def main(argv=None) -> int:
                     help="--simulate: the device's latency profile from this JSON file instead of measuring it")
     ap.add_argument("--save-profile", default=None, help="write the measured latency profile as JSON")
     args = ap.parse_args(argv)
+    policies = [p for p in args.policies.split(",") if p]
+    if not policies or set(policies) - set(POLICIES):
+        ap.error(f"--policies: expected some of {', '.join(POLICIES)}, got {args.policies!r}")
     args.duration = args.duration or (0.25 if args.simulate else 2.0 if args.quick else 3.0)
     args.repeat = args.repeat or (1 if args.quick else 3)
     loads = [float(x) for x in args.loads.split(",")] if args.loads else (
@@ -357,7 +381,7 @@ def main(argv=None) -> int:
         profile, tenants = device_profile(args, args.model, args.tenants)
         args.capacity = batch_capacity(profile, tenants, args.max_batch)
         return report([simulate_point(profile, tenants, p, load * args.capacity, args)
-                       for load in loads for p in POLICIES],
+                       for load in loads for p in policies],
                       args, f"simulated: {len(tenants)} tenants, slo {args.slo_ms:g} ms, slice {args.slice_ms:g} ms, "
                             f"max_batch {args.max_batch}, device profile {args.profile or 'measured'}; "
                             f"load unit (batch, saturated) {args.capacity:.0f} requests/s")
@@ -370,17 +394,16 @@ def main(argv=None) -> int:
              f"GIL switch {args.switch_interval_ms:g} ms")
     print(title)
     print(f"capacity unit (time policy, saturated): {args.capacity:.0f} requests/s; "
-          f"{args.duration:g} s of arrivals per point, best of {args.repeat}; "
+          f"{args.duration:g} s of arrivals per point, median p99 of {args.repeat} run(s); "
           f"others' CPU: cores used by other processes meanwhile")
     rows = []
     for load in loads:
-        runs = {p: [] for p in POLICIES}
+        runs = {p: [] for p in policies}
         for _ in range(args.repeat):  # repetitions interleave the policies, so a noisy spell hits all of them
-            for policy in POLICIES:
+            for policy in policies:
                 runs[policy].append(run_point(fused, examples, shape, profile, policy, load * args.capacity, args))
                 print(table(runs[policy][-1:], False).splitlines()[-1], flush=True)
-        for policy in POLICIES:  # keep the run least disturbed by other processes
-            rows.append(min(runs[policy], key=lambda r: r["others_load"] or 0.0))
+        rows += [median_run(runs[policy]) for policy in policies]
     return report(rows, args, title)
 
 
