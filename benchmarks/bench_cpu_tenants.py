@@ -11,7 +11,10 @@ Alternatives, all on the same models and inputs:
 
 Prints median microseconds per round (every tenant once) and speed-ups over
 eager; writes benchmarks/out/cpu_tenants.json. Every stfuse result is first
-checked against eager with the tolerance table.
+checked against eager with the tolerance table. The alternatives are timed in
+ROUNDS interleaved rounds (a noisy spell hits them all): each time is the median
+of the rounds' medians, and "x eager" shows the lowest and highest of the
+rounds' eager/stfuse ratios, the spread within which "never slower" holds.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 from pathlib import Path
 
 # Compile in this process: inductor's worker pool would keep compiling in the
@@ -36,6 +40,7 @@ from stfuse.demo import median_us  # noqa: E402
 from stfuse.tolerances import assert_close  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
+ROUNDS = 3
 
 
 def make(kind: str, n: int, batch: int):
@@ -74,10 +79,8 @@ def run_case(kind: str, n: int, batch: int, repeat: int, with_compile: bool) -> 
     def vmap():
         vmapped(params, buffers, xstack)
 
+    alternatives = {"eager": eager, "vmap": vmap, "stfuse": lambda: fused(*xs)}
     with torch.no_grad():
-        row["eager_us"] = median_us(eager, repeat)
-        row["vmap_us"] = median_us(vmap, repeat)
-        row["stfuse_us"] = median_us(lambda: fused(*xs), repeat)
         if with_compile:
             compiled = [torch.compile(m) for m in models]
 
@@ -86,7 +89,15 @@ def run_case(kind: str, n: int, batch: int, repeat: int, with_compile: bool) -> 
                     m(x)
 
             compiled_seq()  # compile outside the timing
-            row["compile_us"] = median_us(compiled_seq, repeat)
+            alternatives["compile"] = compiled_seq
+        rounds = {name: [] for name in alternatives}
+        for _ in range(ROUNDS):
+            for name, fn in alternatives.items():
+                rounds[name].append(median_us(fn, repeat))
+    for name, times in rounds.items():
+        row[f"{name}_us"] = statistics.median(times)
+    ratios = [e / f for e, f in zip(rounds["eager"], rounds["stfuse"])]
+    row["x_eager_range"] = (min(ratios), max(ratios))
     row["groups"] = fused.plan.stats["fused_groups"]
     row["launches"] = f"{fused.plan.stats['launches_before']}->{fused.plan.stats['launches_after']}"
     return row
@@ -106,13 +117,14 @@ def main() -> None:
                 rows.append(run_case(kind, n, batch, repeat, not args.no_compile))
     cols = ["eager_us", "vmap_us"] + ([] if args.no_compile else ["compile_us"]) + ["stfuse_us"]
     head = f"{'model':5} {'N':>2} {'batch':>5} " + " ".join(f"{c[:-3]:>9}" for c in cols)
-    head += f" {'x eager':>8} {'x vmap':>7}" + ("" if args.no_compile else f" {'x compile':>9}") + "  launches"
+    head += f" {'x eager (rounds)':>17} {'x vmap':>7}" + ("" if args.no_compile else f" {'x compile':>9}") + "  launches"
     print(f"\nmedian us per round (all tenants once); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(head)
     for r in rows:
         line = f"{r['model']:5} {r['tenants']:>2} {r['batch']:>5} " + " ".join(f"{r[c]:9.0f}" for c in cols)
-        line += f" {r['eager_us'] / r['stfuse_us']:8.2f} {r['vmap_us'] / r['stfuse_us']:7.2f}"
+        low, high = r["x_eager_range"]
+        line += f" {r['eager_us'] / r['stfuse_us']:5.2f} ({low:.2f}-{high:.2f}) {r['vmap_us'] / r['stfuse_us']:7.2f}"
         if not args.no_compile:
             line += f" {r['compile_us'] / r['stfuse_us']:9.2f}"
         print(line + f"  {r['launches']}")
