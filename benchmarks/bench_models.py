@@ -35,7 +35,9 @@ first set only (inductor takes tens of seconds per graph on 2 CPU cores; --compi
 on every set); --no-compile drops them.
 
 Prints, per set: mean and p99 latency of a round, throughput (samples/s over all
-tenants) and every alternative's time over stfuse's (> 1: stfuse is faster).
+tenants) and every alternative's time over stfuse's (> 1: stfuse is faster). Eager and
+stfuse are timed in turns, round by round, and the 10th-90th percentile of their
+per-round ratio is printed: the noise within which "never slower" is claimed.
 Every stfuse result is first checked against a float64 reference with the
 tolerance table (bench_paper.check_against_float64). JSON: benchmarks/out/models.json.
 """
@@ -65,12 +67,13 @@ import stfuse
 from stfuse.runtime.stats import percentile
 from stfuse.tolerances import assert_close
 
-from common import check_against_float64, latencies_ms, machine, resnet50_config, sync
+from common import check_against_float64, latencies_ms, machine, paired_latencies_ms, resnet50_config, sync
 
 OUT = Path(__file__).parent / "out"
 FAMILIES = ("bert", "vit", "resnet50", "gpt2")
 ALTS = ("eager", "vmap", "compile", "wrapper", "backend", "stfuse+inductor", "stfuse")
 COMPILED = ("compile", "wrapper", "backend", "stfuse+inductor")  # the columns --no-compile drops
+RATIO_SPREAD = (10, 90)  # percentiles of the per-round eager/stfuse ratios the table shows
 
 
 def build(family: str, seed: int, batch: int, quick: bool, device: torch.device):
@@ -172,9 +175,13 @@ def run_set(name: str, n: int, batch: int, args, device: torch.device, with_comp
                     alts[alt] = fn
                 except Exception as e:  # noqa: BLE001
                     row["errors"][alt] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        # eager and stfuse in turns, round by round: the spread of their ratio (RATIO_SPREAD)
+        lats = dict(zip(("eager", "stfuse"), paired_latencies_ms(alts["eager"], alts["stfuse"], device, args.repeat)))
+        ratios = sorted(e / s for e, s in zip(lats["eager"], lats["stfuse"]))
+        row["x_eager_range"] = tuple(percentile(ratios, q) for q in RATIO_SPREAD)
         for alt in ALTS:
             if alt in alts:
-                lat = sorted(latencies_ms(alts[alt], device, args.repeat))
+                lat = sorted(lats[alt] if alt in lats else latencies_ms(alts[alt], device, args.repeat))
                 mean = statistics.fmean(lat)
                 row[alt] = {"mean_ms": mean, "p99_ms": percentile(lat, 99),
                             "samples_per_s": n * batch / mean * 1e3}
@@ -257,13 +264,14 @@ def lengths_table(row: dict) -> str:
 
 def table(rows: list[dict], markdown: bool = False) -> str:
     head = ["set", "N", "batch"] + [f"{a} ms (p99)" for a in ALTS] + [f"{a}/stfuse" for a in ALTS[:-1]] + [
-        "fastest", "stfuse samples/s", "groups", "coverage", "launches"]
+        "eager/stfuse per round (p10-p90)", "fastest", "stfuse samples/s", "groups", "coverage", "launches"]
     body = []
     for r in rows:
         st = r["stfuse"]["mean_ms"]
         body.append([r["set"], str(r["tenants"]), str(r["batch"])]
                     + [f"{r[a]['mean_ms']:.2f} ({r[a]['p99_ms']:.2f})" if a in r else "-" for a in ALTS]
                     + [f"{r[a]['mean_ms'] / st:.2f}" if a in r else "-" for a in ALTS[:-1]]
+                    + ["{:.2f}-{:.2f}".format(*r["x_eager_range"]) if "x_eager_range" in r else "-"]
                     + [min((a for a in ALTS if a in r), key=lambda a: r[a]["mean_ms"]),
                        f"{r['stfuse']['samples_per_s']:.0f}", str(r["groups"]), f"{r['coverage']:.0%}",
                        r["launches"]])

@@ -84,6 +84,16 @@ def latencies_ms(fn, device: torch.device, repeat: int, warmup: int = 3) -> list
     return out
 
 
+def paired_latencies_ms(first, second, device: torch.device, repeat: int, warmup: int = 3) -> tuple[list, list]:
+    """``latencies_ms`` of two alternatives timed in turns, round by round: a noisy spell
+    hits both, and the per-round ratios give the spread of their ratio."""
+    a, b = latencies_ms(first, device, 0, warmup), latencies_ms(second, device, 0, warmup)
+    for _ in range(repeat):
+        a += latencies_ms(first, device, 1, 0)
+        b += latencies_ms(second, device, 1, 0)
+    return a, b
+
+
 def machine(device: torch.device) -> str:
     where = torch.cuda.get_device_name() if device.type == "cuda" else (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
