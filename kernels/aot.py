@@ -173,37 +173,48 @@ def occupancy(arch: str, regs: int, smem: int, num_warps: int) -> tuple[int, flo
     return blocks, round(blocks * num_warps / a["warps"], 3)
 
 
-def compile_variant(v: Variant, arch: str) -> dict:
-    """One row: the variant compiled for ``arch`` by the real Triton compiler, no GPU."""
+def _compile(v: Variant, arch: str):
+    """(Triton's compiled kernel, ptxas's log) of ``v`` for ``arch``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from . import codegen
 
+    fn = codegen.load_kernel(_template(v.kernel), v.epilogue)
+    consts = dict(v.constexprs)
+    signature = {"table_ptr": "*i64", "tile_ptr": "*i64", "float_ptr": "*fp64",
+                 **{name: "constexpr" for name in consts}}
+    target = GPUTarget("cuda", ARCHS[arch]["capability"], 32)
+    log = io.StringIO()
+    env = {"TRITON_ALWAYS_COMPILE": "1", "TRITON_DUMP_PTXAS_LOG": "1"}  # ptxas -v, not a cache hit
+    with _environ(env), contextlib.redirect_stdout(log):
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=target,
+                                  options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+    return compiled, log
+
+
+def ptx(v: Variant, arch: str) -> str:
+    """The PTX of ``v`` for ``arch`` (what tests read instruction choices from)."""
+    return _compile(v, arch)[0].asm["ptx"]
+
+
+def compile_variant(v: Variant, arch: str) -> dict:
+    """One row: the variant compiled for ``arch`` by the real Triton compiler, no GPU."""
     row = {"kernel": v.kernel, "config": v.config, "dtype": v.dtype, "epilogue": v.epilogue, "arch": arch,
            "ok": False, "error": None, "regs": None, "spill_bytes": None, "smem": None, "occupancy": None,
            "blocks_per_sm": None, "tensor_cores": None, "async_copy": None, "vector_loads": None}
     try:
-        fn = codegen.load_kernel(_template(v.kernel), v.epilogue)
-        consts = dict(v.constexprs)
-        signature = {"table_ptr": "*i64", "tile_ptr": "*i64", "float_ptr": "*fp64",
-                     **{name: "constexpr" for name in consts}}
-        target = GPUTarget("cuda", ARCHS[arch]["capability"], 32)
-        log = io.StringIO()
-        env = {"TRITON_ALWAYS_COMPILE": "1", "TRITON_DUMP_PTXAS_LOG": "1"}  # ptxas -v, not a cache hit
-        with _environ(env), contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=target,
-                                      options={"num_warps": v.num_warps, "num_stages": v.num_stages})
-        ptx, res = compiled.asm["ptx"], _resources(compiled.asm["cubin"])
+        compiled, log = _compile(v, arch)
+        text, res = compiled.asm["ptx"], _resources(compiled.asm["cubin"])
         found = {k: int(m.group(1)) for k, p in _PTXAS.items() if (m := p.search(log.getvalue()))}
         spills = (found["spill_stores"] + found["spill_loads"] if "spill_stores" in found
                   else res["stack"] + res["local"])  # no ptxas log (older Triton): stack + local memory
         smem = int(compiled.metadata.shared) + res["static_smem"]
         blocks, occ = occupancy(arch, res["regs"], smem, v.num_warps)
         row.update(ok=True, regs=res["regs"], spill_bytes=spills, smem=smem, blocks_per_sm=blocks,
-                   occupancy=occ, tensor_cores=("mma.sync" in ptx or "wgmma" in ptx),
-                   async_copy="cp.async" in ptx, vector_loads=bool(_VECTOR_LOAD.search(ptx)))
+                   occupancy=occ, tensor_cores=("mma.sync" in text or "wgmma" in text),
+                   async_copy="cp.async" in text, vector_loads=bool(_VECTOR_LOAD.search(text)))
     except Exception as err:  # noqa: BLE001 - a row that says why is the report's job
         row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
     return row

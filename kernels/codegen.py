@@ -30,7 +30,7 @@ Before (GEMM template excerpt) and after, for ``epilogue="add:tensor,relu"``::
                                              e0_offs = ep_outer * tl.load(prob + 16).to(IDX) + ...
                                              e0 = tl.load(e0_ptr + e0_offs, mask=mask, other=0.0).to(tl.float32)
                                              y = y + e0  # add:tensor
-                                             y = tl.maximum(y, 0.0)  # relu
+                                             y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu
 """
 
 from __future__ import annotations

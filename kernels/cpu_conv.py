@@ -3,9 +3,12 @@
 A tenant's own ``aten.conv2d`` on a float32 weight of its program runs, on CPU,
 as oneDNN's conv on a weight reordered once into its blocked layout
 (``mkldnn._reorder_convolution_weight``, what Inductor's freezing pass does for
-CPU convs) and ``mkldnn._convolution_pointwise`` per call, with a reading relu as oneDNN's post-op
-(a residual block's add + relu as the binary post-op measured no faster than the add
-and relu in place after the conv: [8, 16, 8, 8] 3x3, 36 against 34 us; not used). Measured on the
+CPU convs) and ``mkldnn._convolution_pointwise`` per call, a reading relu applied in
+place on its output. Not as oneDNN's relu post-op: that maps NaN to 0 (so do its
+leaky_relu and hardtanh post-ops; tested on torch 2.13), where eager's relu keeps NaN,
+and a NaN input then came back as a finite, wrong output (a residual block's add + relu
+as the binary post-op measured no faster than the add and relu in place after the
+conv: [8, 16, 8, 8] 3x3, 36 against 34 us; not used either). Measured on the
 project's 2-core AMD EPYC, 2 threads, median of turns, 3x3 convs of
 ``zoo.cnn(16)`` (scratch A/B script, noisy: another engineer shared the cores):
 
@@ -105,19 +108,22 @@ def _onednn(x, least: int) -> bool:
 
 
 def conv(x, w, b, stride, padding, dilation, groups, packed, least: int, attr: str = "none"):
-    """``F.conv2d(x, w, b, ...)`` (then relu where ``attr`` is "relu") through oneDNN on
-    ``packed`` (= pack(w, ...)), its output channels-last, where x is a float32 [N, C, H, W]
-    batch of ``least`` (min_numel) elements or more than one sample; else aten's conv."""
+    """``F.conv2d(x, w, b, ...)`` (then relu, in place, where ``attr`` is "relu") through
+    oneDNN on ``packed`` (= pack(w, ...)), its output channels-last, where x is a float32
+    [N, C, H, W] batch of ``least`` (min_numel) elements or more than one sample; else
+    aten's conv."""
     if _onednn(x, least):
-        return _conv(x.contiguous(memory_format=CL), packed, b, padding, stride, dilation, groups, attr, [], "")
-    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
-    return torch.relu(y) if attr == "relu" else y
+        y = _conv(x.contiguous(memory_format=CL), packed, b, padding, stride, dilation, groups, "none", [], "")
+    else:
+        y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    return y.relu_() if attr == "relu" else y  # not oneDNN's post-op: it maps NaN to 0
 
 
 def stacked_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, scalars, packed, bias):
     """``reference.stacked_conv2d`` (one conv, members side by side in the channel dim)
     through oneDNN on ``packed``, the members' weights as one [R*O, C/g, kh, kw] weight of
-    R*g groups packed once (``bias``: [R*O]), a "relu" epilogue as its post-op. aten's
+    R*g groups packed once (``bias``: [R*O]); the epilogue runs after it (a "relu" not
+    as oneDNN's post-op, which maps NaN to 0: module docstring). aten's
     grouped conv runs oneDNN too, reordering the weight every call: 4 members, batch 1,
     ResNet-50/8's [16, 16, 3, 3] at 8x8 34 against 24 us, [64, 64, 3, 3] stride 2 at 4x4
     61 against 26."""
@@ -125,10 +131,9 @@ def stacked_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, sc
         return reference.stacked_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, scalars)
     R, B, C, H, W = x.shape
     xb = x.permute(1, 3, 4, 0, 2).reshape(B, H, W, R * C).permute(0, 3, 1, 2)  # channels-last, one copy at most
-    attr = "relu" if epilogue == "relu" else "none"
-    y = _conv(xb, packed, bias, padding, stride, dilation, groups * R, attr, [], "")
+    y = _conv(xb, packed, bias, padding, stride, dilation, groups * R, "none", [], "")
     y = y.view(B, R, w.shape[1], *y.shape[2:]).transpose(0, 1)
-    return reference._stacked_epilogue(y, "" if attr == "relu" else epilogue, ext, scalars)
+    return reference._stacked_epilogue(y, epilogue, ext, scalars)
 
 
 # Readers that compute the same values from a channels-last input as from a contiguous

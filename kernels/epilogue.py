@@ -63,7 +63,9 @@ INPLACE = {
 # The same steps as Triton expressions over fp32 values `y` and `o`; the code
 # generator substitutes them into its templates.
 TRITON_UNARY = {
-    "relu": "tl.maximum(y, 0.0)",
+    # eager relu keeps NaN; tl.maximum by default need not (PTX max.f32 returns the
+    # other operand: NaN -> 0), so it is asked to propagate it.
+    "relu": "tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)",
     "gelu": "0.5 * y * (1.0 + _erf(y * 0.7071067811865476))",
     "gelu_tanh": "0.5 * y * (1.0 + _tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))",
     "silu": "y / (1.0 + tl.exp(-y))",

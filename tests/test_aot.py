@@ -130,3 +130,18 @@ def test_unknown_kernel_kind_is_refused():
 
     with pytest.raises(StfuseError, match="unknown kernel"):
         compile_all(("sm_90",), kernels=("gemmm",))
+
+
+def test_relu_epilogue_keeps_nan_in_ptx():
+    """Eager relu keeps NaN; PTX's plain max.f32 returns the other operand (NaN -> 0), so
+    the relu step compiles to max.NaN.f32 (it ran as max.f32 before: a NaN input gave a
+    finite output on the GPU, which the interpreter, on numpy's maximum, cannot show)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    code = ("import dataclasses, re; from stfuse.kernels.aot import ptx, variants; "
+            "v = next(v for v in variants(True) if v.kernel == 'pointwise' and v.dtype == 'fp32'); "
+            "print(sorted(set(re.findall(r'\\bmax\\.[A-Za-z0-9.]*', ptx(dataclasses.replace(v, epilogue='relu'), 'sm_90')))))")
+    child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                           check=False)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert child.stdout.strip().splitlines()[-1] == "['max.NaN.f32']"

@@ -18,7 +18,7 @@ GOLDEN_EPILOGUE = """\
     e0_offs = ep_outer * tl.load(prob + 10).to(IDX) + ep_inner * tl.load(prob + 11).to(IDX) + ep_col * tl.load(prob + 12).to(IDX)
     e0 = tl.load(e0_ptr + e0_offs, mask=mask, other=0.0).to(tl.float32)
     y = y + e0  # add:tensor
-    y = tl.maximum(y, 0.0)  # relu
+    y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu
     s0 = tl.load(float_ptr + member * 1 + 0).to(tl.float32)
     y = y * s0  # mul:scalar
 """

@@ -263,3 +263,28 @@ def test_bind_runs_fused_convs_on_onednn(monkeypatch, batch):
         assert_close(got, float64_reference(m, (x,)))
     monkeypatch.setenv("STFUSE_CPU_GEMM", "mkl")
     assert cpu_conv.stacked_conv2d not in _targets(bind(fused.canonical_program, CPU))
+
+
+def _assert_same_nans(got, want):
+    assert torch.isnan(want).any()  # the case can fail
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert_close(got.nan_to_num(), want.nan_to_num())
+
+
+@needs_onednn
+def test_relu_keeps_nan_as_eager_does():
+    """A NaN input gives NaN where eager's conv + relu does: oneDNN's relu post-op maps NaN
+    to 0 (a NaN image once came back from a fused CNN as finite logits), so relu runs after."""
+    torch.manual_seed(0)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    x, w, b = torch.randn(2, 4, 7, 7), torch.randn(6, 4, 3, 3), torch.randn(6)
+    x[0, 1, 3, 3] = float("nan")
+    want = torch.relu(_f64_conv(x, w, b, *conv))
+    _assert_same_nans(cpu_conv.conv(x, w, b, *conv, cpu_conv.pack(w, *conv), 0, "relu"), want)
+    R = 3
+    xs, ws, bs = torch.randn(R, 2, 4, 7, 7), torch.randn(R, 6, 4, 3, 3), torch.randn(R, 6)
+    xs[1, 0, 2, 3, 3] = float("nan")
+    want = torch.relu(torch.stack([_f64_conv(xs[i], ws[i], bs[i], *conv) for i in range(R)]))
+    packed = cpu_conv.pack(ws.reshape(-1, 4, 3, 3), *conv[:3], R)
+    w_cl = torch.stack([wi.contiguous(memory_format=CL) for wi in ws])
+    _assert_same_nans(cpu_conv.stacked_conv2d(xs, w_cl, bs, *conv, "relu", [], [], packed, bs.reshape(-1)), want)

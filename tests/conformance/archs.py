@@ -117,6 +117,25 @@ def _waveform(batch, length, seed):
     return (torch.randn(batch, length, generator=g),)
 
 
+def _images_and_noise(size: int, patches: int):
+    """(pixel_values, noise): ViTMAE keeps the patches of lowest noise, so the noise is an input."""
+    def make(batch, _length, seed):
+        g = torch.Generator().manual_seed(5000 + seed)
+        return (torch.randn(batch, 3, size, size, generator=g), torch.rand(batch, patches, generator=g))
+    return make
+
+
+def _experts_as_batched_mm() -> dict:
+    """MoE experts as one batched matmul over the routed tokens (transformers >= 5's
+    ``experts_implementation``); older releases loop over the experts hit, which export
+    cannot trace (a data-dependent guard), so the MoE row is left out there."""
+    try:
+        from transformers.integrations import moe
+    except ImportError:
+        return {}
+    return {"experts_implementation": "batched_mm"} if hasattr(moe, "batched_mm_experts_forward") else {}
+
+
 _LM = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
            vocab_size=VOCAB, max_position_embeddings=64, use_cache=False)
 _ENC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -177,6 +196,13 @@ ARCHS: dict[str, Arch] = {
                        vocab_size=VOCAB, max_position_embeddings=64),
     # span-based dynamic convolution heads next to self-attention
     "convbert": _text("ConvBertModel", "ConvBertConfig", "encoder", **_ENC, embedding_size=32),
+    # token mixing by a 2-D FFT (complex intermediates, real part out) instead of attention
+    "fnet": _text("FNetModel", "FNetConfig", "encoder", mask=False, hidden_size=32, num_hidden_layers=2,
+                  intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64),
+    # the sequence shrinks between blocks (strided mean pooling of queries) and is upsampled
+    # back (repeat_interleave) for the decoder: lengths change inside the model
+    "funnel": _text("FunnelModel", "FunnelConfig", "encoder", d_model=32, n_head=4, d_head=8, d_inner=64,
+                    block_sizes=[1, 1], num_decoder_layers=1, vocab_size=VOCAB),
     # --- vision --------------------------------------------------------------------
     "vit": Arch("vision", _model("ViTModel", "ViTConfig", **_VIT), _images(16)),
     "deit": Arch("vision", _model("DeiTModel", "DeiTConfig", **_VIT), _images(16)),
@@ -220,6 +246,9 @@ ARCHS: dict[str, Arch] = {
                                         strides=[4, 2], padding=[2, 1]), _images(32)),
     "mobilenet_v1": Arch("vision", _model("MobileNetV1Model", "MobileNetV1Config", image_size=32,
                                           depth_multiplier=0.25), _images(32)),
+    # random masking from an input: argsort of the noise, gather of the kept patches (2 of 4)
+    "vit_mae": Arch("vision", _model("ViTMAEModel", "ViTMAEConfig", **_VIT, mask_ratio=0.5),
+                    _images_and_noise(16, 4)),
     # not transformers: stfuse.zoo's GroupNorm residual CNN (diffusion-UNet-style blocks)
     "gn_cnn": Arch("vision", _zoo("gn_cnn", channels=12, groups=3, blocks=2), _images(16)),
     # --- audio ---------------------------------------------------------------------
@@ -236,6 +265,12 @@ ARCHS: dict[str, Arch] = {
                                      feat_extract_norm="group"),
                      _waveform, (400, 320)),
 }
+
+# mixture of experts: top-2 routing per token over 4 experts (softmax, topk; each token's
+# expert weights gathered by index, a bmm per token, the top-2 outputs summed by weight)
+if _experts_as_batched_mm():
+    ARCHS["mixtral"] = _text("MixtralModel", "MixtralConfig", **_LM, num_key_value_heads=2, num_local_experts=4,
+                             num_experts_per_tok=2, **_experts_as_batched_mm())
 
 
 # Mixed-architecture sets: compiled at one batch size, called at others.
