@@ -202,6 +202,40 @@ def _bind_conv(gm, graph, n: torch.fx.Node, gemm: str) -> None:
                                        cpu_conv.min_numel(w, conv[0], conv[3]))
 
 
+def _bind_grouped_linear(gm, graph, n: torch.fx.Node, gemm: str) -> None:
+    """grouped_linear -> cpu_gemm.grouped_linear, holding each member's packed weight
+    (``gemm`` "onednn"; members whose weight is not the program's own, or not packable,
+    stay on aten)."""
+    if OPS["grouped_linear"].reference is not reference.grouped_linear or gemm != "onednn":
+        return
+    x, w, b, *rest = n.args
+    ws = [_weight(gm, wi) for wi in w]
+    if not any(cpu_gemm.packable(wi) for wi in ws):
+        return
+    packed = _const_attr(gm, graph, n, f"{w[0].target}_grouped_onednn",
+                         tuple(cpu_gemm.pack(wi) if cpu_gemm.packable(wi) else None for wi in ws))
+    least = tuple(cpu_gemm.min_numel(wi.shape[1], wi.shape[0]) if cpu_gemm.packable(wi) else 0 for wi in ws)
+    n.target, n.args = cpu_gemm.grouped_linear, (x, w, b, packed, least, *rest)
+
+
+def _bind_grouped_conv(gm, graph, n: torch.fx.Node, gemm: str) -> None:
+    """grouped_conv2d -> cpu_conv.grouped_conv2d, holding each member's packed weight where
+    cpu_conv.conv would for that member alone (``gemm`` "onednn")."""
+    if OPS["grouped_conv2d"].reference is not reference.grouped_conv2d or gemm != "onednn":
+        return
+    x, w, b, stride, padding, dilation, groups, *rest = n.args
+    ws = [_weight(gm, wi) for wi in w]
+    convs = [([stride[2 * i], stride[2 * i + 1]], [padding[2 * i], padding[2 * i + 1]],
+              [dilation[2 * i], dilation[2 * i + 1]], groups[i]) for i in range(len(ws))]
+    bound = [cpu_conv.packable(wi) for wi in ws]
+    if not any(bound):
+        return
+    packed = _const_attr(gm, graph, n, f"{w[0].target}_grouped_onednn",
+                         tuple(cpu_conv.pack(wi, *c) if ok else None for wi, c, ok in zip(ws, convs, bound)))
+    least = tuple(cpu_conv.min_numel(wi, c[0], c[3]) if ok else 0 for wi, c, ok in zip(ws, convs, bound))
+    n.target, n.args = cpu_conv.grouped_conv2d, (*n.args, packed, least)
+
+
 def _bind_stacked_conv(gm, graph, n: torch.fx.Node, gemm: str) -> None:
     """stacked_conv2d on the program's float32 weights -> cpu_conv.stacked_conv2d, which
     holds them packed for oneDNN as one grouped conv's weight (``gemm`` "onednn")."""
@@ -264,7 +298,8 @@ def _contiguous_where_needed(graph) -> None:
 # CPU specialisations of a bound op, by stfuse op name or aten overload: each rewrites
 # the node in place, given what CPU linears and convs run on (cpu_gemm.mode).
 _CPU_SPECIALISE = {"stacked_linear": _bind_stacked_linear, aten.linear.default: _bind_linear,
-                   aten.conv2d.default: _bind_conv, "stacked_conv2d": _bind_stacked_conv}
+                   aten.conv2d.default: _bind_conv, "stacked_conv2d": _bind_stacked_conv,
+                   "grouped_linear": _bind_grouped_linear, "grouped_conv2d": _bind_grouped_conv}
 
 
 def bind(gm: torch.fx.GraphModule, device: torch.device, codegen: str = "direct", dynamic=(),

@@ -119,6 +119,17 @@ def conv(x, w, b, stride, padding, dilation, groups, packed, least: int, attr: s
     return y.relu_() if attr == "relu" else y  # not oneDNN's post-op: it maps NaN to 0
 
 
+def grouped_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, scalars, packed, least):
+    """``reference.grouped_conv2d`` with each member whose weight ``packed`` holds (None: not
+    packed) through ``conv``, as that member alone would run (each output contiguous)."""
+    ys = [(conv(xi, wi, bi, stride[2 * i:2 * i + 2], padding[2 * i:2 * i + 2], dilation[2 * i:2 * i + 2],
+                groups[i], p, n) if p is not None
+           else F.conv2d(xi, wi, bi, stride[2 * i:2 * i + 2], padding[2 * i:2 * i + 2], dilation[2 * i:2 * i + 2],
+                         groups[i])).contiguous()
+          for i, (xi, wi, bi, p, n) in enumerate(zip(x, w, b, packed, least))]
+    return reference._grouped_epilogue(ys, epilogue, ext, scalars)
+
+
 def stacked_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, scalars, packed, bias):
     """``reference.stacked_conv2d`` (one conv, members side by side in the channel dim)
     through oneDNN on ``packed``, the members' weights as one [R*O, C/g, kh, kw] weight of

@@ -142,9 +142,11 @@ def device_identity(device: torch.device) -> dict:
                 "threads": torch.get_num_threads()}
     if device.type == "cpu":
         identity["cpu_gemm"] = config.cpu_gemm_mode()
-        # convs bound to oneDNN's as well (kernels/cpu_conv.py): timings taken before ran
-        # aten's conv, so they are not reused
+        # convs bound to oneDNN's as well (kernels/cpu_conv.py), and grouped linears and
+        # convs member by member (kernels/bind.py): timings taken before ran aten's, so
+        # they are not reused
         identity["cpu_conv"] = "onednn"
+        identity["cpu_grouped"] = "onednn"
     return identity
 
 

@@ -265,6 +265,25 @@ def test_bind_runs_fused_convs_on_onednn(monkeypatch, batch):
     assert cpu_conv.stacked_conv2d not in _targets(bind(fused.canonical_program, CPU))
 
 
+@needs_onednn
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bind_runs_grouped_convs_member_by_member_on_onednn(monkeypatch, batch):
+    """Convs of other shapes fused (tune="off": a grouped_conv2d) bind to
+    cpu_conv.grouped_conv2d, each packable member on its packed weight, and compute what
+    float64 eager does (the members' outputs contiguous, as eager's)."""
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "onednn")
+    torch.manual_seed(0)
+    models = [zoo.cnn(16).eval(), zoo.cnn(24).eval()]
+    xs = [torch.randn(batch, 3, 32, 32) for _ in models]
+    fused = stfuse.compile(models, [(x,) for x in xs], tune="off")
+    assert cpu_conv.grouped_conv2d in _targets(fused.program)
+    for got, m, x in zip(fused(*xs), models, xs):
+        assert got.is_contiguous()
+        assert_close(got, float64_reference(m, (x,)))
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "mkl")
+    assert cpu_conv.grouped_conv2d not in _targets(bind(fused.canonical_program, CPU))
+
+
 def _assert_same_nans(got, want):
     assert torch.isnan(want).any()  # the case can fail
     assert torch.equal(torch.isnan(got), torch.isnan(want))

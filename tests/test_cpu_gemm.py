@@ -93,6 +93,27 @@ def test_bind_packs_fused_and_own_linears_for_onednn(monkeypatch):
     assert reference.stacked_linear_kn in plain
 
 
+@needs_onednn
+def test_grouped_linears_bind_member_by_member_to_onednn(monkeypatch):
+    """Linears of other shapes fused (tune="off": a grouped_linear) bind to
+    cpu_gemm.grouped_linear, each member on its packed weight (on aten's GEMM they ran 3x
+    slower than the same linears bound apart), and compute what float64 eager does, at a
+    batch on either side of each member's oneDNN threshold."""
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "onednn")
+    torch.manual_seed(0)
+    models = [zoo.mlp(513, 257, 5, depth=2), zoo.mlp(300, 520, 5, depth=2), zoo.mlp(8, 4, 5, depth=2)]
+    widths = (513, 300, 8)
+    fused = stfuse.compile(models, [(torch.randn(1, k),) for k in widths], tune="off")
+    assert any(g.op_class == "linear" and len(g.members) == 3 for g in fused.plan.groups.values())
+    assert cpu_gemm.grouped_linear in _targets(fused.program)
+    for batch in (1, 9):
+        xs = [torch.randn(batch, k) for k in widths]
+        for got, m, x in zip(fused(*xs), models, xs):
+            assert_close(got, float64_reference(m, (x,)))
+    monkeypatch.setenv("STFUSE_CPU_GEMM", "mkl")
+    assert cpu_gemm.grouped_linear not in _targets(bind(fused.canonical_program, CPU))
+
+
 @pytest.fixture
 def fresh_choice(monkeypatch, tmp_path):
     monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
