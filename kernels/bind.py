@@ -334,6 +334,7 @@ def bind(gm: torch.fx.GraphModule, device: torch.device, codegen: str = "direct"
     for n in graph.nodes:
         if n.op in ("get_attr", "call_module"):  # what GraphModule(gm, graph) copies from gm
             _copy_attr(gm, bound, n.target)
+    graph.owning_module = bound  # eliminate_dead_code asks it whether a call_module is pure
     gemm = cpu_gemm.mode(device)
     for n in list(graph.nodes):
         if n.op != "call_function":
