@@ -38,9 +38,9 @@ import operator
 
 import torch
 
-from stfuse import config, ir
+from stfuse import config, dims, ir
 from stfuse.calls import call_problem
-from stfuse.frontend import example_args
+from stfuse.frontend import example_args, with_batch
 from stfuse.ir import FusedOp
 from stfuse.kernels import timing
 from stfuse.kernels.bind import bind
@@ -289,10 +289,35 @@ def _unfused(g, clone_packed: bool = False):
     return lower(schedule(g))
 
 
-def _flat_examples(g) -> list:
-    """The tenants' example tensors, flat, in program input order."""
-    return [x for tg in g.graph["tenants"].values()
-            for x in call_problem(tg.name, tg.in_spec, tg.inputs, example_args(tg), tg.constants)[0]]
+def _flat_examples(g) -> list | None:
+    """The tenants' example tensors, flat, in program input order, at one batch size and one
+    size per declared dim name: the stacked program (what lower builds and check_program
+    times) takes no other call. Examples of other sizes (tenants compiled at batch 2 and 3,
+    or at sequence lengths 8 and 5 of one "seq") are resized along those dims, repeating
+    their rows cyclically (frontend.with_batch, dims.resize); None where a tenant cannot
+    take the common size (a fixed batch that differs, a size outside its traced range)."""
+    tenants = list(g.graph["tenants"].values())
+    fixed = {tg.batch for tg in tenants if not tg.dynamic}
+    if len(fixed) > 1:
+        return None
+    batch = fixed.pop() if fixed else max(tg.batch for tg in tenants)
+    calls = [example_args(tg) for tg in tenants]
+    sizes: dict[str, int] = {}
+    for call, tg in zip(calls, tenants):
+        for name, size in dims.sizes(tg.inputs, call_problem(tg.name, tg.in_spec, tg.inputs, call,
+                                                             tg.constants)[0]).items():
+            sizes[name] = max(sizes.get(name, 0), size)
+    out = []
+    for call, tg in zip(calls, tenants):
+        ranges = {**tg.dim_ranges, **({"batch": tg.batch_range} if tg.dynamic else {})}
+        want = {**{n: sizes[n] for n in tg.dim_ranges}, **({"batch": batch} if tg.dynamic else {})}
+        if any(n < ranges[k][0] or (ranges[k][1] is not None and n > ranges[k][1]) for k, n in want.items()):
+            return None
+        if tg.dynamic and tg.batch != batch:
+            call = with_batch(call, batch, tg.batch)
+        call = dims.resize(call, tg.inputs, sizes)
+        out += call_problem(tg.name, tg.in_spec, tg.inputs, call, tg.constants)[0]
+    return out
 
 
 def check_program(g):
@@ -320,6 +345,8 @@ def check_program(g):
         return _forget_matched(g)
     device = device_of(g)
     inputs = _flat_examples(g)
+    if inputs is None:  # no one call the stacked program takes: its groups stand as they won
+        return _forget_matched(g)
     keys = [_tensor_key(x) for x in inputs]
     cache = timing.TimingCache(device)
     fused = g.graph["program"][0]
@@ -409,7 +436,7 @@ def matched_key(g, matched) -> str:
     index = {k: i for i, k in enumerate(calls)}
     kept = sorted(tuple(index[k] for k in grp.members) for grp in g.graph["groups"].values())
     every = sorted(tuple(index[k] for k in grp.members) for grp in matched.graph["groups"].values())
-    inputs = [_tensor_key(x) for x in _flat_examples(g)]
+    inputs = [_tensor_key(x) for x in _flat_examples(g) or ()]
     text = repr((candidate_key(g, calls), kept, every, inputs))
     return "program-matched-choice:" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -446,6 +473,8 @@ def choose_codegen(g, inductor, direct) -> dict:
     device = device_of(g)
     fused = g.graph["program"][0]
     inputs = _flat_examples(g)
+    if inputs is None:
+        return {"decision": "direct", "source": "not timed: no one call the program takes"}
     key = "codegen:" + program_key([(fused.graph, fused)], [_tensor_key(x) for x in inputs])
     cache = timing.TimingCache(device)
     hit = cache.get(key)

@@ -172,12 +172,15 @@ def _two_sizes(examples, low: int, high: int | None) -> tuple[int, int] | None:
 
 def resize(call, inputs, new: Mapping[str, int]):
     """A tenant's call (args, kwargs) in its spec's order, with each declared dim named in
-    ``new`` resized to that size, entries repeating cyclically (token ids stay token ids)."""
+    ``new`` resized to that size, entries repeating cyclically (token ids stay token ids).
+    Leaves that are not tensors (constant keywords, calls.split_constants) stay as they are."""
     leaves, spec = pytree.tree_flatten(call)
+    specs = iter(inputs)
     out = []
-    for x, s in zip(leaves, inputs):
-        for d, name in s.dims:
-            if name in new and x.shape[d] != new[name]:
-                x = x.index_select(d, torch.arange(new[name], device=x.device) % x.shape[d])
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            for d, name in next(specs).dims:
+                if name in new and x.shape[d] != new[name]:
+                    x = x.index_select(d, torch.arange(new[name], device=x.device) % x.shape[d])
         out.append(x)
     return pytree.tree_unflatten(out, spec)

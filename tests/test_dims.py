@@ -139,6 +139,17 @@ def test_an_undeclared_size_change_is_still_an_input_error():
         fused.run({"1": bert_call(2, 12)})
 
 
+def test_dynamic_dims_beside_a_constant_keyword():
+    """transformers' ViT at other image sizes takes interpolate_pos_encoding=True, a
+    constant keyword (calls.split_constants): the checks that resize the call along the
+    declared dims leave it in place (they crashed on it before)."""
+    vit = zoo.hf_model("vit", 0)[0]
+    example = {**vit_call(2, 24), "interpolate_pos_encoding": True}
+    fused = stfuse.compile([vit], [example], dynamic=[{"pixel_values": {2: "side", 3: "side"}}])
+    call = {**vit_call(3, 32, seed=2), "interpolate_pos_encoding": True}
+    assert_close(fused.run({"0": call})["0"], float64_call_reference(vit, call))
+
+
 def test_a_path_export_kept_no_guard_for_is_refused_at_compile():
     """Traced at 16, a ViT's patches equal its positions and it returns the table as it
     is: export keeps no guard, and the graph crashed at 32. The compile-time check (the

@@ -14,6 +14,8 @@ from stfuse.kernels import timing
 from stfuse.passes import pipeline, tune
 from stfuse.passes.cost import MARGIN
 
+from stfuse.tolerances import assert_close
+
 from conftest import check_tenants, tenant_graph
 
 
@@ -235,6 +237,44 @@ def test_every_pass_output_verifies_in_measure_mode(monkeypatch, tmp_path, progr
                             verify=True, tune="measure")
     assert (fused.plan.stats["fused_groups"] > 0) == program_wins
     check_tenants(fused, models, args)
+
+
+def test_the_program_check_takes_examples_of_other_batch_sizes(timer):
+    """Tenants compiled at batch 2 and 3 (the README's first example, as users write it):
+    the stacked program takes one batch, so the program check times the examples resized
+    to one; it crashed the compile (a PassError from torch.stack) before."""
+    torch.manual_seed(0)
+    models = [zoo.mlp(16, 32, 4), zoo.mlp(16, 32, 4)]
+    args = [(torch.randn(2, 16),), (torch.randn(3, 16),)]
+    fused = _compile(models, args)
+    assert "program" in timer.calls and fused.plan.stats["fused_groups"] > 0
+    check_tenants(fused, models, args)
+
+
+def test_the_program_check_takes_examples_of_other_lengths(timer):
+    """Two BERTs sharing a declared "seq", compiled at lengths 8 and 5: timed at one
+    length; codegen="auto" times the same call."""
+    from conftest import bert_call, float64_call_reference
+
+    models = {"a": zoo.hf_model("bert", 0)[0], "b": zoo.hf_model("bert", 1)[0]}
+    calls = {"a": bert_call(2, 8), "b": bert_call(2, 5, seed=1)}
+    seq = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
+    fused = stfuse.compile(models, calls, dynamic={"a": seq, "b": seq}, tune="measure", codegen="auto")
+    assert "program" in timer.calls and fused.plan.stats["codegen"]["source"] == "measured"
+    outs = fused.run(calls)
+    for name, call in calls.items():
+        assert_close(outs[name], float64_call_reference(models[name], call), msg=f"tenant {name}")
+
+
+def test_no_program_check_where_fixed_batches_differ():
+    """Tenants whose batch is fixed (a model that branches on it) at 2 and 3: no one call
+    fits the stacked program, so there is nothing to time it on."""
+    torch.manual_seed(0)
+    g = tenant_graph([zoo.mlp(16, 32, 4), zoo.mlp(16, 32, 4)], [(torch.randn(2, 16),), (torch.randn(3, 16),)])
+    assert tune._flat_examples(g) is not None  # dynamic batches: resized to one
+    for tg, batch in zip(g.graph["tenants"].values(), (2, 3)):
+        tg.dynamic, tg.batch = False, batch
+    assert tune._flat_examples(g) is None
 
 
 def test_summary_says_what_was_timed_and_decided(timer):
