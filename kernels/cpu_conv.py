@@ -122,11 +122,11 @@ def conv(x, w, b, stride, padding, dilation, groups, packed, least: int, attr: s
 def grouped_conv2d(x, w, b, stride, padding, dilation, groups, epilogue, ext, scalars, packed, least):
     """``reference.grouped_conv2d`` with each member whose weight ``packed`` holds (None: not
     packed) through ``conv``, as that member alone would run (each output contiguous)."""
-    ys = [(conv(xi, wi, bi, stride[2 * i:2 * i + 2], padding[2 * i:2 * i + 2], dilation[2 * i:2 * i + 2],
-                groups[i], p, n) if p is not None
-           else F.conv2d(xi, wi, bi, stride[2 * i:2 * i + 2], padding[2 * i:2 * i + 2], dilation[2 * i:2 * i + 2],
-                         groups[i])).contiguous()
-          for i, (xi, wi, bi, p, n) in enumerate(zip(x, w, b, packed, least))]
+    ys = []
+    for i, (xi, wi, bi, p, n) in enumerate(zip(x, w, b, packed, least)):
+        params = (stride[2 * i:2 * i + 2], padding[2 * i:2 * i + 2], dilation[2 * i:2 * i + 2], groups[i])
+        y = conv(xi, wi, bi, *params, p, n) if p is not None else F.conv2d(xi, wi, bi, *params)
+        ys.append(y.contiguous())
     return reference._grouped_epilogue(ys, epilogue, ext, scalars)
 
 

@@ -60,6 +60,13 @@ class TenantSpec:
         return cls(tg.name, tuple(tg.inputs), tg.in_spec, tg.out_spec, tg.batch, tg.dynamic,
                    tuple(tg.batch_range), dict(tg.dim_ranges), dict(tg.constants))
 
+    @property
+    def plain(self) -> bool:
+        """Whether the tenant is called with positional tensors alone (no keywords, no
+        nesting, no constants): what the fast paths of calls, the runtime and the serve
+        protocol take as they come."""
+        return not self.constants and self.in_spec == pytree.tree_structure(((None,) * len(self.inputs), {}))
+
     def in_range(self, batch: int) -> bool:
         low, high = self.batch_range
         return not self.dynamic or (low <= batch and (high is None or batch <= high))
@@ -125,7 +132,7 @@ class TenantCalls:
         """For a tenant that takes plain batched tensors (one, or a tuple): per input
         (dtype, device, shape after dim 0, rank), and the batch range; else None."""
         n = len(spec.inputs)
-        if not n or spec.constants or spec.in_spec != pytree.tree_flatten(((None,) * n, {}))[1]:
+        if not n or not spec.plain:
             return None
         if not all(s.batched and not s.dims for s in spec.inputs):
             return None  # no inputs: no batch to read (it crashed the fast paths at call time)

@@ -30,7 +30,7 @@ def call_specs(fused) -> dict:
     (keyword inputs, nested args): their requests travel as flat tuples of tensors
     (``as_args``) and are rebuilt into calls for each launch (``as_call``)."""
     return {t: s for t, s in getattr(fused, "specs", {}).items()
-            if s.constants or s.in_spec != pytree.tree_structure(((None,) * len(s.inputs), {}))}
+            if not s.plain}
 
 
 def as_call(args: tuple, spec) -> Any:

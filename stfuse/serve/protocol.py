@@ -123,8 +123,7 @@ class TenantProtocol:
         self.output_names = [o["name"] for o in outputs]
         self.outputs = outputs
         # a tenant of plain positional tensors takes them as a tuple: the runtime's fast path
-        n = len(spec.inputs)
-        self._plain = not spec.constants and spec.in_spec == pytree.tree_structure(((None,) * n, {}))
+        self._plain = spec.plain
 
     def metadata(self) -> dict:
         """GET /v2/models/{name}: -1 for the batch (where it varies) and declared dynamic dims."""
