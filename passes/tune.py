@@ -376,11 +376,10 @@ def check_program(g):
         decision = "apart"  # every group lost its own timing: the program runs the tenants apart
     out = None
     if matched is not None:
-        # the plan's program and the matched groups determine the matched program: a hit
-        # lowers nothing (lowering it took 0.1-0.3 s of a warm compile)
-        grouped = [f"{grp.op_class}:" + ",".join(str(matched.nodes[k]["target"]) for k in grp.nodes())
-                   for grp in matched.graph["groups"].values()]
-        key = "program-matched:" + program_key([(fused.graph, fused)], keys, [decision, *replaced, "|", *grouped])
+        # keyed before lowering (tune.matched_key): a hit lowers nothing (lowering the matched
+        # program took 0.1-0.3 s of a warm compile), and where it chose "matched",
+        # drop_unprofitable took it already (chosen_before)
+        key = g.graph["matched_key"]
         hit = cache.get(key)
         every = None
         if hit is None or not {"matched_us", "plan_us"} <= hit.keys():
@@ -391,14 +390,12 @@ def check_program(g):
             hit = dict(zip(("matched_us", "plan_us"), timing.time_pair(
                 lambda: bm.forward(*inputs), lambda: br.forward(*inputs), device, what="program-matched")))
             source = "measured"
-            cache.put(key, hit)
         record["matched_us"] = hit["matched_us"]
         record.setdefault(f"{decision}_us", hit["plan_us"])
         # by the margin the groups were judged by (cost.MARGIN, in the tuning record)
         if hit["matched_us"] < (1 - g.graph["tuning"]["margin"]) * hit["plan_us"]:
             decision, out = "matched", every if every is not None else _every_matched(matched)
-        # the choice, under a key read before lowering: the next compile takes it there
-        cache.put(g.graph["matched_key"], {**record, "matched": float(decision == "matched")})
+        cache.put(key, {**record, "plan_us": hit["plan_us"], "matched": float(decision == "matched")})
     cache.flush()
     if out is None:
         out = g.copy() if decision == "fused" else _unfused(g, clone_packed=True)
@@ -452,7 +449,7 @@ def chosen_before(g, matched, cache: timing.TimingCache):
     hit = cache.get(key)
     if hit is not None and hit.get("matched") == 1.0:
         out = matched.copy()
-        program = {k: v for k, v in hit.items() if k.endswith("_us")}
+        program = {k: v for k, v in hit.items() if k.endswith("_us") and k != "plan_us"}
         out.graph["tuning"] = {**g.graph["tuning"], "program": {**program, "decision": "matched", "source": "cached"}}
         out.graph["matched_chosen"] = True
         return out

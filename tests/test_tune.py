@@ -161,6 +161,10 @@ def test_whole_program_fallback_runs_the_tenants_apart(monkeypatch, tmp_path):
     text = fused.plan.summary()
     assert ("whole program: fused 300 us, apart 200 us, every group as matched 300 us: fused is not faster: "
             "every tenant runs apart") in text
+    fake.calls.clear()
+    again = _compile(models, args)  # cached, the matched plan's loss too: nothing timed, the same plan
+    assert not fake.calls and again.plan.stats["tuning"]["program"] == {
+        "fused_us": 300.0, "apart_us": 200.0, "matched_us": 300.0, "decision": "apart", "source": "cached"}
 
 
 @pytest.mark.parametrize("plan_us", [(100.0, 200.0), (300.0, 200.0)])
