@@ -17,8 +17,6 @@ Before/after (two ResNet blocks)::
 
 from __future__ import annotations
 
-import networkx as nx
-
 from stfuse import ir
 from stfuse.ir import FusedOp
 
@@ -79,11 +77,13 @@ def fold_epilogues(g):
                 break
             trial = dict(groups)
             trial[gid] = _fold(groups[gid], found)
+            moved = list(trial[gid].nodes())  # a new cycle runs through a group that changed
             for u, _, _ in found:
                 donor = next((d for d, grp in trial.items() if u in grp.members), None)
                 if donor is not None and donor != gid:
+                    moved += trial[donor].nodes()
                     trial = _release(trial, donor, u)
-            if not _acyclic(g, trial):
+            if ir.on_cycle(g, trial, moved):
                 break
             groups = trial
     for k in g.nodes:
@@ -106,6 +106,3 @@ def _release(groups: dict, gid: str, node: str) -> dict:
                             tuple(grp.folded[i] for i in keep), tuple(grp.operands[i] for i in keep))
     return groups
 
-
-def _acyclic(g, groups: dict) -> bool:
-    return nx.is_directed_acyclic_graph(ir.quotient(g, groups))
