@@ -86,12 +86,7 @@ def fold_epilogues(g):
             if ir.on_cycle(g, trial, moved):
                 break
             groups = trial
-    for k in g.nodes:
-        g.nodes[k]["group"] = None
-    for gid, grp in groups.items():
-        for k in grp.members:
-            g.nodes[k]["group"] = gid
-    g.graph["groups"] = groups
+    ir.set_groups(g, groups)
     return g
 
 

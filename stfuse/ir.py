@@ -271,6 +271,17 @@ def quotient(g: nx.DiGraph, groups: dict | None = None) -> nx.DiGraph:
     return q
 
 
+def set_groups(g: nx.DiGraph, groups: dict) -> None:
+    """Make ``groups`` g's groups, in place (on a copy a pass owns): a member's
+    ``group`` is its group's id, every other node's None (folded nodes too)."""
+    for k in g.nodes:
+        g.nodes[k]["group"] = None
+    for gid, grp in groups.items():
+        for k in grp.members:
+            g.nodes[k]["group"] = gid
+    g.graph["groups"] = groups
+
+
 def on_cycle(g: nx.DiGraph, groups: dict, nodes) -> bool:
     """Whether, with ``groups`` contracted (as quotient does), the group or lone node
     holding any of ``nodes`` lies on a cycle. A pass that changes a few groups of an

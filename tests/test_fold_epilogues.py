@@ -56,12 +56,7 @@ def _linear_groups(models, x):
                                                                  if g.nodes[j]["tenant"] == g.nodes[k]["tenant"]))
     second = tuple(k for k in linears if k not in first)
     groups = {"g0": FusedOp("g0", "linear", first), "g1": FusedOp("g1", "linear", second)}
-    for k in g.nodes:
-        g.nodes[k]["group"] = None
-    for gid, grp in groups.items():
-        for k in grp.members:
-            g.nodes[k]["group"] = gid
-    g.graph["groups"] = groups
+    ir.set_groups(g, groups)
     return g
 
 
