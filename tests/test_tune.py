@@ -183,9 +183,12 @@ def test_every_group_as_matched_wins_where_the_dropped_groups_paid_together(monk
 
     fake = FakeTimer(prices)
     monkeypatch.setattr(timing, "time_pair", fake)
+    bound = []
+    monkeypatch.setattr(tune, "bind", _counting(tune.bind, bound, lambda gm, *_: gm))
     models, args = _tenants()
     fused = _compile(models, args)
     assert "program-matched" in fake.calls
+    assert len({id(gm) for gm in bound}) == len(bound)  # no program bound twice (the plan is in both pairs)
     assert {grp.op_class for grp in fused.plan.groups.values()} >= {"linear", "conv2d"}
     program = fused.plan.stats["tuning"]["program"]
     assert program["decision"] == "matched" and program["matched_us"] == 80.0
@@ -203,10 +206,11 @@ def test_every_group_as_matched_wins_where_the_dropped_groups_paid_together(monk
     check_tenants(again, models, args)
 
 
-def _counting(fn, calls: list):
+def _counting(fn, calls: list, what=None):
+    """fn, appending to ``calls`` its name (or ``what(*args)``) at every call."""
     @functools.wraps(fn)
     def counted(*a, **kw):
-        calls.append(fn.__name__)
+        calls.append(fn.__name__ if what is None else what(*a))
         return fn(*a, **kw)
     return counted
 
