@@ -22,6 +22,7 @@ so its "warm" compile times again; --ignore-load keeps them anyway.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -51,6 +52,10 @@ def tenants(name: str):
 
 
 def compile_row(models, xs, mode: str, repeat: int) -> dict:
+    # Every compile starts from the same collector state: one full collection of this
+    # heap takes ~0.3 s here, and which compile the previous one's garbage tipped into
+    # one decided which mode paid for it.
+    gc.collect()
     t = time.perf_counter()
     fused = stfuse.compile(models, [(x,) for x in xs], tune="measure" if mode in ("cold", "warm") else mode)
     seconds = time.perf_counter() - t

@@ -2,6 +2,7 @@
 candidate programs it times, the cache, the whole-program check and what summary() says."""
 
 import functools
+import gc
 import json
 
 import pytest
@@ -245,6 +246,24 @@ def test_every_pass_output_verifies_in_measure_mode(monkeypatch, tmp_path, progr
                             verify=True, tune="measure")
     assert (fused.plan.stats["fused_groups"] > 0) == program_wins
     check_tenants(fused, models, args)
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+def test_the_program_check_pauses_the_collector_and_leaves_it_as_it_was(timer, monkeypatch, collecting):
+    enabled = []  # gc.isenabled() at each timing: the candidates' (not paused) and the program's
+    fake = timer.prices
+    monkeypatch.setattr(timer, "prices", lambda what: enabled.append((what, gc.isenabled())) or fake(what))
+    models, args = _tenants()
+    was = gc.isenabled()
+    (gc.enable if collecting else gc.disable)()
+    try:
+        _compile(models, args)
+        after = gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert after == collecting
+    assert [on for what, on in enabled if what.startswith("program")] == [False, False]
+    assert collecting in {on for what, on in enabled if not what.startswith("program")}
 
 
 def test_the_program_check_takes_examples_of_other_batch_sizes(timer):
