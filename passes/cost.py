@@ -43,7 +43,7 @@ from stfuse import config, ir
 from stfuse.ir import FusedOp
 from stfuse.kernels import timing
 
-from . import tune
+from . import program_check, tune
 from .lower import arrives_stacked
 from .match import uniform_key
 
@@ -248,5 +248,5 @@ def drop_unprofitable(g):
         # half of the matched members stay fused. Where most groups lost their own timings (the
         # transformer sets under oneDNN's GEMMs keep 0-2 of 35), fusing them all did not win
         # either, and timing it cost a cold compile up to 2.6 s (GPT-2 x4 quick)
-        g = tune.chosen_before(g, matched, pricer.cache)
+        g = program_check.chosen_before(g, matched, pricer.cache)
     return g

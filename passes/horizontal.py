@@ -98,7 +98,7 @@ def group_siblings(g):
     """Add the intra-tenant groups of independent same-class ops whose prices say they
     pay (cost.best_split, in the graph's tuning mode); returns a new graph."""
     if g.graph.get("matched_chosen"):
-        return g  # every group as matched, as check_program chose before (tune.chosen_before): no siblings
+        return g  # every group as matched, as check_program chose before (program_check.chosen_before): no siblings
     g = g.copy()
     groups = dict(g.graph["groups"])
     pricer = Pricer(g)

@@ -16,7 +16,7 @@ from .lower import lower
 from .match import match_groups
 from .normalize import normalize
 from .schedule import schedule
-from .tune import check_program
+from .program_check import check_program
 
 PASSES = [
     normalize,          # canonical forms: addmm/mm/matmul -> linear, fold eval BN, drop eval dropout

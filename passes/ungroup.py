@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from stfuse.ir import FusedOp
 
-from .tune import MATCHED_ATTRS
+from .program_check import MATCHED_ATTRS
 
 
 def ungroup(tenants):

@@ -119,7 +119,7 @@ def compile_tenants(tenants: dict, verify: bool = False, tune: str | None = None
     the direct programs (it checks stfuse's grouping, and compiles nothing); the
     program returned runs with ``codegen``."""
     from stfuse.passes import pipeline
-    from stfuse.passes.tune import choose_codegen
+    from stfuse.passes.program_check import choose_codegen
 
     from . import selfcheck
 

@@ -11,7 +11,7 @@ STFUSE_CUDA_GRAPHS    "0": CUDA programs run launch by launch, never as captured
                       graphs (kernels/graphs.py; on by default)
 STFUSE_CODEGEN        default codegen of stfuse.compile, stfuse.load and the torch.compile
                       backend: "direct", "inductor" (kernels/inductor.py) or "auto" (the
-                      faster, measured: passes/tune.choose_codegen; load takes it as
+                      faster, measured: passes/program_check.choose_codegen; load takes it as
                       "direct"); unset, the first two take "direct", the backend "inductor"
 """
 

@@ -1,4 +1,4 @@
-"""passes/tune.py: compile(tune="measure") with a fake timer (deterministic, fast), the
+"""passes/tune.py and passes/program_check.py: compile(tune="measure") with a fake timer (deterministic, fast), the
 candidate programs it times, the cache, the whole-program check and what summary() says."""
 
 import functools
@@ -12,7 +12,8 @@ import stfuse
 from stfuse import config, zoo
 from stfuse.errors import StfuseError
 from stfuse.kernels import timing
-from stfuse.passes import pipeline, tune
+from stfuse.passes import pipeline, program_check, tune
+from stfuse.passes.lower import lower
 from stfuse.passes.cost import MARGIN
 
 from stfuse.tolerances import assert_close
@@ -185,7 +186,7 @@ def test_every_group_as_matched_wins_where_the_dropped_groups_paid_together(monk
     fake = FakeTimer(prices)
     monkeypatch.setattr(timing, "time_pair", fake)
     bound = []
-    monkeypatch.setattr(tune, "bind", _counting(tune.bind, bound, lambda gm, *_: gm))
+    monkeypatch.setattr(program_check, "bind", _counting(program_check.bind, bound, lambda gm, *_: gm))
     models, args = _tenants()
     fused = _compile(models, args)
     assert "program-matched" in fake.calls
@@ -197,9 +198,9 @@ def test_every_group_as_matched_wins_where_the_dropped_groups_paid_together(monk
     check_tenants(fused, models, args)
     fake.calls.clear()
     lowered = []
-    monkeypatch.setattr(pipeline, "PASSES", [_counting(p, lowered) if p is tune.lower else p for p in pipeline.PASSES])
-    monkeypatch.setattr(tune, "lower", _counting(tune.lower, lowered))
-    again = _compile(models, args)  # cached: nothing timed, the same plan, lowered once (tune.chosen_before)
+    monkeypatch.setattr(pipeline, "PASSES", [_counting(p, lowered) if p is lower else p for p in pipeline.PASSES])
+    monkeypatch.setattr(program_check, "lower", _counting(lower, lowered))
+    again = _compile(models, args)  # cached: nothing timed, the same plan, lowered once (program_check.chosen_before)
     assert not fake.calls and again.plan.stats["tuning"]["program"]["decision"] == "matched"
     assert again.plan.stats["tuning"]["program"]["source"] == "cached"
     assert len(lowered) == 1
@@ -298,10 +299,10 @@ def test_no_program_check_where_fixed_batches_differ():
     fits the stacked program, so there is nothing to time it on."""
     torch.manual_seed(0)
     g = tenant_graph([zoo.mlp(16, 32, 4), zoo.mlp(16, 32, 4)], [(torch.randn(2, 16),), (torch.randn(3, 16),)])
-    assert tune._flat_examples(g) is not None  # dynamic batches: resized to one
+    assert program_check._flat_examples(g) is not None  # dynamic batches: resized to one
     for tg, batch in zip(g.graph["tenants"].values(), (2, 3)):
         tg.dynamic, tg.batch = False, batch
-    assert tune._flat_examples(g) is None
+    assert program_check._flat_examples(g) is None
 
 
 def test_summary_says_what_was_timed_and_decided(timer):

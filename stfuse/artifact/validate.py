@@ -120,7 +120,7 @@ _STATS = {k: int for k in ("tenants", "ops", "fusable_ops", "fused_ops", "fused_
                    "groups": {"*": {"fused_us": Opt(NUM), "apart_us": Opt(NUM), "decision": str, "source": str}},
                    "program": Opt({"fused_us": NUM, "apart_us": NUM, "decision": str, "source": str}),
                    "unsaved": Opt(str)}),
-    # codegen="auto"'s measurement (passes/tune.choose_codegen; no times where nothing was timed)
+    # codegen="auto"'s measurement (passes/program_check.choose_codegen; no times where nothing was timed)
     "codegen": Opt({"inductor_us": Opt(NUM), "direct_us": Opt(NUM), "decision": str, "source": str})}
 PLAN_SCHEMA = {
     "stats": _STATS,
