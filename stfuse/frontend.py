@@ -385,7 +385,8 @@ def _hint(model, err: Exception) -> str:
     if getattr(config, "use_cache", False) and "Cache" in str(err):
         # transformers decoders return a DynamicCache object by default, which is not a pytree
         return ("; the model returns a key/value cache object (its config has use_cache=True): "
-                "set model.config.use_cache = False before compiling")
+                "set model.config.use_cache = False before compiling, or pass use_cache=False with "
+                "the keyword inputs (a constant of the program: {'input_ids': ids, 'use_cache': False})")
     return ""
 
 

@@ -101,8 +101,11 @@ def test_a_decoder_returning_its_kv_cache_is_refused_with_what_to_do():
     ids = torch.randint(0, 100, (2, 8))
     with pytest.raises(stfuse.TraceError, match=r"use_cache=True\): set model.config.use_cache = False"):
         stfuse.compile([model], [{"input_ids": ids}])
-    model.config.use_cache = False  # what the message says to do
+    keyword = stfuse.compile([model], [{"input_ids": ids, "use_cache": False}])  # what the message says
+    (by_keyword,) = keyword({"input_ids": ids, "use_cache": False})
+    model.config.use_cache = False  # the message's other way
     fused = stfuse.compile([model], [{"input_ids": ids}])
     (out,) = fused({"input_ids": ids})
+    assert_close(by_keyword.last_hidden_state, out.last_hidden_state)
     assert_close(out.last_hidden_state, float64_call_reference(model, {"input_ids": ids}).last_hidden_state)
     assert out.past_key_values is None
