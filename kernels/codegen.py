@@ -98,6 +98,19 @@ def _tanh(x):
 
 
 @triton.jit
+def _with_bias(y, prob, B: tl.constexpr, SB: tl.constexpr, cols, col_mask, DTYPE: tl.constexpr,
+               IDX: tl.constexpr):
+    # y [rows, cols] plus the member's bias at ``cols``: its address and stride are the
+    # problem-table columns B and SB (address 0: no bias). The GEMM and conv templates'.
+    b_addr = tl.load(prob + B)
+    if b_addr != 0:
+        bias_ptr = b_addr.to(tl.pointer_type(DTYPE))
+        bias = tl.load(bias_ptr + cols * tl.load(prob + SB).to(IDX), mask=col_mask, other=0.0)
+        y = y + bias.to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
 def _pow(x, p):
     # torch.pow with a scalar exponent: a negative base keeps its sign for an odd
     # integral exponent and gives nan (log2 of a negative) for a fractional one.

@@ -117,12 +117,7 @@ CONV = codegen.KernelTemplate(
                         mask=c_mask[:, None] & n_mask[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-        y = acc
-        b_addr = tl.load(prob + $b)
-        if b_addr != 0:
-            bias_ptr = b_addr.to(tl.pointer_type(DTYPE))
-            bias = tl.load(bias_ptr + oc * tl.load(prob + $sb).to(IDX), mask=n_mask, other=0.0)
-            y = y + bias.to(tl.float32)[None, :]
+        y = _with_bias(acc, prob, $b, $sb, oc, n_mask, DTYPE, IDX)
 
         mask = m_mask[:, None] & n_mask[None, :]
         ep_outer = img[:, None]

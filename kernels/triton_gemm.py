@@ -117,12 +117,7 @@ GEMM = codegen.KernelTemplate(
             ws_ptr = tl.multiple_of(tl.load(prob + $y).to(tl.pointer_type(tl.float32)), 16 if VEC > 1 else 1)
             tl.store(ws_ptr + part * (M * sym) + offs_m[:, None] * sym + offs_n[None, :], acc, mask=mask)
         else:
-            y = acc
-            b_addr = tl.load(prob + $b)
-            if b_addr != 0:
-                bias_ptr = b_addr.to(tl.pointer_type(DTYPE))
-                bias = tl.load(bias_ptr + offs_n * tl.load(prob + $sb).to(IDX), mask=n_mask, other=0.0)
-                y = y + bias.to(tl.float32)[None, :]
+            y = _with_bias(acc, prob, $b, $sb, offs_n, n_mask, DTYPE, IDX)
 
             inner = tl.load(prob + $inner).to(tl.int32)
             ep_outer = (offs_m // inner)[:, None]
