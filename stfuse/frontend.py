@@ -12,6 +12,7 @@ tenant and both reasons.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ import torch.utils._pytree as pytree
 from torch.export import Dim, ShapesCollection
 
 from . import dims
-from .calls import InputSpec, call_of, call_parts, call_problem, input_keywords, split_constants
+from .calls import (CONSTANT_TYPES, InputSpec, call_of, call_parts, call_problem, input_keywords,
+                    split_constants)
 from .errors import TraceError
 
 
@@ -253,10 +255,11 @@ def _from_export(name, model, args, kwargs, batch, device, dynamic_dims=None, co
         raise TraceError(f"tenant {name!r}: only tensor inputs are supported "
                          f"(got {len(flat_args)} leaves, export kept {len(user)})")
     inputs = []
-    for ph, a, batched, kw, ds in zip(user, flat_args, mask, input_keywords(in_spec), leaf_dims):
+    for i, (ph, a, batched, kw, ds) in enumerate(zip(user, flat_args, mask, input_keywords(in_spec), leaf_dims)):
         if not isinstance(a, torch.Tensor):
-            raise TraceError(f"tenant {name!r}: input {kw or ph!r} is a {type(a).__name__}; "
-                             "only tensor inputs are supported")
+            what = f"input {kw!r}" if kw else f"positional input {i} ({a!r})"
+            raise TraceError(f"tenant {name!r}: {what} is a {type(a).__name__}; "
+                             f"only tensor inputs are supported{_keyword_hint(model, args, i, a)}")
         inputs.append(InputSpec(ph, tuple(a.shape), a.dtype, a.device, batched and dynamic, kw, ds))
     gm = ep.graph_module
     tg = TenantGraph(name, gm, "export", tensors, inputs, in_spec, ep.call_spec.out_spec,
@@ -272,6 +275,28 @@ def _from_export(name, model, args, kwargs, batch, device, dynamic_dims=None, co
     else:
         tg.batch_range = (batch, batch)
     return tg
+
+
+def _keyword_hint(model, args: tuple, leaf: int, value) -> str:
+    """Where flat input ``leaf`` is the first of positional arguments that are each a
+    bool, int, float or str (after plain tensors), how to pass them instead: by keyword,
+    which makes them constants of the program ("" where their parameters have no names)."""
+    rest = args[leaf:]
+    if leaf >= len(args) or args[leaf] is not value or any(type(a) not in CONSTANT_TYPES for a in rest) or \
+            any(not isinstance(a, torch.Tensor) for a in args[:leaf]):
+        return ""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return ""
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    if len(args) > len(params) or any(p.kind not in keyword for p in params[leaf:len(args)]):
+        return ""
+    named = {p.name: a for p, a in zip(params[leaf:], rest)}
+    tensors = "".join(f"{p.name}, " for p in params[:leaf])
+    return (f"; pass {', '.join(f'{k}={v!r}' for k, v in named.items())} by keyword instead, where "
+            f"{'it is a constant' if len(named) == 1 else 'they are constants'} of the program: "
+            f"(({tensors.rstrip(' ') if leaf == 1 else tensors.rstrip(', ')}), {named!r})")
 
 
 def run_graph(tg: TenantGraph, call) -> list:

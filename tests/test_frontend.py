@@ -3,6 +3,8 @@
 import contextlib
 import logging
 
+import re
+
 import pytest
 import torch
 
@@ -109,3 +111,29 @@ def test_a_decoder_returning_its_kv_cache_is_refused_with_what_to_do():
     assert_close(by_keyword.last_hidden_state, out.last_hidden_state)
     assert_close(out.last_hidden_state, float64_call_reference(model, {"input_ids": ids}).last_hidden_state)
     assert out.past_key_values is None
+
+
+class _Flagged(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, relu=False, scale=1.0):
+        y = self.lin(x) * scale
+        return y.relu() if relu else y
+
+
+def test_a_positional_constant_is_refused_with_the_keyword_call_to_use():
+    torch.manual_seed(0)
+    models, x = [_Flagged().eval(), _Flagged().eval()], torch.randn(2, 4)
+    with pytest.raises(stfuse.TraceError, match=re.escape(
+            "positional input 1 (True) is a bool; only tensor inputs are supported; pass relu=True by "
+            "keyword instead, where it is a constant of the program: ((x,), {'relu': True})")):
+        stfuse.compile(models, [(x, True)] * 2)
+    with pytest.raises(stfuse.TraceError, match=re.escape(
+            "pass relu=False, scale=2.0 by keyword instead, where they are constants of the program: "
+            "((x,), {'relu': False, 'scale': 2.0})")):
+        stfuse.compile(models, [((x, False, 2.0), {})] * 2)
+    fused = stfuse.compile(models, [((x,), {"relu": True})] * 2)  # as the message says
+    for out, m in zip(fused(((x,), {"relu": True}), ((x,), {"relu": True})), models):
+        assert_close(out, m(x, True).detach())
