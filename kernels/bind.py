@@ -303,14 +303,20 @@ _CPU_SPECIALISE = {"stacked_linear": _bind_stacked_linear, aten.linear.default: 
                    "grouped_linear": _bind_grouped_linear, "grouped_conv2d": _bind_grouped_conv}
 
 
-def bind(gm: torch.fx.GraphModule, device: torch.device, codegen: str = "direct", dynamic=(),
+def bind(gm, device: torch.device, codegen: str = "direct", dynamic=(),
          graphs: bool = True) -> torch.nn.Module:
     """The program that runs ``gm`` on ``device`` (a new module sharing gm's weights;
-    gm itself is not changed): ``forward(*flat inputs)``. ``codegen``: "direct" (above)
+    gm itself is not changed): ``forward(*flat inputs)``. ``gm`` is a GraphModule, or a
+    (torch.fx.Graph, module holding its attributes) pair that bind consumes: its graph
+    is rewritten in place, and no code is generated for it before the rewrites (the
+    tuner's throwaway candidate programs: two fx code generations and a graph copy
+    saved on each, ~0.7 ms). ``codegen``: "direct" (above)
     or "inductor" (kernels/inductor.py), with ``dynamic`` per flat input the dims that
     vary between calls. On CUDA, direct: grouped GEMMs over the program's own weights
     planned (kernels/arena.py), and with ``graphs`` (unless STFUSE_CUDA_GRAPHS=0) the
     whole program replayed as a CUDA graph per input signature (kernels/graphs.py)."""
+    if isinstance(gm, tuple) and (codegen != "direct" or device.type != "cpu"):
+        gm = torch.fx.GraphModule(gm[1], gm[0])
     if codegen == "inductor":
         from .inductor import InductorProgram
 
@@ -326,7 +332,7 @@ def bind(gm: torch.fx.GraphModule, device: torch.device, codegen: str = "direct"
         planned, _ = plan_sites(gm)
         _pack_conv_weights(planned)
         return GraphedProgram(planned, device) if graphs and cuda_graphs() else planned
-    graph = copy.deepcopy(gm.graph)
+    graph, gm = gm if isinstance(gm, tuple) else (copy.deepcopy(gm.graph), gm)
     # The module first and its code once, after the rewrites: GraphModule(gm, graph) would
     # generate the code of the graph as it is and again after them (fx code generation was
     # half of binding a timed candidate: 97 binds in ResNet-50/8 x4's cold tuning).

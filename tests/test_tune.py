@@ -12,6 +12,7 @@ import stfuse
 from stfuse import config, zoo
 from stfuse.errors import StfuseError
 from stfuse.kernels import timing
+from stfuse.kernels.bind import bind
 from stfuse.passes import pipeline, program_check, tune
 from stfuse.passes.lower import lower
 from stfuse.passes.cost import MARGIN
@@ -372,15 +373,21 @@ def test_candidate_programs_compute_what_the_members_compute(packed):
     models, args = _tenants()
     g = _matched(models, args)
     assert {grp.op_class for grp in g.graph["groups"].values()} >= {"linear", "conv2d", "pointwise"}
+    cpu = torch.device("cpu")
     for grp in g.graph["groups"].values():
         fused, apart, specs = tune.candidate_programs(g, grp.members, packed=packed)
-        inputs = tune._inputs(specs, torch.device("cpu"))
+        inputs = tune._inputs(specs, cpu)
         with torch.no_grad():
-            want = tune._module(apart)(*inputs)
-            got = _flat(tune._module(fused)(*inputs))
-        assert len(got) == len(want) == len(grp.members)
-        for a, b in zip(got, want):
+            want = torch.fx.GraphModule(apart[1], apart[0])(*inputs)
+            got = _flat(torch.fx.GraphModule(fused[1], fused[0])(*inputs))
+            # what measure_group times: each (graph, root) pair bound, and consumed, by bind
+            bound = [bind(program, cpu) for program in tune.candidate_programs(g, grp.members, packed=packed)[:2]]
+            got_bound, want_bound = _flat(bound[0].forward(*inputs)), bound[1].forward(*inputs)
+        assert len(got) == len(want) == len(got_bound) == len(want_bound) == len(grp.members)
+        for a, b, c, d in zip(got, want, got_bound, want_bound):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(d, b, rtol=1e-4, atol=1e-4)
 
 
 def test_keys_ignore_names_and_weight_values_but_not_shapes():
