@@ -40,8 +40,10 @@ group      fusion group id, or None
 Graph attributes: ``tenants`` (name -> TenantGraph, in order), ``op_classes``
 (the fusable classes, from passes/optable.py, set by annotate), ``groups``
 (id -> FusedOp), ``schedule`` (list of Stage, after schedule), ``program``
-(after lower), ``tune`` (the tuning mode stfuse.compile asked for, if any) and
-``tuning`` (what the cost passes and the program check priced: passes/tune.py).
+(after lower), ``tune`` (the tuning mode stfuse.compile asked for, if any),
+``tuning`` (what the cost passes and the program check priced: passes/tune.py) and
+``bound`` (the program check's (program, program bound to the device) where it timed
+the program it chose: stfuse/program.py runs it rather than binding it again).
 """
 
 from __future__ import annotations

@@ -316,7 +316,9 @@ class FusedProgram(TenantCalls):
         gm, counts = self._canonical
         # (tenants, stacked) -> (canonical program, counts): what every bound program came from
         self._lowered = {(self._names, True): self._canonical}
-        self._programs = {(self._names, True): (self._bind(gm, self._names), counts)}
+        handed = graph.graph.get("bound")  # the program check's, bound to run (passes/program_check.py)
+        bound = handed[1] if handed and handed[0] is gm and self.codegen == "direct" else self._bind(gm, self._names)
+        self._programs = {(self._names, True): (bound, counts)}
         # The traced tenants' tensors are views of the models' own parameters and buffers
         # and share their version counters. Packing and BatchNorm folding copy some of
         # them, so a program built before an in-place change (load_state_dict, p.add_())

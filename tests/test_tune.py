@@ -222,6 +222,29 @@ def _group_members(fused) -> list:
     return sorted(tuple(grp.members) for grp in fused.plan.groups.values())
 
 
+@pytest.mark.parametrize("decision", ["fused", "matched", "apart"])
+def test_the_program_timed_is_the_program_run_not_bound_again(monkeypatch, tmp_path, decision):
+    # the check bound the plan it chose to time it; the FusedProgram takes that one (its
+    # packed weights too) rather than binding it again; a plan it did not time (the
+    # tenants apart, lowered anew) is bound as usual
+    from stfuse import program as program_module
+
+    monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
+    program = {"fused": (100.0, 200.0), "matched": (100.0, 200.0), "apart": (300.0, 200.0)}[decision]
+    matched = (50.0, 100.0) if decision == "matched" else (200.0, 100.0)
+    prices = {"program": program, "program-matched": matched}
+    monkeypatch.setattr(timing, "time_pair", FakeTimer(lambda what: prices.get(what) or _conv_loses(what)))
+    checked, run = [], []
+    monkeypatch.setattr(program_check, "bind", _counting(program_check.bind, checked, lambda gm, *_: gm))
+    monkeypatch.setattr(program_module, "bind", _counting(program_module.bind, run, lambda gm, *_: gm))
+    models, args = _tenants()
+    fused = _compile(models, args)
+    assert fused.plan.stats["tuning"]["program"]["decision"] == decision
+    assert (fused.canonical_program in checked) == (decision != "apart")
+    assert run == ([fused.canonical_program] if decision == "apart" else [])
+    check_tenants(fused, models, args)
+
+
 def test_the_self_checks_ungrouped_tenants_are_not_offered_again():
     # selfcheck's fallback takes failing tenants out of every group (passes/ungroup.py): the
     # matched groups check_program could otherwise bring back go with them
