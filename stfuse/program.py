@@ -316,7 +316,9 @@ class FusedProgram(TenantCalls):
         gm, counts = self._canonical
         # (tenants, stacked) -> (canonical program, counts): what every bound program came from
         self._lowered = {(self._names, True): self._canonical}
-        handed = graph.graph.get("bound")  # the program check's, bound to run (passes/program_check.py)
+        # the program check's, bound to run (passes/program_check.py); taken off the graph so
+        # that a later rebind (set_codegen) lets it and its packed weights go
+        handed = graph.graph.pop("bound", None)
         bound = handed[1] if handed and handed[0] is gm and self.codegen == "direct" else self._bind(gm, self._names)
         self._programs = {(self._names, True): (bound, counts)}
         # The traced tenants' tensors are views of the models' own parameters and buffers

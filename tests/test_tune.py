@@ -242,6 +242,7 @@ def test_the_program_timed_is_the_program_run_not_bound_again(monkeypatch, tmp_p
     assert fused.plan.stats["tuning"]["program"]["decision"] == decision
     assert (fused.canonical_program in checked) == (decision != "apart")
     assert run == ([fused.canonical_program] if decision == "apart" else [])
+    assert "bound" not in fused.graph.graph  # taken: a rebind (set_codegen) lets it go
     check_tenants(fused, models, args)
 
 
