@@ -25,7 +25,7 @@ from stfuse.kernels.bind import bind
 from .fold_epilogues import fold_epilogues
 from .lower import lower
 from .schedule import schedule
-from .tune import _tensor_key, candidate_key, device_of, mode, program_key
+from .tune import candidate_key, device_of, mode, program_key, tensor_key
 
 
 def _unfused(g, clone_packed: bool = False):
@@ -124,7 +124,7 @@ def check_program(g):
     inputs = _flat_examples(g)
     if inputs is None:  # no one call the stacked program takes: its groups stand as they won
         return _forget_matched(g)
-    keys = [_tensor_key(x) for x in inputs]
+    keys = [tensor_key(x) for x in inputs]
     cache = timing.TimingCache(device)
     fused = g.graph["program"][0]
     # The fused program and what its groups replace determine the unfused one: no need
@@ -215,7 +215,7 @@ def matched_key(g, matched) -> str:
     index = {k: i for i, k in enumerate(calls)}
     kept = sorted(tuple(index[k] for k in grp.members) for grp in g.graph["groups"].values())
     every = sorted(tuple(index[k] for k in grp.members) for grp in matched.graph["groups"].values())
-    inputs = [_tensor_key(x) for x in _flat_examples(g) or ()]
+    inputs = [tensor_key(x) for x in _flat_examples(g) or ()]
     text = repr((candidate_key(g, calls), kept, every, inputs))
     return "program-matched-choice:" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -254,7 +254,7 @@ def choose_codegen(g, inductor, direct) -> dict:
     inputs = _flat_examples(g)
     if inputs is None:
         return {"decision": "direct", "source": "not timed: no one call the program takes"}
-    key = "codegen:" + program_key([(fused.graph, fused)], [_tensor_key(x) for x in inputs])
+    key = "codegen:" + program_key([(fused.graph, fused)], [tensor_key(x) for x in inputs])
     cache = timing.TimingCache(device)
     hit = cache.get(key)
     if hit is not None and {"inductor_us", "direct_us"} <= hit.keys():

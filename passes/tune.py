@@ -64,7 +64,7 @@ def device_of(g) -> torch.device:
 # ---------------------------------------------------------------------------- program keys
 
 
-def _tensor_key(t) -> tuple:
+def tensor_key(t) -> tuple:
     return (tuple(t.shape), str(t.dtype), tuple(t.stride()), t.device.type)
 
 
@@ -88,7 +88,7 @@ def program_key(programs, input_keys, extra=()) -> str:
         for n in graph.nodes:
             if n.op == "get_attr":
                 attr = operator.attrgetter(n.target)(root)
-                parts.append(("attr", _tensor_key(attr) if isinstance(attr, torch.Tensor)
+                parts.append(("attr", tensor_key(attr) if isinstance(attr, torch.Tensor)
                               else getattr(attr, "code", repr(attr))))
             elif n.op == "call_module":
                 parts.append(("module", repr(root.get_submodule(n.target)), _arg_key(n.args, index)))
@@ -180,7 +180,7 @@ def candidate_key(g, members) -> str:
             spec = (seen.setdefault(v.key, len(seen)), a["kind"], a["shape"] and tuple(a["shape"]), a["sig"],
                     str(a["dtype"]))
             if a["kind"] == "param":
-                spec += (_tensor_key(a["value"]), len(list(g.successors(v.key))))
+                spec += (tensor_key(a["value"]), len(list(g.successors(v.key))))
             return spec
         if isinstance(v, (tuple, list)):
             return tuple(arg(x) for x in v)

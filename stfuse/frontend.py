@@ -293,10 +293,10 @@ def _keyword_hint(model, args: tuple, leaf: int, value) -> str:
     if len(args) > len(params) or any(p.kind not in keyword for p in params[leaf:len(args)]):
         return ""
     named = {p.name: a for p, a in zip(params[leaf:], rest)}
-    tensors = "".join(f"{p.name}, " for p in params[:leaf])
+    tensors = ", ".join(p.name for p in params[:leaf]) + ("," if leaf == 1 else "")  # a tuple's text
     return (f"; pass {', '.join(f'{k}={v!r}' for k, v in named.items())} by keyword instead, where "
             f"{'it is a constant' if len(named) == 1 else 'they are constants'} of the program: "
-            f"(({tensors.rstrip(' ') if leaf == 1 else tensors.rstrip(', ')}), {named!r})")
+            f"(({tensors}), {named!r})")
 
 
 def run_graph(tg: TenantGraph, call) -> list:
