@@ -292,6 +292,22 @@ def test_the_program_check_pauses_the_collector_and_leaves_it_as_it_was(timer, m
     assert collecting in {on for what, on in enabled if not what.startswith("program")}
 
 
+def test_a_program_check_that_fails_leaves_the_collector_on(monkeypatch, tmp_path):
+    monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))
+
+    def prices(what):
+        if what.startswith("program"):
+            raise RuntimeError("the device went away")
+        return 30.0, 50.0
+
+    monkeypatch.setattr(timing, "time_pair", FakeTimer(prices))
+    models, args = _tenants()
+    assert gc.isenabled()
+    with pytest.raises(stfuse.PassError, match="check_program failed.*the device went away"):
+        _compile(models, args)
+    assert gc.isenabled()
+
+
 def test_the_program_check_takes_examples_of_other_batch_sizes(timer):
     """Tenants compiled at batch 2 and 3 (the README's first example, as users write it):
     the stacked program takes one batch, so the program check times the examples resized
