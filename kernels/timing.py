@@ -44,11 +44,13 @@ log = logging.getLogger(__name__)
 BUDGET_MS = 4.0
 MIN_REPEATS, MAX_REPEATS = 3, 25
 SAMPLE_S = 100e-6  # a sample runs enough calls to last this long (perf_counter's jitter is ~1 us)
-# Turns end early where one side is plainly faster: from SETTLED_TURNS turns on, once every
-# sample of one is under every sample of the other by SEPARATION. A decision needs the
-# margin (cost.MARGIN, 10%) and no more: a group 1.5x faster or slower is told in 5 turns,
-# not 25. (By chance alone, 5 samples each fall wholly apart 1 time in 126.)
-SETTLED_TURNS, SEPARATION = 5, 1.25
+# Turns end early once the caller's decision is plain: from SETTLED_TURNS turns on, once
+# every sample of the first side is under ``decide_at`` times every sample of the second,
+# or every one over it. A group is kept where fused < (1 - cost.MARGIN) x apart, so a
+# group 20% faster, or no faster at all, is told in 5 turns, not 25. By chance alone 5
+# samples each fall wholly on one side 1 time in 126, and only where the true ratio is
+# near ``decide_at``, where either decision costs little.
+SETTLED_TURNS = 5
 WARM_UP_MIN, WARM_UP_MAX, WARM_UP_S = 2, 20, 0.2  # turns (one call of each) before timing
 
 CACHE_VERSION = 1
@@ -94,9 +96,10 @@ def _warm_up(first: Callable, second: Callable, device: torch.device, sync) -> f
 
 
 def time_pair(first: Callable, second: Callable, device: torch.device, what: str = "",
-              budget_ms: float = BUDGET_MS) -> tuple[float, float]:
-    """(median us of one call of ``first``, of ``second``), timed in turns on ``device``
-    (fewer where one is plainly faster: SETTLED_TURNS).
+              budget_ms: float = BUDGET_MS, decide_at: float = 1.0) -> tuple[float, float]:
+    """(median us of one call of ``first``, of ``second``), timed in turns on ``device``:
+    fewer where the caller's decision, whether ``first`` takes under ``decide_at`` times
+    what ``second`` takes, is plain from SETTLED_TURNS turns on.
 
     ``what`` names the pair (a group's op class and members, or "program") for a
     caller that replaces this function, as the tests do; it is not used here.
@@ -110,7 +113,7 @@ def time_pair(first: Callable, second: Callable, device: torch.device, what: str
         for turn in range(repeats):
             a.append(_sample(first, number, device, sync))
             b.append(_sample(second, number, device, sync))
-            if turn + 1 >= SETTLED_TURNS and (max(a) * SEPARATION < min(b) or max(b) * SEPARATION < min(a)):
+            if turn + 1 >= SETTLED_TURNS and (max(a) < decide_at * min(b) or min(a) > decide_at * max(b)):
                 break
     return statistics.median(a) * 1e6 / number, statistics.median(b) * 1e6 / number
 

@@ -147,7 +147,7 @@ class Pricer:
 
     def price(self, members) -> Price:
         if self.cache is not None:
-            measured = tune.measure_group(self.g, members, self.cache)
+            measured = tune.measure_group(self.g, members, self.cache, decide_at=1 - MARGIN)
             if measured is not None:
                 return Price(*measured)
         return Price(*estimate(self.g, members, self.model()), "model")

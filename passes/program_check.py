@@ -166,7 +166,8 @@ def check_program(g):
         if hit is None or not {"matched_us", "plan_us"} <= hit.keys():
             every = _every_matched(matched)
             hit = dict(zip(("matched_us", "plan_us"), timing.time_pair(
-                run("matched", every.graph["program"][0]), run(decision), device, what="program-matched")))
+                run("matched", every.graph["program"][0]), run(decision), device, what="program-matched",
+                decide_at=1 - g.graph["tuning"]["margin"])))
             source = "measured"
         record["matched_us"] = hit["matched_us"]
         record.setdefault(f"{decision}_us", hit["plan_us"])

@@ -199,9 +199,11 @@ def describe(g, members) -> str:
     return f"{g.nodes[members[0]]['op_class']} [{', '.join(members)}]"
 
 
-def measure_group(g, members, cache: timing.TimingCache) -> tuple[float, float, str] | None:
+def measure_group(g, members, cache: timing.TimingCache,
+                  decide_at: float = 1.0) -> tuple[float, float, str] | None:
     """(fused us, apart us, "measured" or "cached") for a candidate group, or None where it
-    cannot be built or run (the cost pass then prices it with the model)."""
+    cannot be built or run (the cost pass then prices it with the model). ``decide_at``:
+    the ratio fused / apart the caller keeps the group under (timing.time_pair)."""
     device = device_of(g)
     key = "group:" + candidate_key(g, members)
     hit = cache.get(key)
@@ -215,7 +217,7 @@ def measure_group(g, members, cache: timing.TimingCache) -> tuple[float, float, 
         fused, apart = bind(fused, device), bind(apart, device)  # consumed: no code generated twice
         inputs = _inputs(specs, device)
         f_us, a_us = timing.time_pair(lambda: fused.forward(*inputs), lambda: apart.forward(*inputs),
-                                      device, what=describe(g, members))
+                                      device, what=describe(g, members), decide_at=decide_at)
     except Exception as err:  # noqa: BLE001 - a candidate that cannot be timed is priced by the model
         log.info("stfuse: could not time %s (%s: %s); the cost model prices it",
                  describe(g, members), type(err).__name__, err)

@@ -130,7 +130,7 @@ def fresh_choice(monkeypatch, tmp_path):
 def test_auto_times_the_probe_once_and_keeps_a_clear_winner(fresh_choice, monkeypatch, mkl_us, onednn_us, want):
     calls = []
 
-    def fake_pair(first, second, device, what="", budget_ms=None):
+    def fake_pair(first, second, device, what="", budget_ms=None, decide_at=1.0):
         calls.append((what, torch.get_num_threads()))
         return mkl_us, onednn_us
 

@@ -52,11 +52,30 @@ def test_time_pair_stops_early_where_one_side_is_plainly_faster():
 
     def slow():
         seq.append("a")
-        time.sleep(2e-3)  # 2 ms against a list append: apart by far more than SEPARATION
+        time.sleep(2e-3)  # 2 ms against a list append: plainly slower
 
     timing.time_pair(lambda: seq.append("f"), slow, CPU, budget_ms=1e6)  # the budget allows MAX_REPEATS
     turns = [name for name, _ in _runs(seq)].count("a") - timing.WARM_UP_MIN
     assert timing.SETTLED_TURNS <= turns < timing.MAX_REPEATS
+
+
+def test_time_pair_stops_early_once_the_decision_is_plain():
+    """Two sides that take the same time, timed for a decision that needs the first to take
+    under half the second: every sample says no from the first turns on. (The same pair at
+    decide_at=1 would run the whole budget, or stop by chance 1 time in 126.)"""
+    import time
+
+    seq = []
+
+    def side(name):
+        def run():
+            seq.append(name)
+            time.sleep(2e-3)
+        return run
+
+    timing.time_pair(side("f"), side("a"), CPU, budget_ms=1e6, decide_at=0.5)
+    turns = [name for name, _ in _runs(seq)].count("a") - timing.WARM_UP_MIN
+    assert turns == timing.SETTLED_TURNS
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ class FakeTimer:
     def __init__(self, prices):
         self.prices, self.calls = prices, []
 
-    def __call__(self, first, second, device, what="", budget_ms=None):
+    def __call__(self, first, second, device, what="", budget_ms=None, decide_at=1.0):
         with torch.no_grad():
             first(), second()
         self.calls.append(what)
