@@ -10,6 +10,9 @@ Everything compiles with ``tune="off"``: every group the matcher forms is fused,
 tier checks fusion itself on every family, not the cost model's choice (which keeps
 few groups of models this small). It costs no more CPU than ``tune="model"``: the
 conformance tier took 5.0 min of CPU at "off" against 5.4 min at "model" (2026-11-30).
+A few families also compile with the user's default, ``tune="measure"``, timed for real
+on a cold cache (test_measured): whichever program its check keeps (fused, apart or
+every group as matched) must be right.
 """
 
 import pytest
@@ -80,6 +83,26 @@ def test_same_architecture(compiled, name, length, batch):
     fused, models = compiled.get_or_build((name, length), build)
     args = [_inputs(name, batch, length, 10 + s) for s in SEEDS]
     check_tenants(fused, models, args)
+
+
+# decoder with grouped-query attention, encoder with a padding mask, convolutions (whose
+# plans the check often swaps for every group as matched), conv1d audio, windowed attention
+MEASURED = ("llama", "bert", "resnet", "whisper_encoder", "swin")
+
+
+@pytest.mark.parametrize("name", MEASURED)
+def test_measured(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("STFUSE_CACHE_DIR", str(tmp_path))  # cold: every candidate and the program timed
+    arch = ARCHS[name]
+    models = [arch.make_model(s) for s in SEEDS]
+    examples = [_inputs(name, EXAMPLE_BATCH, arch.lengths[0], s) for s in SEEDS]
+    fused = stfuse.compile(models, examples, tune="measure")
+    tuning = fused.plan.stats["tuning"]
+    assert tuning["mode"] == "measure"
+    assert any(row["source"] == "measured" for row in tuning["groups"].values())
+    assert tuning["program"]["source"] == "measured"  # the whole-program check ran
+    for batch in CALL_BATCHES:
+        check_tenants(fused, models, [_inputs(name, batch, arch.lengths[0], 10 + s) for s in SEEDS])
 
 
 def test_references_are_not_vanishing():
