@@ -1,7 +1,8 @@
 """The multi-tenant runtime: one package for serving a fused program.
 
     runtime.py    Runtime: per-tenant queues, SLOs, a worker thread that executes decisions
-    policies.py   the scheduling policies (decisions only: no threads, no clocks)
+    policies.py   the scheduling policies (decisions only: no threads, no clocks);
+                  space_time.py the space-time one, scheduler.py their base class
     shares.py     per-tenant fair shares of device time and rate limits, for the policies
     requests.py   a queued request, the input check of submit(), which tenants merge rows
     profile.py    the latency model policies plan with

@@ -1,6 +1,6 @@
 """Placements on the runtime's fake clock: the planner against round-robin and random.
 
-Each replica runs the space-time policy (stfuse/runtime/policies.py) over the tenants
+Each replica runs the space-time policy (stfuse/runtime/space_time.py) over the tenants
 placed on it, on ``stfuse.runtime.simulate.simulate``'s fake clock, against a
 LatencyProfile whose per-tenant parts come from the tenants' descriptions and whose
 fused groups are priced by the FusionModel (placement.py): the same model for every
