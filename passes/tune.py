@@ -199,8 +199,8 @@ def describe(g, members) -> str:
     return f"{g.nodes[members[0]]['op_class']} [{', '.join(members)}]"
 
 
-def measure_group(g, members, cache: timing.TimingCache,
-                  decide_at: float = 1.0) -> tuple[float, float, str] | None:
+def measure_group(g, members, cache: timing.TimingCache, *,
+                  decide_at: float) -> tuple[float, float, str] | None:
     """(fused us, apart us, "measured" or "cached") for a candidate group, or None where it
     cannot be built or run (the cost pass then prices it with the model). ``decide_at``:
     the ratio fused / apart the caller keeps the group under (timing.time_pair)."""
